@@ -43,6 +43,7 @@ from variants.fmmformer import (
 )
 from variants.linear import EPS
 from variants.window import check_bandwidth
+from variants.window_triton import _query_tile_keys, _window_fwd_inner
 
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -61,6 +62,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     tiles_per_program: int = 1  # non-causal only: consecutive tiles one program walks
+    block_v: int = 128  # value columns per program (capped at D): fewer, fewer registers
 
 
 # Per kernel, per head dim: chosen from sm_90 register/spill counts of ahead-of-time builds,
@@ -157,76 +159,102 @@ def _mm(x, ref, LOWP: tl.constexpr):
 
 
 @triton.jit
-def _state_ptrs(P, PZ, bh, slot, n_slots, which, R: tl.constexpr, D: tl.constexpr):
-    """Pointers to state `[bh, slot, which]` of a `[B*H, n_slots, R, D, D]` buffer and its z."""
-    offs = tl.arange(0, D)
+def _state_base(P, PZ, bh, slot, n_slots, which, R: tl.constexpr, D: tl.constexpr):
+    """Base pointers of state `[bh, slot, which]` of a `[B*H, n_slots, R, D, D]` buffer and
+    of its z (`[B*H, n_slots, R, D]`)."""
     idx = (bh * n_slots + slot) * R + which
-    return P + idx * D * D + offs[:, None] * D + offs[None, :], PZ + idx * D + offs
+    return P + idx * D * D, PZ + idx * D
 
 
 @triton.jit
-def _band_fwd(q, K, V, m0, rows, N, bandwidth, qk_scale,
-              CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              D: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Online softmax over the keys of the band of one query tile.
-
-    Returns the unnormalized accumulator, the row max and the row sum (log2 domain)."""
-    offs_d = tl.arange(0, D)
-    right = 0 if CAUSAL else bandwidth
-    lo = tl.maximum(m0 - bandwidth, 0)
-    hi = tl.minimum(m0 + BLOCK_M + right, N)
-    # A finite floor keeps rows with no key (padding) free of inf - inf.
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # [BLOCK_M, D]
-    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        # [BLOCK_N, D]
-        k = tl.load(K + cols[:, None] * D + offs_d[None, :], mask=cols[:, None] < hi, other=0.0)
-        v = tl.load(V + cols[:, None] * D + offs_d[None, :], mask=cols[:, None] < hi, other=0.0)
-        # [BLOCK_M, BLOCK_N]
-        s = _dot(q, tl.trans(k), None, DOT_PREC) * qk_scale
-        # The band as one offset test: -k <= j - i <= right, and j < hi.
-        rel = cols[None, :] - rows[:, None]
-        keep = (rel >= -bandwidth) & (rel <= right) & (cols < hi)[None, :]
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PREC)
-        m_i = m_new
-    return acc, m_i, l_i
-
-
-@triton.jit
-def _far_fwd(acc, q, eq, rq, k, ek, rk, v, rows, N, SP, ZP, wf, eps, which,
-             CAUSAL: tl.constexpr, LOWP: tl.constexpr, DOT_PREC: tl.constexpr):
-    """acc += w_far Far_l for one query tile. Non-causal: S_l (matmul dtype) is global.
-    Causal: SP holds the state of the keys before the tile (fp32); the masked intra-tile
-    product covers the rest, and the tile's keys are then added to SP."""
-    s = tl.load(SP)
-    z = tl.load(ZP)
-    fq = _phi(q, eq, rq, which)
-    if CAUSAL:
-        s = _mm(s, v, LOWP)
-        fk = tl.where((rows < N)[:, None], _phi(k, ek, rk, which), 0.0)
-        fk_m = _mm(fk, v, LOWP)
-        v_m = _mm(v, v, LOWP)
-        # [BLOCK_M, BLOCK_M]
-        a = _dot(_mm(fq, v, LOWP), tl.trans(fk_m), None, DOT_PREC)
-        a = tl.where(rows[None, :] <= rows[:, None], a, 0.0)
-        w = (wf / (tl.sum(fq * z[None, :], 1) + tl.sum(a, 1) + eps))[:, None]
-        acc = _dot(_mm(fq * w, v, LOWP), _mm(s, v, LOWP), acc, DOT_PREC)
-        acc = _dot(_mm(a * w, v, LOWP), v_m, acc, DOT_PREC)
-        # Reloaded (an L2 hit) rather than held in fp32 across the tile work: registers.
-        tl.store(SP, _dot(tl.trans(fk_m), v_m, tl.load(SP), DOT_PREC))
-        tl.store(ZP, tl.load(ZP) + tl.sum(fk, 0))
+def _state_ptrs(P, PZ, bh, slot, n_slots, which, R: tl.constexpr, D: tl.constexpr,
+                v0=0, BLOCK_V: tl.constexpr = None):
+    """Pointers to state `[bh, slot, which]` (`[D, BLOCK_V]`: its columns from v0, all by
+    default) and to its z (`[D]`)."""
+    offs = tl.arange(0, D)
+    if BLOCK_V is None:
+        cols = offs
     else:
-        w = (wf / (tl.sum(fq * z[None, :], 1) + eps))[:, None]
-        acc = _dot((fq * w).to(s.dtype), s, acc, DOT_PREC)
-    return acc
+        cols = v0 + tl.arange(0, BLOCK_V)
+    sp, zp = _state_base(P, PZ, bh, slot, n_slots, which, R, D)
+    return sp + offs[:, None] * D + cols[None, :], zp + offs
+
+
+@triton.jit
+def _exp_neg_abs(x):
+    """exp(-|x|) at x's precision: one exp per element serves every feature map, and bf16
+    tiles held across the maps take half the registers of fp32 ones."""
+    return tl.exp(-tl.abs(x.to(tl.float32))).to(x.dtype)
+
+
+@triton.jit
+def _phi_map(x, e, L: tl.constexpr):
+    """phi_L(x), fp32, from x and e = `_exp_neg_abs(x)`: elu(x) + 1, elu(-x) + 1, and
+    tanh(x) + 1 = 2 / (1 + e^2) for x >= 0, 2 - that below."""
+    x = x.to(tl.float32)
+    e = e.to(tl.float32)
+    if L == 0:
+        y = tl.where(x > 0, x + 1.0, e)
+    elif L == 1:
+        y = tl.where(x < 0, 1.0 - x, e)
+    else:
+        r = 1.0 / (1.0 + e * e)
+        y = tl.where(x >= 0, 2.0 * r, 2.0 - 2.0 * r)
+    return y
+
+
+@triton.jit
+def _near_fwd(q, K, V, m0, rows, ok, tile, N, bandwidth, right, qk_scale, wn, LSE, NEAR,
+              SAVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_V: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """w_near * Near for one query tile and BLOCK_V value columns (V, NEAR and `tile` start at
+    them): window_triton's online softmax over the key tiles that meet the band (masked edge
+    tiles, unmasked interior). SAVE stores the log2-domain log-sum-exp and the unweighted Near
+    for the backward."""
+    lo, mid_lo, mid_hi, hi = _query_tile_keys(m0, N, bandwidth, right, BLOCK_M, BLOCK_N)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # [BLOCK_M, BLOCK_V]
+    acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+    acc, m_i, l_i = _window_fwd_inner(acc, m_i, l_i, q, K, V, rows, lo, mid_lo, N, bandwidth,
+                                      right, qk_scale, D, BLOCK_N, True, DOT_PREC)
+    acc, m_i, l_i = _window_fwd_inner(acc, m_i, l_i, q, K, V, rows, mid_lo, mid_hi, N,
+                                      bandwidth, right, qk_scale, D, BLOCK_N, False, DOT_PREC)
+    acc, m_i, l_i = _window_fwd_inner(acc, m_i, l_i, q, K, V, rows, mid_hi, hi, N, bandwidth,
+                                      right, qk_scale, D, BLOCK_N, True, DOT_PREC)
+    if SAVE:
+        tl.store(LSE + rows, m_i + tl.log2(l_i), mask=ok)
+        tl.store(NEAR + tile, (acc / l_i[:, None]).to(NEAR.dtype.element_ty), mask=ok[:, None])
+    return acc * (wn / l_i)[:, None]
+
+
+@triton.jit
+def _far_apply(out, q, eq, s, z, wf, eps, L: tl.constexpr,
+               LOWP: tl.constexpr, DOT_PREC: tl.constexpr):
+    """out += w_far Far_L for one query tile from the global state S_L (`[D, out columns]`,
+    matmul dtype) and z_L (non-causal)."""
+    fq = _phi_map(q, eq, L)
+    w = wf / (tl.sum(fq * z[None, :], 1) + eps)
+    return _dot(_mm(fq * w[:, None], s, LOWP), s, out, DOT_PREC)
+
+
+@triton.jit
+def _far_causal(out, av, q, eq, k, ek, ok, v_m, s, z, earlier, wf, eps, L: tl.constexpr,
+                LOWP: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Far_L of one causal tile: the carried prefix state (s, z: fp32, keys before the tile)
+    applied to the queries, plus the masked intra-tile product, whose weighted scores are
+    summed over L into `av` (one `av @ v` serves every map). Returns the state grown by the
+    tile's keys."""
+    fq = _phi_map(q, eq, L)
+    fk = tl.where(ok[:, None], _phi_map(k, ek, L), 0.0)
+    fk_m = _mm(fk, v_m, LOWP)
+    # [BLOCK_M, BLOCK_M]
+    a = tl.where(earlier, _dot(_mm(fq, v_m, LOWP), tl.trans(fk_m), None, DOT_PREC), 0.0)
+    w = wf / (tl.sum(fq * z[None, :], 1) + tl.sum(a, 1) + eps)
+    out = _dot(_mm(fq * w[:, None], v_m, LOWP), _mm(s, v_m, LOWP), out, DOT_PREC)
+    av += a * w[:, None]
+    s = _dot(tl.trans(fk_m), v_m, s, DOT_PREC)
+    return out, av, s, z + tl.sum(fk, 0)
 
 
 @triton.jit
@@ -306,29 +334,70 @@ def _far_bwd_kv(dk, dv, k, ek, rk, v, cols, N, UP, UZP, q, eq, rq, do, wf, DEN, 
 # Kernels
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _state_add(s, z, a, ea, ok, b, WB, WZ, rows, N, wf, L: tl.constexpr,
+               WEIGHTED: tl.constexpr, LOWP: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Adds one row tile to state L: phi_L(a)^T b and sum phi_L(a) (see the state kernel)."""
+    fa = tl.where(ok[:, None], _phi_map(a, ea, L), 0.0)
+    if WEIGHTED:
+        den = tl.load(WB + L * N + rows, mask=ok, other=1.0)
+        dden = tl.load(WZ + L * N + rows, mask=ok, other=0.0)
+        z += tl.sum(fa * dden[:, None], 0)
+        b_m = _mm(b.to(tl.float32) * (wf / den)[:, None], b, LOWP)
+    else:
+        z += tl.sum(fa, 0)
+        b_m = _mm(b, b, LOWP)
+    return _dot(tl.trans(_mm(fa, b, LOWP)), b_m, s, DOT_PREC), z
+
+
+@triton.jit
+def _store_state(P, PZ, bh, slot, n_slots, s, z, v0, L: tl.constexpr, R: tl.constexpr,
+                 D: tl.constexpr):
+    # Every column block stores the same z (a benign duplicate write).
+    sp, zp = _state_ptrs(P, PZ, bh, slot, n_slots, L, R, D, v0, s.shape[1])
+    tl.store(sp, s)
+    tl.store(zp, z)
+
+
+@triton.jit
+def _load_state(P, PZ, bh, slot, n_slots, v0, L: tl.constexpr, R: tl.constexpr,
+                D: tl.constexpr, BLOCK_V: tl.constexpr):
+    sp, zp = _state_ptrs(P, PZ, bh, slot, n_slots, L, R, D, v0, BLOCK_V)
+    return tl.load(sp), tl.load(zp)
+
+
+@triton.jit
 def _fmmformer_state_kernel(
     A, B, WB, WZ, WF, P, PZ,
-    N, H, rows_per_chunk, n_chunks,
+    N, H, rows_per_chunk,
     R: tl.constexpr, WEIGHTED: tl.constexpr, LOWP: tl.constexpr,
-    BLOCK: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_V: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """Chunk state of feature map l = program_id(0): sum_i phi_l(a_i) b_i^T, sum_i phi_l(a_i).
+    """Chunk states of every map l < R: sum_i phi_l(a_i) b_i^T and sum_i phi_l(a_i), one
+    program per (chunk, head, BLOCK_V columns of b), so a row tile is read once for all maps
+    (splitting the columns trades re-reads of a for fewer registers per program).
 
     Plain (A=K, B=V): the forward states S_l, z_l. Weighted (A=Q, B=dO): rows of B scaled by
     w_far / den_l and the vector sum weighted by dL/d den_l: the backward dual states U_l, u_l."""
-    which = tl.program_id(0)
-    c = tl.program_id(1)
-    bh = tl.program_id(2).to(tl.int64)
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    v0 = tl.program_id(2) * BLOCK_V
+    n_chunks = tl.num_programs(0)
     A += bh * N * D
-    B += bh * N * D
+    B += bh * N * D + v0
     offs_d = tl.arange(0, D)
+    offs_v = tl.arange(0, BLOCK_V)
+    wf = 1.0
     if WEIGHTED:
         wf = tl.load(WF + bh % H).to(tl.float32)
-        WB += (bh * R + which) * N
-        WZ += (bh * R + which) * N
-    # [D, D]
-    s = tl.zeros([D, D], dtype=tl.float32)
-    z = tl.zeros([D], dtype=tl.float32)
+        WB += bh * R * N
+        WZ += bh * R * N
+    # [D, BLOCK_V] per map
+    s0 = tl.zeros([D, BLOCK_V], dtype=tl.float32)
+    s1 = tl.zeros([D, BLOCK_V], dtype=tl.float32)
+    s2 = tl.zeros([D, BLOCK_V], dtype=tl.float32)
+    z0 = tl.zeros([D], dtype=tl.float32)
+    z1 = tl.zeros([D], dtype=tl.float32)
+    z2 = tl.zeros([D], dtype=tl.float32)
     lo = c * rows_per_chunk
     hi = tl.minimum(lo + rows_per_chunk, N)
     for start in range(lo, hi, BLOCK):
@@ -336,21 +405,21 @@ def _fmmformer_state_kernel(
         ok = rows < hi
         # [BLOCK, D]
         a = tl.load(A + rows[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
-        b = tl.load(B + rows[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
-        ea, ra = _phi_prep(a)
-        fa = tl.where(ok[:, None], _phi(a, ea, ra, which), 0.0)
-        if WEIGHTED:
-            den = tl.load(WB + rows, mask=ok, other=1.0)
-            dd = tl.load(WZ + rows, mask=ok, other=0.0)
-            z += tl.sum(fa * dd[:, None], 0)
-            b_m = _mm(b.to(tl.float32) * (wf / den)[:, None], b, LOWP)
-        else:
-            z += tl.sum(fa, 0)
-            b_m = _mm(b, b, LOWP)
-        s = _dot(tl.trans(_mm(fa, b, LOWP)), b_m, s, DOT_PREC)
-    sp, zp = _state_ptrs(P, PZ, bh, c, n_chunks, which, R, D)
-    tl.store(sp, s)
-    tl.store(zp, z)
+        b = tl.load(B + rows[:, None] * D + offs_v[None, :], mask=ok[:, None], other=0.0)
+        ea = _exp_neg_abs(a)
+        s0, z0 = _state_add(s0, z0, a, ea, ok, b, WB, WZ, rows, N, wf, 0,
+                            WEIGHTED, LOWP, DOT_PREC)
+        if R > 1:
+            s1, z1 = _state_add(s1, z1, a, ea, ok, b, WB, WZ, rows, N, wf, 1,
+                                WEIGHTED, LOWP, DOT_PREC)
+        if R > 2:
+            s2, z2 = _state_add(s2, z2, a, ea, ok, b, WB, WZ, rows, N, wf, 2,
+                                WEIGHTED, LOWP, DOT_PREC)
+    _store_state(P, PZ, bh, c, n_chunks, s0, z0, v0, 0, R, D)
+    if R > 1:
+        _store_state(P, PZ, bh, c, n_chunks, s1, z1, v0, 1, R, D)
+    if R > 2:
+        _store_state(P, PZ, bh, c, n_chunks, s2, z2, v0, 2, R, D)
 
 
 @triton.jit
@@ -373,59 +442,123 @@ def _fmmformer_scan_kernel(P, PZ, n_chunks,
         z += xz
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "bandwidth"])
 def _fmmformer_fwd_kernel(
     Q, K, V, O, LSE, NEAR, P, PZ, WN, WF,
-    N, H, bandwidth, rows_per_program, n_slots, qk_scale, eps,
-    R: tl.constexpr, CAUSAL: tl.constexpr, SAVE: tl.constexpr, LOWP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
+    N, H, bandwidth, qk_scale, eps,
+    R: tl.constexpr, SAVE: tl.constexpr, LOWP: tl.constexpr, TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
-    """Programs walk `rows_per_program` rows of one (batch, head). Non-causal: P, PZ hold the
-    global states (`[B*H, 1, R, D, D]`, matmul dtype). Causal: program = chunk, and P, PZ
-    (`[B*H, chunks, R, D, D]` fp32) hold each chunk's prefix state, updated in place."""
-    pid = tl.program_id(0)
+    """Non-causal: each program walks TILES consecutive query tiles of one (batch, head) for
+    BLOCK_V output columns (the column blocks of a tile are neighbouring programs); P, PZ hold
+    the global states (`[B*H, 1, R, D, D]` in the matmul dtype, `[B*H, 1, R, D]` fp32)."""
+    n_vb: tl.constexpr = D // BLOCK_V
+    pid = tl.program_id(0) // n_vb
+    v0 = (tl.program_id(0) % n_vb) * BLOCK_V
     bh = tl.program_id(1).to(tl.int64)
     off = bh * N * D
     Q += off
     K += off
-    V += off
-    O += off
-    NEAR += off
+    V += off + v0
+    O += off + v0
+    NEAR += off + v0
+    LSE += bh * N
     wn = tl.load(WN + bh % H).to(tl.float32)
     wf = tl.load(WF + bh % H).to(tl.float32)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    slot = pid if CAUSAL else 0
+    offs_v = tl.arange(0, BLOCK_V)
+    for t in range(TILES):
+        m0 = (pid * TILES + t) * BLOCK_M
+        rows = m0 + offs_m
+        ok = rows < N
+        # [BLOCK_M, D]
+        q = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+        # The far states are loaded (L2 hits) before the band, so that their latency hides
+        # behind its work rather than following it.
+        s0, z0 = _load_state(P, PZ, bh, 0, 1, v0, 0, R, D, BLOCK_V)
+        s1, z1 = s0, z0
+        s2, z2 = s0, z0
+        if R > 1:
+            s1, z1 = _load_state(P, PZ, bh, 0, 1, v0, 1, R, D, BLOCK_V)
+        if R > 2:
+            s2, z2 = _load_state(P, PZ, bh, 0, 1, v0, 2, R, D, BLOCK_V)
+        tile = rows[:, None] * D + offs_v[None, :]
+        out = _near_fwd(q, K, V, m0, rows, ok, tile, N, bandwidth, bandwidth, qk_scale, wn,
+                        LSE, NEAR, SAVE, BLOCK_M, BLOCK_N, BLOCK_V, D, DOT_PREC)
+        eq = _exp_neg_abs(q)
+        out = _far_apply(out, q, eq, s0, z0, wf, eps, 0, LOWP, DOT_PREC)
+        if R > 1:
+            out = _far_apply(out, q, eq, s1, z1, wf, eps, 1, LOWP, DOT_PREC)
+        if R > 2:
+            out = _far_apply(out, q, eq, s2, z2, wf, eps, 2, LOWP, DOT_PREC)
+        tl.store(O + tile, out.to(O.dtype.element_ty), mask=ok[:, None])
 
-    row_lo = pid * rows_per_program
+
+@triton.jit(do_not_specialize=["N", "bandwidth"])
+def _fmmformer_fwd_causal_kernel(
+    Q, K, V, O, LSE, NEAR, P, PZ, WN, WF,
+    N, H, bandwidth, rows_per_program, qk_scale, eps,
+    R: tl.constexpr, SAVE: tl.constexpr, LOWP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Causal: program = (chunk, head, BLOCK_V output columns). P, PZ (`[B*H, chunks, R, D, D]`
+    fp32) hold each chunk's prefix state (left as they are: the backward starts from them);
+    the program carries its columns in registers through its tiles in order."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    v0 = tl.program_id(2) * BLOCK_V
+    n_chunks = tl.num_programs(0)
+    off = bh * N * D
+    Q += off
+    K += off
+    V += off + v0
+    O += off + v0
+    NEAR += off + v0
+    LSE += bh * N
+    wn = tl.load(WN + bh % H).to(tl.float32)
+    wf = tl.load(WF + bh % H).to(tl.float32)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    offs_v = tl.arange(0, BLOCK_V)
+    s0, z0 = _load_state(P, PZ, bh, c, n_chunks, v0, 0, R, D, BLOCK_V)
+    s1, z1 = s0, z0
+    s2, z2 = s0, z0
+    if R > 1:
+        s1, z1 = _load_state(P, PZ, bh, c, n_chunks, v0, 1, R, D, BLOCK_V)
+    if R > 2:
+        s2, z2 = _load_state(P, PZ, bh, c, n_chunks, v0, 2, R, D, BLOCK_V)
+    row_lo = c * rows_per_program
     row_hi = tl.minimum(row_lo + rows_per_program, N)
     for m0 in range(row_lo, row_hi, BLOCK_M):
         rows = m0 + offs_m
         ok = rows < N
         tile = rows[:, None] * D + offs_d[None, :]
-        # [BLOCK_M, D]
+        tile_v = rows[:, None] * D + offs_v[None, :]
+        # [BLOCK_M, D], and v [BLOCK_M, BLOCK_V]
         q = tl.load(Q + tile, mask=ok[:, None], other=0.0)
-        acc, m_i, l_i = _band_fwd(q, K, V, m0, rows, N, bandwidth, qk_scale,
-                                  CAUSAL, BLOCK_M, BLOCK_N, D, DOT_PREC)
-        l_i = tl.where(l_i > 0, l_i, 1.0)
-        if SAVE:
-            tl.store(LSE + bh * N + rows, m_i + tl.log2(l_i), mask=ok)
-            tl.store(NEAR + tile, (acc / l_i[:, None]).to(NEAR.dtype.element_ty), mask=ok[:, None])
-        acc = acc * (wn / l_i)[:, None]
-        eq, rq = _phi_prep(q)
-        if CAUSAL:
-            k = tl.load(K + tile, mask=ok[:, None], other=0.0)
-            v = tl.load(V + tile, mask=ok[:, None], other=0.0)
-            ek, rk = _phi_prep(k)
-        else:  # the keys are never read here: q stands in
-            k, v, ek, rk = q, q, eq, rq
-        for which in range(R):
-            sp, zp = _state_ptrs(P, PZ, bh, slot, n_slots, which, R, D)
-            acc = _far_fwd(acc, q, eq, rq, k, ek, rk, v, rows, N, sp, zp, wf, eps, which,
-                           CAUSAL, LOWP, DOT_PREC)
-        if CAUSAL:
-            tl.debug_barrier()  # this tile's state updates before the next tile reads them
-        tl.store(O + tile, acc.to(O.dtype.element_ty), mask=ok[:, None])
+        k = tl.load(K + tile, mask=ok[:, None], other=0.0)
+        v = tl.load(V + tile_v, mask=ok[:, None], other=0.0)
+        out = _near_fwd(q, K, V, m0, rows, ok, tile_v, N, bandwidth, 0, qk_scale, wn,
+                        LSE, NEAR, SAVE, BLOCK_M, BLOCK_N, BLOCK_V, D, DOT_PREC)
+        eq = _exp_neg_abs(q)
+        ek = _exp_neg_abs(k)
+        v_m = _mm(v, v, LOWP)
+        earlier = rows[None, :] <= rows[:, None]
+        # [BLOCK_M, BLOCK_M]: sum over maps of w_far / den_l * (phi_l(q) phi_l(k)^T, masked)
+        av = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
+        out, av, s0, z0 = _far_causal(out, av, q, eq, k, ek, ok, v_m, s0, z0, earlier, wf,
+                                      eps, 0, LOWP, DOT_PREC)
+        if R > 1:
+            out, av, s1, z1 = _far_causal(out, av, q, eq, k, ek, ok, v_m, s1, z1, earlier,
+                                          wf, eps, 1, LOWP, DOT_PREC)
+        if R > 2:
+            out, av, s2, z2 = _far_causal(out, av, q, eq, k, ek, ok, v_m, s2, z2, earlier,
+                                          wf, eps, 2, LOWP, DOT_PREC)
+        out = _dot(_mm(av, v_m, LOWP), v_m, out, DOT_PREC)
+        tl.store(O + tile_v, out.to(O.dtype.element_ty), mask=ok[:, None])
 
 
 @triton.jit
@@ -651,7 +784,7 @@ class _Saved:
     lse: torch.Tensor  # [B*H, N] fp32, log2 domain
     near: torch.Tensor  # the unweighted near field, like q
     # Non-causal: the global states ([B*H, 1, r, D, D] matmul dtype, [B*H, 1, r, D] fp32).
-    # Causal: slot c holds the state of every key before chunk c + 1 (the walk's end state).
+    # Causal: slot c holds the state of every key before chunk c (its exclusive prefix).
     states: torch.Tensor
     states_z: torch.Tensor
     chunk_rows: int
@@ -679,10 +812,12 @@ def _state_pass(
     states = _empty((bh, chunks, r, d, d), torch.float32, dev)
     states_z = _empty((bh, chunks, r, d), torch.float32, dev)
     den, dden, wf = weights if weights is not None else (states, states, states)
-    _fmmformer_state_kernel[(r, chunks, bh)](
+    block_v = min(cfg.block_v, d)
+    _fmmformer_state_kernel[(chunks, bh, d // block_v)](
         a, b, den, dden, wf, states, states_z,
-        n, h, chunk_rows, chunks,
-        R=r, WEIGHTED=weights is not None, LOWP=lowp, BLOCK=min(cfg.block_m, chunk_rows), D=d,
+        n, h, chunk_rows,
+        R=r, WEIGHTED=weights is not None, LOWP=lowp, BLOCK=min(cfg.block_m, chunk_rows),
+        BLOCK_V=block_v, D=d,
         DOT_PREC=_dot_prec(a.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if causal:
@@ -712,8 +847,8 @@ def _causal_chunk_rows(
 def _state_chunk_rows(
     n: int, bh: int, r: int, d: int, o_bytes: float, device: torch.device
 ) -> int:
-    # Non-causal chunks only spread the state pass over the GPU (r programs per chunk).
-    programs = triton.cdiv(STATE_PROGRAMS_PER_SM * _sm_count(device), r)
+    # Non-causal chunks only spread the state pass over the GPU.
+    programs = STATE_PROGRAMS_PER_SM * _sm_count(device)
     block = _config("state", d, device).block_m
     return _chunk_rows(n, bh, r, d, block, programs, STATE_MEMORY_FRACTION * o_bytes)
 
@@ -750,27 +885,30 @@ def fmmformer_fwd(
     wn = w_near.detach().to(torch.float32).contiguous()
     wf = w_far.detach().to(torch.float32).contiguous()
 
+    o = out if out is not None else _empty(q.shape, q.dtype, dev)
+    lse = _empty((bh, n), torch.float32, dev) if save else o
+    near = _empty(q.shape, q.dtype, dev) if save else o
+    block_v = min(cfg.block_v, d)
+    common = dict(R=r, SAVE=save, LOWP=_lowp(q.dtype), BLOCK_M=cfg.block_m,
+                  BLOCK_N=cfg.block_n, BLOCK_V=block_v, D=d, DOT_PREC=_dot_prec(q.dtype),
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    qk_scale = d**-0.5 * LOG2E
     if causal:
         chunk_rows = _causal_chunk_rows(n, bh, r, d, o_bytes, dev)
         states, states_z = _state_pass(k, v, r, True, chunk_rows)
         _scan(states, states_z, reverse=False)
-        rows_per_program = chunk_rows
+        _fmmformer_fwd_causal_kernel[(states.shape[1], bh, d // block_v)](
+            q, k, v, o, lse, near, states, states_z, wn, wf,
+            n, h, bandwidth, chunk_rows, qk_scale, eps, **common,
+        )
     else:
         chunk_rows = _state_chunk_rows(n, bh, r, d, o_bytes, dev)
         states, states_z = _state_pass(k, v, r, False, chunk_rows)
-        rows_per_program = cfg.block_m * cfg.tiles_per_program
-
-    o = out if out is not None else _empty(q.shape, q.dtype, dev)
-    lse = _empty((bh, n), torch.float32, dev) if save else o
-    near = _empty(q.shape, q.dtype, dev) if save else o
-    grid = (triton.cdiv(n, rows_per_program), bh)
-    _fmmformer_fwd_kernel[grid](
-        q, k, v, o, lse, near, states, states_z, wn, wf,
-        n, h, bandwidth, rows_per_program, states.shape[1], d**-0.5 * LOG2E, eps,
-        R=r, CAUSAL=causal, SAVE=save, LOWP=_lowp(q.dtype),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D=d, DOT_PREC=_dot_prec(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+        tiles = cfg.tiles_per_program
+        _fmmformer_fwd_kernel[(triton.cdiv(n, cfg.block_m * tiles) * (d // block_v), bh)](
+            q, k, v, o, lse, near, states, states_z, wn, wf,
+            n, h, bandwidth, qk_scale, eps, TILES=tiles, **common,
+        )
     saved = _Saved(lse, near, states, states_z, chunk_rows) if save else None
     return o, saved
 
@@ -802,11 +940,8 @@ def fmmformer_bwd(
     qk_scale, sm_scale = d**-0.5 * LOG2E, d**-0.5
 
     if causal:
-        # Chunk c starts from the forward's end state of chunk c - 1; the walk updates a copy.
-        states = torch.zeros_like(saved.states)
-        states_z = torch.zeros_like(saved.states_z)
-        states[:, 1:] = saved.states[:, :-1]
-        states_z[:, 1:] = saved.states_z[:, :-1]
+        # Each chunk's prefix state, as the forward started from; the walk updates a copy.
+        states, states_z = saved.states.clone(), saved.states_z.clone()
         rows_q = rows_k = saved.chunk_rows
     else:
         states, states_z = saved.states, saved.states_z

@@ -118,16 +118,19 @@ def _window_fwd_inner(
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     offs_d = tl.arange(0, HEAD_DIM)
+    # Value columns: all of them, or (acc narrower than the head) a slice v_ptr starts at.
+    offs_v = tl.arange(0, acc.shape[1])
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        kv_offs = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-        # [BLOCK_N, HEAD_DIM]
+        k_offs = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+        v_offs = offs_n[:, None] * HEAD_DIM + offs_v[None, :]
+        # [BLOCK_N, HEAD_DIM], [BLOCK_N, acc columns]
         if MASK:
-            kt = tl.load(k_ptr + kv_offs, mask=offs_n[:, None] < N, other=0.0)
-            vt = tl.load(v_ptr + kv_offs, mask=offs_n[:, None] < N, other=0.0)
+            kt = tl.load(k_ptr + k_offs, mask=offs_n[:, None] < N, other=0.0)
+            vt = tl.load(v_ptr + v_offs, mask=offs_n[:, None] < N, other=0.0)
         else:
-            kt = tl.load(k_ptr + kv_offs)
-            vt = tl.load(v_ptr + kv_offs)
+            kt = tl.load(k_ptr + k_offs)
+            vt = tl.load(v_ptr + v_offs)
         # [BLOCK_M, BLOCK_N], in log2 units
         qk = _dot(q, tl.trans(kt), None, PRECISION) * qk_scale
         if MASK:
