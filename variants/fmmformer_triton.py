@@ -797,20 +797,30 @@ def _state_pass(
     causal: bool,
     chunk_rows: int,
     weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    scratch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """States sum_i phi_l(a_i) b_i^T and sum_i phi_l(a_i) per chunk of `chunk_rows` rows.
 
     `weights` = (den, dden, w_far) gives the backward's dual states instead (module docstring).
     Causal: the chunk partials, `[B*H, chunks, r, D, D]` and `[B*H, chunks, r, D]`, fp32.
-    Non-causal: their sum, `[B*H, 1, r, D, D]` in the matmul dtype and `[B*H, 1, r, D]` fp32.
+    Non-causal: their sum, `[B*H, 1, r, D, D]` in the matmul dtype and `[B*H, 1, r, D]` fp32;
+    the partials may live in `scratch` (a tensor not yet written, e.g. the output), where
+    large enough.
     """
     bsz, h, n, d = a.shape
     bh, dev = bsz * h, a.device
     cfg = _config("state", d, dev)
     lowp = _lowp(a.dtype)
     chunks = triton.cdiv(n, chunk_rows)
-    states = _empty((bh, chunks, r, d, d), torch.float32, dev)
-    states_z = _empty((bh, chunks, r, d), torch.float32, dev)
+    shape, shape_z = (bh, chunks, r, d, d), (bh, chunks, r, d)
+    if scratch is not None and _fits(scratch, shape, shape_z) and not causal:
+        raw = scratch.view(-1).view(torch.uint8)
+        states = raw[: 4 * _numel(shape)].view(torch.float32).view(shape)
+        states_z = raw[4 * _numel(shape) : 4 * _numel(shape + shape_z[-1:])]
+        states_z = states_z.view(torch.float32)[: _numel(shape_z)].view(shape_z)
+    else:
+        states = _empty(shape, torch.float32, dev)
+        states_z = _empty(shape_z, torch.float32, dev)
     den, dden, wf = weights if weights is not None else (states, states, states)
     block_v = min(cfg.block_v, d)
     _fmmformer_state_kernel[(chunks, bh, d // block_v)](
@@ -824,6 +834,17 @@ def _state_pass(
         return states, states_z
     summed = states.sum(1, keepdim=True).to(a.dtype if lowp else torch.float32)
     return summed, states_z.sum(1, keepdim=True)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return int(torch.Size(shape).numel())
+
+
+def _fits(scratch: torch.Tensor, shape: tuple[int, ...], shape_z: tuple[int, ...]) -> bool:
+    """Whether fp32 tensors of `shape` and `shape_z` fit in `scratch`'s bytes."""
+    return scratch.is_contiguous() and 4 * (_numel(shape) + _numel(shape_z)) <= (
+        scratch.numel() * scratch.element_size()
+    )
 
 
 def _scan(states: torch.Tensor, states_z: torch.Tensor, reverse: bool) -> None:
@@ -845,12 +866,13 @@ def _causal_chunk_rows(
 
 
 def _state_chunk_rows(
-    n: int, bh: int, r: int, d: int, o_bytes: float, device: torch.device
+    n: int, bh: int, r: int, d: int, budget: float, device: torch.device
 ) -> int:
-    # Non-causal chunks only spread the state pass over the GPU.
+    # Non-causal chunks only spread the state pass over the GPU; their partials take at most
+    # `budget` bytes.
     programs = STATE_PROGRAMS_PER_SM * _sm_count(device)
     block = _config("state", d, device).block_m
-    return _chunk_rows(n, bh, r, d, block, programs, STATE_MEMORY_FRACTION * o_bytes)
+    return _chunk_rows(n, bh, r, d, block, programs, budget)
 
 
 def fmmformer_fwd(
@@ -888,7 +910,9 @@ def fmmformer_fwd(
     o = out if out is not None else _empty(q.shape, q.dtype, dev)
     lse = _empty((bh, n), torch.float32, dev) if save else o
     near = _empty(q.shape, q.dtype, dev) if save else o
-    block_v = min(cfg.block_v, d)
+    # Causal programs keep every value column: with fewer, the H100 build (Triton 3.6) faulted
+    # with an illegal address, which the interpreter does not reproduce.
+    block_v = d if causal else min(cfg.block_v, d)
     common = dict(R=r, SAVE=save, LOWP=_lowp(q.dtype), BLOCK_M=cfg.block_m,
                   BLOCK_N=cfg.block_n, BLOCK_V=block_v, D=d, DOT_PREC=_dot_prec(q.dtype),
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -902,8 +926,10 @@ def fmmformer_fwd(
             n, h, bandwidth, chunk_rows, qk_scale, eps, **common,
         )
     else:
+        # The chunk partials live in o, which the main kernel writes only afterwards: as many
+        # chunks as keep the GPU busy, at no memory beyond o.
         chunk_rows = _state_chunk_rows(n, bh, r, d, o_bytes, dev)
-        states, states_z = _state_pass(k, v, r, False, chunk_rows)
+        states, states_z = _state_pass(k, v, r, False, chunk_rows, scratch=o)
         tiles = cfg.tiles_per_program
         _fmmformer_fwd_kernel[(triton.cdiv(n, cfg.block_m * tiles) * (d // block_v), bh)](
             q, k, v, o, lse, near, states, states_z, wn, wf,
