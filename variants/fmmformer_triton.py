@@ -65,18 +65,21 @@ class KernelConfig:
     block_v: int = 128  # value columns per program (capped at D): fewer, fewer registers
 
 
-# Per kernel, per head dim: chosen from sm_90 register/spill counts of ahead-of-time builds,
-# not yet from GPU timings (`python tests/test_fmmformer_triton.py --sweep` tries others). The
-# causal chunk count targets `CAUSAL_PROGRAMS_PER_SM` programs per SM, capped so the chunk
-# states stay under `STATE_MEMORY_FRACTION` of o (the forward's memory target).
+# Per kernel, per head dim. D=64 from H100 sweeps (`python tests/test_fmmformer_triton.py
+# --sweep`, bf16, H=16, N=65536; fwd / fwd_bwd ms): state pass 4 warps 3 stages (0.837 fwd,
+# 8 warps 1.07), forward 64 x 64 tiles 4 warps (0.828; 128-row tiles 0.97, 32 value columns
+# 1.15), causal forward 8 warps 1 stage (3.26; 4 warps 5.05), backward 4 warps (3.29; 8 warps
+# 3.92). Other head dims keep the register-count choices of sm_90 builds. The causal chunk
+# count targets `CAUSAL_PROGRAMS_PER_SM` programs per SM, capped so the chunk states stay
+# under `STATE_MEMORY_FRACTION` of o (the forward's memory target).
 _SMALL, _WIDE = KernelConfig(64, 64, 4, 2), KernelConfig(64, 64, 8, 2)
 _SMALL1, _WIDE1 = KernelConfig(64, 64, 4, 1), KernelConfig(64, 64, 8, 1)
 CONFIGS: dict[str, dict[int, KernelConfig]] = {
-    "state": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
+    "state": {16: _SMALL, 32: _SMALL, 64: KernelConfig(64, 64, 4, 3), 128: _WIDE},
     "fwd": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
     "fwd_causal": {16: _SMALL1, 32: _SMALL1, 64: _WIDE1, 128: _WIDE1},
-    "bwd_dq": {16: _SMALL, 32: _SMALL, 64: _WIDE, 128: _WIDE},
-    "bwd_dkdv": {16: _SMALL, 32: _SMALL, 64: _WIDE, 128: _WIDE},
+    "bwd_dq": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
+    "bwd_dkdv": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
     "bwd_dq_causal": {16: _SMALL1, 32: _SMALL1, 64: _WIDE1, 128: _WIDE1},
     "bwd_dkdv_causal": {16: _SMALL1, 32: _SMALL1, 64: _WIDE1, 128: _WIDE1},
 }
@@ -990,8 +993,8 @@ def fmmformer_bwd(
     )
 
     # Dual states: U_l = sum_i phi_l(q_i) (w_far dO_i / den_i)^T, u_l = sum_i phi_l(q_i) dden_i.
-    # Non-causal: the 9%-of-o chunking of the original forward (15 chunks per head at the
-    # benchmark shape); 32 chunks measured 0.57 ms slower over the whole backward on an H100.
+    # Non-causal: partials capped at 9% of o (15 chunks per head at the benchmark shape;
+    # 32 measured no faster on an H100).
     budget = STATE_MEMORY_FRACTION * q.numel() * q.element_size()
     chunk_rows = saved.chunk_rows if causal else _state_chunk_rows(n, bh, r, d, budget, dev)
     ustates, ustates_z = _state_pass(q, do, r, causal, chunk_rows, weights=(den, dden, wf))
