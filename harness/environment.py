@@ -21,14 +21,17 @@ def _run(*cmd: str) -> str | None:
 
 
 def git_state() -> tuple[str | None, bool | None]:
-    """(commit sha, dirty flag). A copy without .git (e.g. a remote GPU machine) may pass
-    them in ATTNBENCH_GIT_SHA / ATTNBENCH_GIT_DIRTY."""
+    """(commit sha, dirty flag). ATTNBENCH_GIT_SHA / ATTNBENCH_GIT_DIRTY, when set, win over
+    the checkout: a copied working tree (e.g. on a remote GPU machine) may carry a stale .git,
+    or none."""
+    env_sha = os.environ.get("ATTNBENCH_GIT_SHA")
+    env_dirty = os.environ.get("ATTNBENCH_GIT_DIRTY")
+    if env_sha:
+        return env_sha, (env_dirty == "1") if env_dirty is not None else None
     sha = _run("git", "rev-parse", "HEAD")
     if sha:
         return sha, bool(_run("git", "status", "--porcelain", "--untracked-files=no"))
-    env_sha = os.environ.get("ATTNBENCH_GIT_SHA")
-    env_dirty = os.environ.get("ATTNBENCH_GIT_DIRTY")
-    return env_sha, (env_dirty == "1") if env_dirty is not None else None
+    return None, None
 
 
 def fingerprint(device: torch.device) -> dict:

@@ -126,3 +126,15 @@ def test_summary_lists_never_run_variants_once(tmp_path):
     tables = summary_tables(df)
     assert [t.title for t in tables] == ["time (ms, median)", "skipped variants"]
     assert tables[0].row_count == 4  # softmax_naive x (fwd, fwd_bwd) x (non-causal, causal)
+
+
+def test_git_state_env_override_wins(monkeypatch) -> None:
+    """A copied tree may carry a stale .git: an explicit ATTNBENCH_GIT_SHA is what gets recorded."""
+    from harness.environment import git_state
+
+    monkeypatch.setenv("ATTNBENCH_GIT_SHA", "0123abc")
+    monkeypatch.setenv("ATTNBENCH_GIT_DIRTY", "1")
+    assert git_state() == ("0123abc", True)
+    monkeypatch.delenv("ATTNBENCH_GIT_SHA")
+    sha, _ = git_state()
+    assert sha != "0123abc"
