@@ -445,6 +445,16 @@ def _fmmformer_scan_kernel(P, PZ, n_chunks,
         z += xz
 
 
+@triton.jit
+def _fwd_head(Q, K, V, O, NEAR, LSE, WN, WF, bh, v0, N, H, D: tl.constexpr):
+    """A forward program's pointers moved to its (batch, head) and value columns from v0, and
+    that head's blend weights."""
+    off = bh * N * D
+    wn = tl.load(WN + bh % H).to(tl.float32)
+    wf = tl.load(WF + bh % H).to(tl.float32)
+    return Q + off, K + off, V + off + v0, O + off + v0, NEAR + off + v0, LSE + bh * N, wn, wf
+
+
 @triton.jit(do_not_specialize=["N", "bandwidth"])
 def _fmmformer_fwd_kernel(
     Q, K, V, O, LSE, NEAR, P, PZ, WN, WF,
@@ -460,15 +470,7 @@ def _fmmformer_fwd_kernel(
     pid = tl.program_id(0) // n_vb
     v0 = (tl.program_id(0) % n_vb) * BLOCK_V
     bh = tl.program_id(1).to(tl.int64)
-    off = bh * N * D
-    Q += off
-    K += off
-    V += off + v0
-    O += off + v0
-    NEAR += off + v0
-    LSE += bh * N
-    wn = tl.load(WN + bh % H).to(tl.float32)
-    wf = tl.load(WF + bh % H).to(tl.float32)
+    Q, K, V, O, NEAR, LSE, wn, wf = _fwd_head(Q, K, V, O, NEAR, LSE, WN, WF, bh, v0, N, H, D)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     offs_v = tl.arange(0, BLOCK_V)
@@ -514,15 +516,7 @@ def _fmmformer_fwd_causal_kernel(
     bh = tl.program_id(1).to(tl.int64)
     v0 = tl.program_id(2) * BLOCK_V
     n_chunks = tl.num_programs(0)
-    off = bh * N * D
-    Q += off
-    K += off
-    V += off + v0
-    O += off + v0
-    NEAR += off + v0
-    LSE += bh * N
-    wn = tl.load(WN + bh % H).to(tl.float32)
-    wf = tl.load(WF + bh % H).to(tl.float32)
+    Q, K, V, O, NEAR, LSE, wn, wf = _fwd_head(Q, K, V, O, NEAR, LSE, WN, WF, bh, v0, N, H, D)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     offs_v = tl.arange(0, BLOCK_V)
