@@ -5,13 +5,14 @@ linear attention with phi_l (elu+1, elu(-x)+1, tanh+1: the authors' tanh+1, SPEC
 keys, or the prefix when causal.
 
 Forward: a state pass reduces `S_l = phi_l(K)^T V` and `z_l = sum phi_l(K)` per chunk of rows
-(parallel over chunks, l and heads); then one kernel walks query tiles, computing the band with
-an online softmax over the key tiles that meet it, the r far-field terms and the blend, writing
-`o` once. Non-causal: the chunk states are summed into one global state and each program takes
-one tile. Causal: an in-place scan turns the chunk states into each chunk's prefix; one program
-per chunk walks its tiles in order, each tile adding the masked intra-tile product and then its
-`phi_l(K)^T V` to the chunk's state slot, which doubles as the program's running state (held
-in L2, not registers: three D x D fp32 states do not fit beside the tile work).
+(one program per chunk and head computes every map from one read of each tile); then one
+kernel walks query tiles, computing the band with window_triton's online softmax over the key
+tiles that meet it, the r far-field terms and the blend, writing `o` once. Non-causal: the
+chunk states are summed into one global state (the partials live in `o`, not yet written) and
+each program takes one tile; the far states are loaded before the band so that their latency
+hides behind it. Causal: an in-place scan turns the chunk states into each chunk's prefix; one
+program per chunk walks its tiles in order, carrying the three fp32 states in registers and
+adding the masked intra-tile products (their weighted sum over maps takes one matmul with V).
 
 Backward (three kernels, a state pass and, causal, two scans): `dq` walks query tiles (far
 field, then band), storing each row's far normalizers `den_l` and `dL/d den_l`; a weighted
@@ -19,8 +20,8 @@ state pass reduces the dual states `U_l = sum_i phi_l(q_i) (w_far dO_i / den_l,i
 walks key tiles (band, then the far field from `U_l`, backwards when causal so that `U_l` is a
 suffix sum). dL/dw_near and dL/dw_far come from per-program partial sums.
 
-Memory: forward-only calls allocate `o` plus the chunk states (`chunks * B * H * r * D * (D+1)`
-floats, sized to stay under 9% of `o`). With grad, the forward also keeps the log-sum-exp and
+Memory: forward-only calls allocate `o` plus, causal, the chunk states (`chunks * B * H * r * D *
+(D+1)` floats, sized to stay under 9% of `o`). With grad, the forward also keeps the log-sum-exp and
 the unweighted Near (backward's softmax delta and dw_near need it; recovering it from `o` would
 lose it to o's rounding when w_near is small).
 """
