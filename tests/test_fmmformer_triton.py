@@ -319,7 +319,7 @@ def bench(sweep: bool = False, odd: bool = True, baseline: bool = True,
                            kc(64, 32, 8, 2, 1, 32)],
             "bwd": [kc(64, 64, 4, 2), kc(64, 64, 8, 2), kc(128, 64, 8, 2)],
         }
-        groups = {"bwd": ("bwd_dq", "bwd_dkdv"), "bwd_causal": ("bwd_dq_causal", "bwd_dkdv_causal")}
+        groups = {"bwd": ("bwd_dq", "bwd_dkdv")}
         for kind, configs in trials.items():
             causal = kind.endswith("causal")
             keys = groups.get(kind, (kind,))

@@ -63,7 +63,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     tiles_per_program: int = 1  # non-causal only: consecutive tiles one program walks
-    block_v: int = 128  # value columns per program (capped at D): fewer, fewer registers
+    block_v: int = 128  # non-causal: value columns per program (capped at D)
 
 
 # Per kernel, per head dim. D=64 from H100 sweeps (`python tests/test_fmmformer_triton.py
@@ -507,40 +507,38 @@ def _fmmformer_fwd_causal_kernel(
     Q, K, V, O, LSE, NEAR, P, PZ, WN, WF,
     N, H, bandwidth, rows_per_program, qk_scale, eps,
     R: tl.constexpr, SAVE: tl.constexpr, LOWP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """Causal: program = (chunk, head, BLOCK_V output columns). P, PZ (`[B*H, chunks, R, D, D]`
-    fp32) hold each chunk's prefix state (left as they are: the backward starts from them);
-    the program carries its columns in registers through its tiles in order."""
+    """Causal: program = (chunk, head). P, PZ (`[B*H, chunks, R, D, D]` fp32) hold each chunk's
+    prefix state (left as they are: the backward starts from them); the program carries it in
+    registers through its tiles in order. Every value column stays in one program: a split
+    (as the non-causal kernel's BLOCK_V) faulted with an illegal address in the H100 build of
+    Triton 3.6, which the interpreter does not reproduce."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    v0 = tl.program_id(2) * BLOCK_V
     n_chunks = tl.num_programs(0)
-    Q, K, V, O, NEAR, LSE, wn, wf = _fwd_head(Q, K, V, O, NEAR, LSE, WN, WF, bh, v0, N, H, D)
+    Q, K, V, O, NEAR, LSE, wn, wf = _fwd_head(Q, K, V, O, NEAR, LSE, WN, WF, bh, 0, N, H, D)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    offs_v = tl.arange(0, BLOCK_V)
-    s0, z0 = _load_state(P, PZ, bh, c, n_chunks, v0, 0, R, D, BLOCK_V)
+    s0, z0 = _load_state(P, PZ, bh, c, n_chunks, 0, 0, R, D, D)
     s1, z1 = s0, z0
     s2, z2 = s0, z0
     if R > 1:
-        s1, z1 = _load_state(P, PZ, bh, c, n_chunks, v0, 1, R, D, BLOCK_V)
+        s1, z1 = _load_state(P, PZ, bh, c, n_chunks, 0, 1, R, D, D)
     if R > 2:
-        s2, z2 = _load_state(P, PZ, bh, c, n_chunks, v0, 2, R, D, BLOCK_V)
+        s2, z2 = _load_state(P, PZ, bh, c, n_chunks, 0, 2, R, D, D)
     row_lo = c * rows_per_program
     row_hi = tl.minimum(row_lo + rows_per_program, N)
     for m0 in range(row_lo, row_hi, BLOCK_M):
         rows = m0 + offs_m
         ok = rows < N
         tile = rows[:, None] * D + offs_d[None, :]
-        tile_v = rows[:, None] * D + offs_v[None, :]
-        # [BLOCK_M, D], and v [BLOCK_M, BLOCK_V]
+        # [BLOCK_M, D]
         q = tl.load(Q + tile, mask=ok[:, None], other=0.0)
         k = tl.load(K + tile, mask=ok[:, None], other=0.0)
-        v = tl.load(V + tile_v, mask=ok[:, None], other=0.0)
-        out = _near_fwd(q, K, V, m0, rows, ok, tile_v, N, bandwidth, 0, qk_scale, wn,
-                        LSE, NEAR, SAVE, BLOCK_M, BLOCK_N, BLOCK_V, D, DOT_PREC)
+        v = tl.load(V + tile, mask=ok[:, None], other=0.0)
+        out = _near_fwd(q, K, V, m0, rows, ok, tile, N, bandwidth, 0, qk_scale, wn,
+                        LSE, NEAR, SAVE, BLOCK_M, BLOCK_N, D, D, DOT_PREC)
         eq = _exp_neg_abs(q)
         ek = _exp_neg_abs(k)
         v_m = _mm(v, v, LOWP)
@@ -556,7 +554,7 @@ def _fmmformer_fwd_causal_kernel(
             out, av, s2, z2 = _far_causal(out, av, q, eq, k, ek, ok, v_m, s2, z2, earlier,
                                           wf, eps, 2, LOWP, DOT_PREC)
         out = _dot(_mm(av, v_m, LOWP), v_m, out, DOT_PREC)
-        tl.store(O + tile_v, out.to(O.dtype.element_ty), mask=ok[:, None])
+        tl.store(O + tile, out.to(O.dtype.element_ty), mask=ok[:, None])
 
 
 @triton.jit
@@ -811,11 +809,10 @@ def _state_pass(
     lowp = _lowp(a.dtype)
     chunks = triton.cdiv(n, chunk_rows)
     shape, shape_z = (bh, chunks, r, d, d), (bh, chunks, r, d)
-    if scratch is not None and _fits(scratch, shape, shape_z) and not causal:
-        raw = scratch.view(-1).view(torch.uint8)
-        states = raw[: 4 * _numel(shape)].view(torch.float32).view(shape)
-        states_z = raw[4 * _numel(shape) : 4 * _numel(shape + shape_z[-1:])]
-        states_z = states_z.view(torch.float32)[: _numel(shape_z)].view(shape_z)
+    n_s, n_z = _numel(shape), _numel(shape_z)
+    if scratch is not None and not causal and _fits(scratch, n_s + n_z):
+        flat = scratch.view(-1).view(torch.uint8)[: 4 * (n_s + n_z)].view(torch.float32)
+        states, states_z = flat[:n_s].view(shape), flat[n_s:].view(shape_z)
     else:
         states = _empty(shape, torch.float32, dev)
         states_z = _empty(shape_z, torch.float32, dev)
@@ -838,11 +835,9 @@ def _numel(shape: tuple[int, ...]) -> int:
     return int(torch.Size(shape).numel())
 
 
-def _fits(scratch: torch.Tensor, shape: tuple[int, ...], shape_z: tuple[int, ...]) -> bool:
-    """Whether fp32 tensors of `shape` and `shape_z` fit in `scratch`'s bytes."""
-    return scratch.is_contiguous() and 4 * (_numel(shape) + _numel(shape_z)) <= (
-        scratch.numel() * scratch.element_size()
-    )
+def _fits(scratch: torch.Tensor, n_floats: int) -> bool:
+    """Whether `n_floats` fp32 values fit in contiguous `scratch`'s bytes."""
+    return scratch.is_contiguous() and 4 * n_floats <= scratch.numel() * scratch.element_size()
 
 
 def _scan(states: torch.Tensor, states_z: torch.Tensor, reverse: bool) -> None:
@@ -908,18 +903,15 @@ def fmmformer_fwd(
     o = out if out is not None else _empty(q.shape, q.dtype, dev)
     lse = _empty((bh, n), torch.float32, dev) if save else o
     near = _empty(q.shape, q.dtype, dev) if save else o
-    # Causal programs keep every value column: with fewer, the H100 build (Triton 3.6) faulted
-    # with an illegal address, which the interpreter does not reproduce.
-    block_v = d if causal else min(cfg.block_v, d)
     common = dict(R=r, SAVE=save, LOWP=_lowp(q.dtype), BLOCK_M=cfg.block_m,
-                  BLOCK_N=cfg.block_n, BLOCK_V=block_v, D=d, DOT_PREC=_dot_prec(q.dtype),
+                  BLOCK_N=cfg.block_n, D=d, DOT_PREC=_dot_prec(q.dtype),
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     qk_scale = d**-0.5 * LOG2E
     if causal:
         chunk_rows = _causal_chunk_rows(n, bh, r, d, o_bytes, dev)
         states, states_z = _state_pass(k, v, r, True, chunk_rows)
         _scan(states, states_z, reverse=False)
-        _fmmformer_fwd_causal_kernel[(states.shape[1], bh, d // block_v)](
+        _fmmformer_fwd_causal_kernel[(states.shape[1], bh)](
             q, k, v, o, lse, near, states, states_z, wn, wf,
             n, h, bandwidth, chunk_rows, qk_scale, eps, **common,
         )
@@ -928,10 +920,10 @@ def fmmformer_fwd(
         # chunks as keep the GPU busy, at no memory beyond o.
         chunk_rows = _state_chunk_rows(n, bh, r, d, o_bytes, dev)
         states, states_z = _state_pass(k, v, r, False, chunk_rows, scratch=o)
-        tiles = cfg.tiles_per_program
+        tiles, block_v = cfg.tiles_per_program, min(cfg.block_v, d)
         _fmmformer_fwd_kernel[(triton.cdiv(n, cfg.block_m * tiles) * (d // block_v), bh)](
             q, k, v, o, lse, near, states, states_z, wn, wf,
-            n, h, bandwidth, qk_scale, eps, TILES=tiles, **common,
+            n, h, bandwidth, qk_scale, eps, TILES=tiles, BLOCK_V=block_v, **common,
         )
     saved = _Saved(lse, near, states, states_z, chunk_rows) if save else None
     return o, saved
