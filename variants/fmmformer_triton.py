@@ -67,12 +67,13 @@ class KernelConfig:
 
 
 # Per kernel, per head dim. D=64 from H100 sweeps (`python tests/test_fmmformer_triton.py
-# --sweep`, bf16, H=16, N=65536; fwd / fwd_bwd ms): state pass 4 warps 3 stages (0.837 fwd,
-# 8 warps 1.07), forward 64 x 64 tiles 4 warps (0.828; 128-row tiles 0.97, 32 value columns
-# 1.15), causal forward 8 warps 1 stage (3.26; 4 warps 5.05), backward 4 warps (3.29; 8 warps
-# 3.92). Other head dims keep the register-count choices of sm_90 builds. The causal chunk
-# count targets `CAUSAL_PROGRAMS_PER_SM` programs per SM, capped so the chunk states stay
-# under `STATE_MEMORY_FRACTION` of o (the forward's memory target).
+# --sweep`, bf16, H=16, N=65536, logs in results/h100/fmmformer_triton_logs; fwd or fwd_bwd
+# ms): state pass 4 warps 3 stages (0.837 fwd, 8 warps 1.07), forward 64 x 64 tiles 4 warps
+# (0.828; 128-row tiles 0.97, 32 value columns 1.15), causal forward 8 warps 1 stage (3.26;
+# 4 warps 5.05), backward 4 warps (fwd_bwd 3.29; 8 warps 3.92). Other head dims keep the
+# register-count choices of sm_90 builds. The causal chunk count targets
+# `CAUSAL_PROGRAMS_PER_SM` programs per SM, capped so the chunk states stay under
+# `STATE_MEMORY_FRACTION` of o (the forward's memory target).
 _SMALL, _WIDE = KernelConfig(64, 64, 4, 2), KernelConfig(64, 64, 8, 2)
 _SMALL1, _WIDE1 = KernelConfig(64, 64, 4, 1), KernelConfig(64, 64, 8, 1)
 CONFIGS: dict[str, dict[int, KernelConfig]] = {
