@@ -80,6 +80,11 @@ class LaunchConfig:
     bwd_stages: int = 3
 
 
+# Pooling kernel: token rows per loaded tile (halved for D > 64) and launch options
+# (benchmarks may edit).
+POOL_CONFIG = {"block_t": 64, "num_warps": 4, "num_stages": 3}
+
+
 def launch_config(m: int, causal: bool, block_m: int | None = None) -> LaunchConfig:
     """Default tiles for finest block m: one block (at most 64 rows) per query tile."""
     if _INTERPRET:
@@ -649,7 +654,9 @@ def _pool(k: torch.Tensor, v: torch.Tensor, plan: FMAPlan) -> tuple[torch.Tensor
     _fma_pool_kernel[(triton.cdiv(geo.n_pad, chunk), b * h)](
         k, v, sums[0], sums[1], ck, cv, plan.level_off, plan.level_win, n, geo.n_pad,
         geo.total_rows, chunk_levels, WIN1=win1, CHUNK=chunk, HEAD_DIM=d,
-        BLOCK_T=min(chunk, 64 if d <= 64 else 32), PRECISION=_precision(k),
+        BLOCK_T=min(chunk, POOL_CONFIG["block_t"] // (1 if d <= 64 else 2)),
+        PRECISION=_precision(k), num_warps=POOL_CONFIG["num_warps"],
+        num_stages=POOL_CONFIG["num_stages"],
     )  # fmt: skip
     if chunk_levels < geo.levels:
         _fma_levels_kernel[(geo.rows[-1], b * h)](

@@ -1,0 +1,49 @@
+"""FMA forward pieces on the GPU (bf16, H=16, N=65536, D=64, m=64, p=2): the pooling pass
+alone, the attention kernel alone under a few launch configs, and the whole forward."""
+import dataclasses
+import os
+import sys
+
+sys.path.insert(0, ".")
+import torch
+import triton
+
+import variants.fma_triton as ft
+
+out = os.environ.get("OUT", "/tmp")
+log = open(f"{out}/fma_probe.log", "w")
+
+
+def say(*a):
+    s = " ".join(map(str, a))
+    print(s, flush=True)
+    log.write(s + "\n")
+    log.flush()
+
+
+def bench(f):
+    return triton.testing.do_bench(f, warmup=25, rep=200)
+
+
+dev, dt = "cuda", torch.bfloat16
+h, n, d = 16, 65536, 64
+q, k, v = (torch.randn(1, h, n, d, device=dev, dtype=dt) for _ in range(3))
+bytes_min = 4 * q.numel() * 2
+for causal in (False, True):
+    base = ft.launch_config(64, causal)
+    plan = ft.fma_plan(n, 64, 2, causal, True, False, base.block_m, str(q.device))
+    default = dict(ft.POOL_CONFIG)
+    for block_t, warps, stages in ((64, 4, 3), (128, 4, 3), (128, 8, 3), (32, 4, 3), (128, 4, 2), (256, 8, 2), (32, 2, 4)):
+        ft.POOL_CONFIG.update(block_t=block_t, num_warps=warps, num_stages=stages)
+        t = bench(lambda: ft._pool(k, v, plan))
+        say(f"causal={causal} pool block_t={block_t} warps={warps} stages={stages}: {t:.4f} ms = {bytes_min / 2 / t / 1e6:.0f} GB/s")
+    ft.POOL_CONFIG.update(default)
+    ck, cv = ft._pool(k, v, plan)
+    for bn in (32, 64, 128):
+        for stages in (1, 2, 3):
+            for warps in (4,):
+                cfg = dataclasses.replace(base, fwd_block_n=bn, fwd_stages=stages, num_warps=warps)
+                t = bench(lambda: ft.fma_fwd(q, k, v, causal=causal, coarse=(ck, cv), config=cfg))
+                say(f"causal={causal} attention block_n={bn} stages={stages} warps={warps}: {t:.4f} ms")
+    t = bench(lambda: ft.fma_fwd(q, k, v, causal=causal))
+    say(f"causal={causal} whole forward (default config): {t:.4f} ms = {bytes_min / t / 1e6:.0f} GB/s")
