@@ -25,6 +25,13 @@ def bench(f):
     return triton.testing.do_bench(f, warmup=25, rep=200)
 
 
+# (windows, block_t, warps, stages) of the pooling kernel; (block_n, stages, maxnreg) of the
+# attention kernel.
+POOL_TRIALS = [(w, t, nw, st) for w in (16, 32, 64) for t, nw, st in ((64, 4, 3), (128, 8, 3), (128, 4, 2))]
+ATTENTION_TRIALS = {
+    False: [(64, 2, None), (64, 2, 96), (64, 2, 112), (64, 1, 96), (64, 2, 80)],
+    True: [(32, 2, None), (64, 1, 128), (64, 1, 112), (64, 2, 112), (32, 3, 96), (32, 3, 112), (64, 1, 144)],
+}
 dev, dt = "cuda", torch.bfloat16
 h, n, d = 16, 65536, 64
 q, k, v = (torch.randn(1, h, n, d, device=dev, dtype=dt) for _ in range(3))
@@ -33,17 +40,17 @@ for causal in (False, True):
     base = ft.launch_config(64, causal)
     plan = ft.fma_plan(n, 64, 2, causal, True, False, base.block_m, str(q.device))
     default = dict(ft.POOL_CONFIG)
-    for block_t, warps, stages in ((64, 4, 3), (128, 4, 3), (128, 8, 3), (32, 4, 3), (128, 4, 2), (256, 8, 2), (32, 2, 4)):
-        ft.POOL_CONFIG.update(block_t=block_t, num_warps=warps, num_stages=stages)
+    for windows, block_t, warps, stages in POOL_TRIALS:
+        ft.POOL_CONFIG.update(windows=windows, block_t=block_t, num_warps=warps, num_stages=stages)
         t = bench(lambda: ft._pool(k, v, plan))
-        say(f"causal={causal} pool block_t={block_t} warps={warps} stages={stages}: {t:.4f} ms = {bytes_min / 2 / t / 1e6:.0f} GB/s")
+        say(f"causal={causal} pool windows={windows} block_t={block_t} warps={warps} stages={stages}: {t:.4f} ms = {bytes_min / 2 / t / 1e6:.0f} GB/s")
     ft.POOL_CONFIG.update(default)
     ck, cv = ft._pool(k, v, plan)
-    for bn in (32, 64, 128):
-        for stages in (1, 2, 3):
-            for warps in (4,):
-                cfg = dataclasses.replace(base, fwd_block_n=bn, fwd_stages=stages, num_warps=warps)
+    for bn, stages, cap in ATTENTION_TRIALS[causal]:
+        if True:
+            if True:
+                cfg = dataclasses.replace(base, fwd_block_n=bn, fwd_stages=stages, fwd_maxnreg=cap)
                 t = bench(lambda: ft.fma_fwd(q, k, v, causal=causal, coarse=(ck, cv), config=cfg))
-                say(f"causal={causal} attention block_n={bn} stages={stages} warps={warps}: {t:.4f} ms")
+                say(f"causal={causal} attention block_n={bn} stages={stages} maxnreg={cap}: {t:.4f} ms")
     t = bench(lambda: ft.fma_fwd(q, k, v, causal=causal))
     say(f"causal={causal} whole forward (default config): {t:.4f} ms = {bytes_min / t / 1e6:.0f} GB/s")

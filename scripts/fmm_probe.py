@@ -1,38 +1,137 @@
-"""Marginal cost of each far-field map in the FMMformer kernels (bf16, H=16, N=65536, D=64)."""
-import os, sys
+"""Pieces of the FMMformer kernels on the GPU (bf16, H=16, N=65536, D=64, k=30), in isolation.
+
+    python scripts/fmm_probe.py [maps] [state] [regs] [fwd] [prof] [bwd]
+
+maps: marginal cost of each far-field map (state pass and main kernel at r = 1, 2, 3).
+state: state-pass configs (rows per tile, warps, stages). regs: register caps (`maxnreg`) per
+kernel. fwd: the non-causal forward under register caps and stages. prof: the time of each kernel
+of the forward and the backward (torch.profiler). bwd: warps and stages of the non-causal
+backward kernels. Results go to $OUT/probe.log.
+"""
+import dataclasses
+import os
+import sys
+
 sys.path.insert(0, ".")
-import torch, triton
-import variants.fmmformer_triton as fmt
-from variants.window_triton import window_attention_triton
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+import variants.fmmformer_triton as fmt  # noqa: E402
+from variants.window_triton import window_attention_triton  # noqa: E402
 
 out = os.environ.get("OUT", "/tmp")
-log = open(f"{out}/probe.log", "w")
+log = open(f"{out}/probe.log", "a")
+
+
 def say(*a):
-    s = " ".join(map(str, a)); print(s, flush=True); log.write(s + "\n"); log.flush()
+    s = " ".join(map(str, a))
+    print(s, flush=True)
+    log.write(s + "\n")
+    log.flush()
+
+
+def bench(f):
+    return triton.testing.do_bench(f, warmup=25, rep=100)
+
+
 dev, dt = "cuda", torch.bfloat16
 h, n, d, k = 16, 65536, 64, 30
 q, kk, v = (torch.randn(1, h, n, d, device=dev, dtype=dt) for _ in range(3))
-wn = torch.full((h,), 0.5, device=dev); wf = wn.clone()
-ZDOT_TRIALS = (True,)
-bench = lambda f: triton.testing.do_bench(f, warmup=25, rep=100)
-say("window_triton fwd", round(bench(lambda: window_attention_triton(q, kk, v, bandwidth=k, causal=False)), 4))
-for zdot, causal, r in [(z, c, r) for z in ZDOT_TRIALS for c in (False, True) for r in (1, 2, 3)]:
-    fmt.Z_BY_DOT = zdot
-    if True:
-        o_bytes = q.numel() * 2
-        rows = (fmt._causal_chunk_rows if causal else fmt._state_chunk_rows)(n, h, r, d, o_bytes, q.device)
-        t_state = bench(lambda: fmt._state_pass(kk, v, r, causal, rows))
-        t_all = bench(lambda: fmt.fmmformer_fwd(q, kk, v, wn, wf, k, r, causal))
-        say(f"z_by_dot={zdot} causal={causal} r={r}: state pass {t_state:.4f} ms, fwd {t_all:.4f} ms, main ~{t_all - t_state:.4f} ms, chunk rows {rows}")
-# State pass configs (non-causal, r=3): rows per tile, warps, stages, value columns.
-CONFIG_TRIALS = ((64, 4, 3, 64), (32, 4, 3, 64), (32, 4, 2, 64), (32, 4, 4, 64), (32, 2, 3, 64),
-                 (16, 4, 3, 64), (16, 2, 3, 64), (32, 8, 3, 64))
-default = fmt.CONFIGS["state"][d]
-for zdot in (True,):
-    fmt.Z_BY_DOT = zdot
-    for block, warps, stages, bv in CONFIG_TRIALS:
-        fmt.CONFIGS["state"][d] = fmt.KernelConfig(block, 64, warps, stages, block_v=bv)
-        rows = fmt._state_chunk_rows(n, h, 3, d, q.numel() * 2, q.device)
-        t_state = bench(lambda: fmt._state_pass(kk, v, 3, False, rows))
-        say(f"state z_by_dot={zdot} block={block} warps={warps} stages={stages} block_v={bv}: {t_state:.4f} ms (chunk rows {rows})")
-fmt.CONFIGS["state"][d] = default
+do = torch.randn_like(q)
+wn = torch.full((h,), 0.5, device=dev)
+wf = wn.clone()
+o_bytes = q.numel() * 2
+
+
+def state_rows(r, causal):
+    pick = fmt._causal_chunk_rows if causal else fmt._state_chunk_rows
+    return pick(n, h, r, d, o_bytes, q.device)
+
+
+def fwd(r, causal, save=False):
+    return fmt.fmmformer_fwd(q, kk, v, wn, wf, k, r, causal, save=save)
+
+
+def bwd(saved, r, causal):
+    return fmt.fmmformer_bwd(q, kk, v, saved, do, wn, wf, k, r, causal)
+
+
+modes = sys.argv[1:] or ["maps"]
+if "maps" in modes:
+    say("window_triton fwd", round(bench(lambda: window_attention_triton(q, kk, v, bandwidth=k, causal=False)), 4))
+    for causal in (False, True):
+        for r in (1, 2, 3):
+            rows = state_rows(r, causal)
+            t_state = bench(lambda: fmt._state_pass(kk, v, r, causal, rows))
+            t_all = bench(lambda: fwd(r, causal))
+            say(f"causal={causal} r={r}: state pass {t_state:.4f} ms, fwd {t_all:.4f} ms, "
+                f"main ~{t_all - t_state:.4f} ms, chunk rows {rows}")
+
+if "state" in modes:
+    default = fmt.CONFIGS["state"][d]
+    for block, warps, stages in ((64, 4, 3), (32, 4, 2), (32, 8, 3), (16, 4, 3), (64, 4, 2)):
+        fmt.CONFIGS["state"][d] = fmt.KernelConfig(block, 64, warps, stages)
+        rows = state_rows(3, False)
+        t = bench(lambda: fmt._state_pass(kk, v, 3, False, rows))
+        say(f"state block={block} warps={warps} stages={stages}: {t:.4f} ms (chunk rows {rows})")
+    fmt.CONFIGS["state"][d] = default
+
+if "regs" in modes:
+    # What each kernel's time is measured by: the state pass alone, the whole forward, or the
+    # backward alone (its state pass included).
+    saved = {c: fwd(3, c, save=True)[1] for c in (False, True)}
+    pieces = {
+        "state": lambda: fmt._state_pass(kk, v, 3, False, state_rows(3, False)),
+        "fwd": lambda: fwd(3, False),
+        "fwd_causal": lambda: fwd(3, True),
+        "bwd_dq": lambda: bwd(saved[False], 3, False),
+        "bwd_dkdv": lambda: bwd(saved[False], 3, False),
+    }
+    trials = {kind: (None, 232, 200, 168) for kind in pieces}
+    trials["fwd_causal"] = (None, 200, 168, 128)
+    for kind, run in pieces.items():
+        default = fmt.CONFIGS[kind][d]
+        warps = (default.num_warps, 4) if kind == "fwd_causal" else (default.num_warps,)
+        for w in warps:
+            for cap in trials[kind]:
+                fmt.CONFIGS[kind][d] = dataclasses.replace(default, num_warps=w, maxnreg=cap)
+                try:
+                    say(f"regs {kind} warps={w} maxnreg={cap}: {bench(run):.4f} ms")
+                except Exception as e:  # a cap the compiler refuses
+                    say(f"regs {kind} warps={w} maxnreg={cap}: failed {type(e).__name__}: {e}")
+        fmt.CONFIGS[kind][d] = default
+
+if "fwd" in modes:
+    default = fmt.CONFIGS["fwd"][d]
+    for stages in (1, 2):
+        for cap in (None, 168, 128, 112):
+            fmt.CONFIGS["fwd"][d] = dataclasses.replace(default, num_stages=stages, maxnreg=cap)
+            say(f"fwd stages={stages} maxnreg={cap}: {bench(lambda: fwd(3, False)):.4f} ms")
+    fmt.CONFIGS["fwd"][d] = default
+
+if "prof" in modes:
+    from torch.profiler import ProfilerActivity, profile
+
+    for causal in (False, True):
+        saved = fwd(3, causal, save=True)[1]
+        for name, run in (("fwd", lambda: fwd(3, causal)), ("bwd", lambda: bwd(saved, 3, causal))):
+            run()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    run()
+                torch.cuda.synchronize()
+            for e in prof.key_averages():
+                if e.device_type.name == "CUDA" and e.count >= 10:
+                    say(f"prof causal={causal} {name}: {e.key[:60]} x{e.count // 10} "
+                        f"{e.device_time_total / e.count / 1e3:.4f} ms each")
+
+if "bwd" in modes:
+    saved = fwd(3, False, save=True)[1]
+    for kind in ("bwd_dq", "bwd_dkdv"):
+        default = fmt.CONFIGS[kind][d]
+        for warps, stages in ((4, 2), (8, 2), (4, 1), (8, 1), (4, 3)):
+            fmt.CONFIGS[kind][d] = dataclasses.replace(default, num_warps=warps, num_stages=stages)
+            t = bench(lambda: bwd(saved, 3, False))
+            say(f"bwd {kind} warps={warps} stages={stages}: backward alone {t:.4f} ms")
+        fmt.CONFIGS[kind][d] = default

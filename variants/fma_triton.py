@@ -4,7 +4,7 @@ All queries of a finest block share every level's interaction list, so a query t
 attention over its near keys (blocks b-1..b+1) plus a short list of coarse tokens (3 p_l per
 level). Three phases:
 1. Summaries (avgpool), one pass over K and V: `_fma_pool_kernel` reads contiguous token tiles
-   of a chunk of 16 level-1 windows and reduces them with 0/1 pooling matmuls, for every level
+   of a chunk of level-1 windows and reduces them with 0/1 pooling matmuls, for every level
    whose windows fit in the chunk; `_fma_levels_kernel` builds the few wider levels from the one
    below. Both write the means of the real tokens into one levels-concatenated buffer. Learned
    conv summaries come from PyTorch instead (autograd handles the conv).
@@ -78,20 +78,32 @@ class LaunchConfig:
     num_warps: int = 4
     fwd_stages: int = 2
     bwd_stages: int = 3
+    fwd_maxnreg: int | None = None  # register cap of the forward kernel (more programs per SM)
 
 
-# Pooling kernel: token rows per loaded tile (halved for D > 64) and launch options
-# (benchmarks may edit).
-POOL_CONFIG = {"block_t": 64, "num_warps": 4, "num_stages": 3}
+# Pooling kernel: level-1 windows per program, token rows per loaded tile (halved for D > 64)
+# and launch options (benchmarks may edit).
+# H100 (bf16, D=64, N=65536, `scripts/fma_probe.py`): 0.126 ms, 2.1 TB/s; 32 or 64 windows
+# per chunk 0.16 / 0.25 ms (the fp32 level-grouping products grow as windows^2).
+POOL_CONFIG = {"windows": 16, "block_t": 128, "num_warps": 8, "num_stages": 3}
 
 
-def launch_config(m: int, causal: bool, block_m: int | None = None) -> LaunchConfig:
-    """Default tiles for finest block m: one block (at most 64 rows) per query tile."""
+def launch_config(
+    m: int, causal: bool, block_m: int | None = None, head_dim: int = 64
+) -> LaunchConfig:
+    """Default tiles for finest block m: one block (at most 64 rows) per query tile.
+
+    Forward at D <= 64 (H100 sweep, `scripts/fma_probe.py`, attention kernel alone, ms
+    non-causal / causal): key tile 64, 2 / 1 stages, registers capped at 96 / 128 (0.298 /
+    0.279; uncapped 0.343 / 0.301 at 194 / 145 registers, 2 / 3 programs per SM; a cap of 80
+    spills to 1.56)."""
     if _INTERPRET:
         t = min(m, 32)
         return LaunchConfig(block_m or t, t, t, t, 4, 1, 1)
-    fwd_n = min(m, 32 if causal else 64)  # causal: half the diagonal block's tile is masked
-    return LaunchConfig(block_m or min(m, 64), fwd_n, min(m, 64), 64, 4, 2, 3)
+    cap = (128 if causal else 96) if head_dim <= 64 else None
+    return LaunchConfig(
+        block_m or min(m, 64), min(m, 64), min(m, 64), 64, 4, 1 if causal else 2, 3, cap
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,14 +120,15 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 @triton.jit(do_not_specialize=["N"])
 def _fma_pool_kernel(
     k_ptr, v_ptr, sk_ptr, sv_ptr, ck_ptr, cv_ptr, off_ptr, win_ptr, N, N_PAD, TOTAL_ROWS,
-    CHUNK_LEVELS, WIN1: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    CHUNK_LEVELS, WIN1: tl.constexpr, WINDOWS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One chunk of 16 level-1 windows per program. Level-1 sums come from 0/1 pooling matmuls
+    """One chunk of WINDOWS level-1 windows per program. Level-1 sums come from 0/1 pooling matmuls
     over contiguous token tiles (tokens past N read as zero); every level whose windows fit in
     the chunk is a second 0/1 matmul of those sums, written as means of the real tokens. The
     fp32 sums of the last such level seed `_fma_levels_kernel` for the levels above.
-    CHUNK = 16 * WIN1 tokens."""
+    A chunk is WINDOWS * WIN1 tokens."""
+    CHUNK: tl.constexpr = WINDOWS * WIN1
     chunk = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     k_ptr += bh * N * HEAD_DIM
@@ -126,18 +139,18 @@ def _fma_pool_kernel(
     ck_ptr += base
     cv_ptr += base
     offs_t = tl.arange(0, BLOCK_T)
-    offs_r = tl.arange(0, 16)
+    offs_r = tl.arange(0, WINDOWS)
     offs_d = tl.arange(0, HEAD_DIM)
-    # [16, HEAD_DIM]
-    acc_k = tl.zeros([16, HEAD_DIM], dtype=tl.float32)
-    acc_v = tl.zeros([16, HEAD_DIM], dtype=tl.float32)
+    # [WINDOWS, HEAD_DIM]
+    acc_k = tl.zeros([WINDOWS, HEAD_DIM], dtype=tl.float32)
+    acc_v = tl.zeros([WINDOWS, HEAD_DIM], dtype=tl.float32)
     for t in range(0, CHUNK, BLOCK_T):
         tok = chunk * CHUNK + t + offs_t
         x_offs = tok[:, None] * HEAD_DIM + offs_d[None, :]
         # [BLOCK_T, HEAD_DIM]
         xk = tl.load(k_ptr + x_offs, mask=(tok < N)[:, None], other=0.0)
         xv = tl.load(v_ptr + x_offs, mask=(tok < N)[:, None], other=0.0)
-        # [16, BLOCK_T]: 1 where the token falls in the chunk's level-1 window r (exact in bf16)
+        # [WINDOWS, BLOCK_T]: 1 where the token falls in the chunk's level-1 window r (exact in bf16)
         # (via fp32: the interpreter turns bool into bf16 as raw bits)
         pool = (((t + offs_t) // WIN1)[None, :] == offs_r[:, None]).to(tl.float32).to(xk.dtype)
         acc_k = _dot(pool, xk, acc_k, PRECISION)
@@ -146,9 +159,9 @@ def _fma_pool_kernel(
         off = tl.load(off_ptr + lvl)
         win = tl.load(win_ptr + lvl)
         n_rows = CHUNK // win  # this level's windows in the chunk
-        # [16, 16]: window r of this level sums level-1 windows r*g .. r*g + g - 1
+        # [WINDOWS, WINDOWS]: window r of this level sums level-1 windows r*g .. r*g + g - 1
         group = ((offs_r // (win // WIN1))[None, :] == offs_r[:, None]).to(tl.float32)
-        # [16, HEAD_DIM]
+        # [WINDOWS, HEAD_DIM]
         sum_k = _dot(group, acc_k, None, "ieee")
         sum_v = _dot(group, acc_v, None, "ieee")
         row = chunk * n_rows + offs_r
@@ -649,11 +662,11 @@ def _pool(k: torch.Tensor, v: torch.Tensor, plan: FMAPlan) -> tuple[torch.Tensor
         return ck, cv
     sums = _alloc((2, b, h, geo.total_rows, d), torch.float32, k.device)
     win1 = geo.windows[0]
-    chunk = 16 * win1
+    chunk = POOL_CONFIG["windows"] * win1
     chunk_levels = sum(s <= chunk for s in geo.windows)
     _fma_pool_kernel[(triton.cdiv(geo.n_pad, chunk), b * h)](
         k, v, sums[0], sums[1], ck, cv, plan.level_off, plan.level_win, n, geo.n_pad,
-        geo.total_rows, chunk_levels, WIN1=win1, CHUNK=chunk, HEAD_DIM=d,
+        geo.total_rows, chunk_levels, WIN1=win1, WINDOWS=POOL_CONFIG["windows"], HEAD_DIM=d,
         BLOCK_T=min(chunk, POOL_CONFIG["block_t"] // (1 if d <= 64 else 2)),
         PRECISION=_precision(k), num_warps=POOL_CONFIG["num_warps"],
         num_stages=POOL_CONFIG["num_stages"],
@@ -688,7 +701,7 @@ def fma_fwd(
         coarse: `(ck, cv)` `[B, H, total_rows, D]`, the levels-concatenated summaries (learned
             conv); None computes the avgpool summaries.
         out: optional preallocated `(o, lse)` to write into.
-        config: tile sizes (default `launch_config(m, causal)`).
+        config: tile sizes (default `launch_config(m, causal, head_dim=D)`).
 
     Returns:
         `(o, lse, ck, cv)`: `o` `[B, H, N, D]`, `lse` `[B, H, N]` fp32 (natural log of the
@@ -697,7 +710,7 @@ def fma_fwd(
     _check_inputs(q, k, v, m)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     b, h, n, d = q.shape
-    cfg = config or launch_config(m, causal)
+    cfg = config or launch_config(m, causal, head_dim=q.shape[-1])
     plan = fma_plan(n, m, p, causal, scale_attn, zero_pad, cfg.block_m, str(q.device))
     ck, cv = (t.contiguous() for t in coarse) if coarse is not None else _pool(k, v, plan)
     o = out[0] if out else _alloc(q.shape, q.dtype, q.device)
@@ -707,6 +720,7 @@ def fma_fwd(
         n, plan.geo.total_rows, plan.n_slots, d**-0.5 * LOG2E,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.fwd_block_n, BLOCK_C=plan.block_c, QB=plan.qb,
         SB=max(cfg.block_m, m), num_stages=cfg.fwd_stages, **_common(q, plan, cfg),
+        **({} if cfg.fwd_maxnreg is None else {"maxnreg": cfg.fwd_maxnreg}),
     )  # fmt: skip
     return o, lse, ck, cv
 
@@ -747,7 +761,7 @@ def fma_bwd(
     q, k, v, o, lse = (t.contiguous() for t in (q, k, v, o, lse))
     do = do.to(q.dtype).contiguous()
     b, h, n, d = q.shape
-    cfg = config or launch_config(m, causal)
+    cfg = config or launch_config(m, causal, head_dim=q.shape[-1])
     plan = fma_plan(n, m, p, causal, scale_attn, zero_pad, cfg.block_m, str(q.device))
     geo = plan.geo
     dq, dk, dv = out if out else (_alloc(q.shape, q.dtype, q.device) for _ in range(3))
@@ -824,7 +838,7 @@ def fma_triton(
         p, causal, scale_attn, zero_pad: as in `variants.fma.fma_reference`.
         coarse: per-level `(ck_l, cv_l)` `[B, H, rows_l, D]` (learned conv summaries of the
             zero-padded K, V); None computes avgpool summaries inside (fused adjoint).
-        config: tile sizes (default `launch_config(m, causal)`).
+        config: tile sizes (default `launch_config(m, causal, head_dim=D)`).
 
     Returns:
         `o` `[B, H, N, D]` in the input dtype.

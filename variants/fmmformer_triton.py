@@ -64,21 +64,31 @@ class KernelConfig:
     num_stages: int = 2
     tiles_per_program: int = 1  # non-causal only: consecutive tiles one program walks
     block_v: int = 128  # non-causal: value columns per program (capped at D)
+    maxnreg: int | None = None  # register cap per thread (more programs per SM, maybe spills)
+
+    def launch(self) -> dict:
+        """Launch options of a kernel call."""
+        opts = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg is not None:
+            opts["maxnreg"] = self.maxnreg
+        return opts
 
 
 # Per kernel, per head dim. D=64 from H100 sweeps (`python tests/test_fmmformer_triton.py
-# --sweep`, bf16, H=16, N=65536, logs in results/h100/fmmformer_triton_logs; fwd or fwd_bwd
-# ms): state pass 4 warps 3 stages (0.837 fwd, 8 warps 1.07), forward 64 x 64 tiles 4 warps
-# (0.828; 128-row tiles 0.97, 32 value columns 1.15), causal forward 8 warps 1 stage (3.26;
-# 4 warps 5.05), backward 4 warps (fwd_bwd 3.29; 8 warps 3.92). Other head dims keep the
-# register-count choices of sm_90 builds. The causal chunk count targets
+# --sweep` and `python scripts/fmm_probe.py state regs fwd`, bf16, H=16, N=65536, logs in
+# results/h100/fmmformer_triton_logs; fwd or fwd_bwd ms): state pass 4 warps 3 stages (0.837
+# fwd, 8 warps 1.07), forward 64 x 64 tiles 4 warps 1 stage, capped at 128 registers (fwd
+# 0.655; uncapped 0.73: its 254 registers fit 2 programs per SM, 128 fit 4 despite spills;
+# 128-row tiles 0.97, 32 value columns 1.15), causal forward 8 warps 1 stage (3.26; 4 warps
+# 5.05; register caps 4.2 to 6.6), backward 4 warps (fwd_bwd 3.29; 8 warps 3.92; caps slower).
+# Other head dims keep the register-count choices of sm_90 builds. The causal chunk count targets
 # `CAUSAL_PROGRAMS_PER_SM` programs per SM, capped so the chunk states stay under
 # `STATE_MEMORY_FRACTION` of o (the forward's memory target).
 _SMALL, _WIDE = KernelConfig(64, 64, 4, 2), KernelConfig(64, 64, 8, 2)
 _SMALL1, _WIDE1 = KernelConfig(64, 64, 4, 1), KernelConfig(64, 64, 8, 1)
 CONFIGS: dict[str, dict[int, KernelConfig]] = {
     "state": {16: _SMALL, 32: _SMALL, 64: KernelConfig(64, 64, 4, 3), 128: _WIDE},
-    "fwd": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
+    "fwd": {16: _SMALL, 32: _SMALL, 64: KernelConfig(64, 64, 4, 1, maxnreg=128), 128: _WIDE},
     "fwd_causal": {16: _SMALL1, 32: _SMALL1, 64: _WIDE1, 128: _WIDE1},
     "bwd_dq": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
     "bwd_dkdv": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
@@ -268,13 +278,18 @@ def _far_causal(out, av, q, eq, k, ek, ok, v_m, s, z, earlier, wf, eps, L: tl.co
 def _far_bwd_q(dq, dwf, q, eq, rq, do, wf, k, ek, rk, v, rows, N, SP, ZP, eps, DEN, DDEN, which,
                CAUSAL: tl.constexpr, LOWP: tl.constexpr, DOT_PREC: tl.constexpr):
     """Far term l of dq for one query tile (states as `_far_fwd`, SP updated when causal).
-    Also returns the rows' share of dL/dw_far and stores den_l and dL/d den_l per row."""
-    s = tl.load(SP)
+    Also returns the rows' share of dL/dw_far and stores den_l and dL/d den_l per row.
+    Causal: phi_l' is recomputed at the end rather than held through the intra-tile products
+    (H100: dq kernel 5.8 ms instead of 7.0; the non-causal one is faster holding it, 1.27 ms
+    instead of 1.43)."""
+    s_m = _mm(tl.load(SP), v, LOWP)
     z = tl.load(ZP)
-    fq, dphi = _phi_grad(q, eq, rq, which)
-    fq_m = _mm(fq, v, LOWP)
-    s_m = _mm(s, v, LOWP)
+    if CAUSAL:
+        fq = _phi(q, eq, rq, which)
+    else:
+        fq, dphi = _phi_grad(q, eq, rq, which)
     den = tl.sum(fq * z[None, :], 1) + eps
+    fq_m = _mm(fq, v, LOWP)
     # [BLOCK_M, D]
     num = _dot(fq_m, s_m, None, DOT_PREC)
     if CAUSAL:
@@ -287,10 +302,9 @@ def _far_bwd_q(dq, dwf, q, eq, rq, do, wf, k, ek, rk, v, rows, N, SP, ZP, eps, D
         den += tl.sum(a, 1)
         num = _dot(_mm(a, v, LOWP), v_m, num, DOT_PREC)
     # Far_l = num / den: dnum = w_far dO / den, dden = -w_far (dO . Far_l) / den.
-    do = do.to(tl.float32)
-    fdo = tl.sum(do * num, 1) / den
+    fdo = tl.sum(do.to(tl.float32) * num, 1) / den
     dden = -wf * fdo / den
-    dnum_m = _mm(do * (wf / den)[:, None], v, LOWP)
+    dnum_m = _mm(do.to(tl.float32) * (wf / den)[:, None], v, LOWP)
     dfq = _dot(dnum_m, tl.trans(s_m), None, DOT_PREC) + dden[:, None] * z[None, :]
     if CAUSAL:
         # [BLOCK_M, BLOCK_M]: d(out_i)/d(a_ij) = dnum_i . v_j + dden_i, for j <= i
@@ -300,6 +314,8 @@ def _far_bwd_q(dq, dwf, q, eq, rq, do, wf, k, ek, rk, v, rows, N, SP, ZP, eps, D
         tl.store(ZP, tl.load(ZP) + tl.sum(fk, 0))
     tl.store(DEN + which * N + rows, den, mask=rows < N)
     tl.store(DDEN + which * N + rows, dden, mask=rows < N)
+    if CAUSAL:
+        dphi = _phi_grad(q, eq, rq, which)[1]
     return dq + dfq * dphi, dwf + fdo
 
 
@@ -493,6 +509,19 @@ def _fwd_head(Q, K, V, O, NEAR, LSE, WN, WF, bh, v0, N, H, D: tl.constexpr):
     return Q + off, K + off, V + off + v0, O + off + v0, NEAR + off + v0, LSE + bh * N, wn, wf
 
 
+@triton.jit
+def _load_states(P, PZ, bh, v0, R: tl.constexpr, D: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The non-causal global states of every map (those past R repeat map 0)."""
+    s0, z0 = _load_state(P, PZ, bh, 0, 1, v0, 0, R, D, BLOCK_V)
+    s1, z1 = s0, z0
+    s2, z2 = s0, z0
+    if R > 1:
+        s1, z1 = _load_state(P, PZ, bh, 0, 1, v0, 1, R, D, BLOCK_V)
+    if R > 2:
+        s2, z2 = _load_state(P, PZ, bh, 0, 1, v0, 2, R, D, BLOCK_V)
+    return s0, z0, s1, z1, s2, z2
+
+
 @triton.jit(do_not_specialize=["N", "bandwidth"])
 def _fmmformer_fwd_kernel(
     Q, K, V, O, LSE, NEAR, P, PZ, WN, WF,
@@ -518,19 +547,13 @@ def _fmmformer_fwd_kernel(
         ok = rows < N
         # [BLOCK_M, D]
         q = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
-        # The far states are loaded (L2 hits) before the band, so that their latency hides
-        # behind its work rather than following it.
-        s0, z0 = _load_state(P, PZ, bh, 0, 1, v0, 0, R, D, BLOCK_V)
-        s1, z1 = s0, z0
-        s2, z2 = s0, z0
-        if R > 1:
-            s1, z1 = _load_state(P, PZ, bh, 0, 1, v0, 1, R, D, BLOCK_V)
-        if R > 2:
-            s2, z2 = _load_state(P, PZ, bh, 0, 1, v0, 2, R, D, BLOCK_V)
         tile = rows[:, None] * D + offs_v[None, :]
         out = _near_fwd(q, K, V, m0, rows, ok, tile, N, bandwidth, bandwidth, qk_scale, wn,
                         LSE, NEAR, SAVE, BLOCK_M, BLOCK_N, BLOCK_V, D, DOT_PREC)
         eq = _exp_neg_abs(q)
+        # The far states are loaded (L2 hits) after the band: loaded before it, they held
+        # registers through it (measured no faster, and slower under a register cap).
+        s0, z0, s1, z1, s2, z2 = _load_states(P, PZ, bh, v0, R, D, BLOCK_V)
         out = _far_apply(out, q, eq, s0, z0, wf, eps, 0, LOWP, DOT_PREC)
         if R > 1:
             out = _far_apply(out, q, eq, s1, z1, wf, eps, 1, LOWP, DOT_PREC)
@@ -861,7 +884,7 @@ def _state_pass(
         R=r, WEIGHTED=weights is not None, LOWP=lowp, Z_BY_DOT=Z_BY_DOT,
         BLOCK=min(cfg.block_m, chunk_rows),
         BLOCK_V=block_v, D=d,
-        DOT_PREC=_dot_prec(a.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PREC=_dot_prec(a.dtype), **cfg.launch(),
     )
     if causal:
         return states, states_z
@@ -943,7 +966,7 @@ def fmmformer_fwd(
     near = _empty(q.shape, q.dtype, dev) if save else o
     common = dict(R=r, SAVE=save, LOWP=_lowp(q.dtype), BLOCK_M=cfg.block_m,
                   BLOCK_N=cfg.block_n, D=d, DOT_PREC=_dot_prec(q.dtype),
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  **cfg.launch())
     qk_scale = d**-0.5 * LOG2E
     if causal:
         chunk_rows = _causal_chunk_rows(n, bh, r, d, o_bytes, dev)
@@ -1014,7 +1037,7 @@ def fmmformer_bwd(
         wn, wf,
         n, h, bandwidth, rows_q, states.shape[1], qk_scale, sm_scale, eps,
         R=r, CAUSAL=causal, LOWP=lowp, BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, D=d,
-        DOT_PREC=prec, num_warps=cfg_q.num_warps, num_stages=cfg_q.num_stages,
+        DOT_PREC=prec, **cfg_q.launch(),
     )
 
     # Dual states: U_l = sum_i phi_l(q_i) (w_far dO_i / den_i)^T, u_l = sum_i phi_l(q_i) dden_i.
@@ -1033,7 +1056,7 @@ def fmmformer_bwd(
         q, k, v, do, saved.lse, delta, den, dden, dk, dv, ustates, ustates_z, wn, wf,
         n, h, bandwidth, rows_k, ustates.shape[1], qk_scale, sm_scale,
         R=r, CAUSAL=causal, LOWP=lowp, BLOCK_M=cfg_k.block_m, BLOCK_N=cfg_k.block_n, D=d,
-        DOT_PREC=prec, num_warps=cfg_k.num_warps, num_stages=cfg_k.num_stages,
+        DOT_PREC=prec, **cfg_k.launch(),
     )
     return dq, dk, dv, dwn.view(b, h, -1).sum((0, 2)), dwf.view(b, h, -1).sum((0, 2))
 
