@@ -1,5 +1,10 @@
-"""FMA forward pieces on the GPU (bf16, H=16, N=65536, D=64, m=64, p=2): the pooling pass
-alone, the attention kernel alone under a few launch configs, and the whole forward."""
+"""FMA forward pieces on the GPU (bf16, H=16, N=65536, D=64, m=64, p=2).
+
+    python scripts/fma_probe.py [configs] [prof]
+
+configs: the pooling pass alone and the attention kernel alone under a few launch configs,
+and the whole forward. prof: the time of each kernel of the forward and backward
+(torch.profiler). Results go to $OUT/fma_probe.log."""
 import dataclasses
 import os
 import sys
@@ -36,7 +41,8 @@ dev, dt = "cuda", torch.bfloat16
 h, n, d = 16, 65536, 64
 q, k, v = (torch.randn(1, h, n, d, device=dev, dtype=dt) for _ in range(3))
 bytes_min = 4 * q.numel() * 2
-for causal in (False, True):
+modes = sys.argv[1:] or ["configs"]
+for causal in (False, True) if "configs" in modes else ():
     base = ft.launch_config(64, causal)
     plan = ft.fma_plan(n, 64, 2, causal, True, False, base.block_m, str(q.device))
     default = dict(ft.POOL_CONFIG)
@@ -54,3 +60,24 @@ for causal in (False, True):
                 say(f"causal={causal} attention block_n={bn} stages={stages} maxnreg={cap}: {t:.4f} ms")
     t = bench(lambda: ft.fma_fwd(q, k, v, causal=causal))
     say(f"causal={causal} whole forward (default config): {t:.4f} ms = {bytes_min / t / 1e6:.0f} GB/s")
+
+if "prof" in modes:
+    from torch.profiler import ProfilerActivity, profile
+
+    for causal in (False, True):
+        qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+        o = ft.fma_triton(qg, kg, vg, causal=causal)
+        do = torch.randn_like(o)
+        steps = (("fwd", lambda: ft.fma_triton(q, k, v, causal=causal)),
+                 ("fwd_bwd", lambda: torch.autograd.grad(ft.fma_triton(qg, kg, vg, causal=causal), (qg, kg, vg), do)))
+        for name, run in steps:
+            run()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    run()
+                torch.cuda.synchronize()
+            for e in prof.key_averages():
+                if e.device_type.name == "CUDA" and e.count >= 10:
+                    say(f"prof causal={causal} {name}: {e.key[:60]} x{e.count // 10} "
+                        f"{e.device_time_total / e.count / 1e3:.4f} ms each")
