@@ -1,10 +1,10 @@
 """FMA forward pieces on the GPU (bf16, H=16, N=65536, D=64, m=64, p=2).
 
-    python scripts/fma_probe.py [configs] [prof]
+    python scripts/fma_probe.py [configs] [prof] [coarse]
 
 configs: the pooling pass alone and the attention kernel alone under a few launch configs,
 and the whole forward. prof: the time of each kernel of the forward and backward
-(torch.profiler). Results go to $OUT/fma_probe.log."""
+(torch.profiler). coarse: causal forward and fwd_bwd per coarse-token tile width. Results go to $OUT/fma_probe.log."""
 import dataclasses
 import os
 import sys
@@ -81,3 +81,13 @@ if "prof" in modes:
                 if e.device_type.name == "CUDA" and e.count >= 10:
                     say(f"prof causal={causal} {name}: {e.key[:60]} x{e.count // 10} "
                         f"{e.device_time_total / e.count / 1e3:.4f} ms each")
+
+if "coarse" in modes:
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    do = torch.randn_like(q)
+    for width in (64, 32, 16):
+        ft.COARSE_TILE[True] = width
+        ft.fma_plan.cache_clear()
+        t_f = bench(lambda: ft.fma_triton(q, k, v, causal=True))
+        t_fb = bench(lambda: torch.autograd.grad(ft.fma_triton(qg, kg, vg, causal=True), (qg, kg, vg), do))
+        say(f"causal coarse tile {width}: fwd {t_f:.4f} ms, fwd_bwd {t_fb:.4f} ms")

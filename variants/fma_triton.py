@@ -81,6 +81,8 @@ class LaunchConfig:
     fwd_maxnreg: int | None = None  # register cap of the forward kernel (more programs per SM)
 
 
+# Coarse-token tile width per causal flag (a power of two >= 16).
+COARSE_TILE = {False: 64, True: 32}
 # Pooling kernel: level-1 windows per program, token rows per loaded tile (halved for D > 64)
 # and launch options (benchmarks may edit).
 # H100 (bf16, D=64, N=65536, `scripts/fma_probe.py`): 0.126 ms, 2.1 TB/s; 32 or 64 windows
@@ -289,8 +291,8 @@ def _fma_fwd_near(
 
 @triton.jit(do_not_specialize=["N", "N_SLOTS"])
 def _fma_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, idx_ptr, logw_ptr, bits_ptr, zlog_ptr, o_ptr, lse_ptr,
-    N, TOTAL_ROWS, N_SLOTS, qk_scale,
+    q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, idx_ptr, logw_ptr, bits_ptr, used_ptr, zlog_ptr, o_ptr,
+    lse_ptr, N, TOTAL_ROWS, N_SLOTS, qk_scale,
     M: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, QB: tl.constexpr,
     SB: tl.constexpr,
@@ -340,9 +342,10 @@ def _fma_fwd_kernel(
     )  # fmt: skip
 
     # The tile's coarse tokens; bit b of `bits` says whether finest block b of the tile uses one.
+    # Only the table's used prefix is walked (causal tiles use from 2 to 4 tokens per level).
     local = offs_m // M - (m0 // SB) * QB
     tab_ptr = (m0 // SB) * N_SLOTS
-    for c0 in range(0, N_SLOTS, BLOCK_C):
+    for c0 in range(0, tl.load(used_ptr + m0 // SB), BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         # [BLOCK_C]
         idx = tl.load(idx_ptr + tab_ptr + offs_c)
@@ -366,8 +369,8 @@ def _fma_fwd_kernel(
 
 @triton.jit(do_not_specialize=["N", "N_SLOTS"])
 def _fma_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, idx_ptr, logw_ptr, bits_ptr, o_ptr, do_ptr, lse_ptr,
-    delta_ptr, dq_ptr, dck_ptr, dcv_ptr, N, TOTAL_ROWS, N_SLOTS, qk_scale, sm_scale,
+    q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, idx_ptr, logw_ptr, bits_ptr, used_ptr, o_ptr, do_ptr,
+    lse_ptr, delta_ptr, dq_ptr, dck_ptr, dcv_ptr, N, TOTAL_ROWS, N_SLOTS, qk_scale, sm_scale,
     M: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, QB: tl.constexpr,
     SB: tl.constexpr,
@@ -419,7 +422,7 @@ def _fma_bwd_dq_kernel(
 
     local = offs_m // M - (m0 // SB) * QB
     tab_ptr = (m0 // SB) * N_SLOTS
-    for c0 in range(0, N_SLOTS, BLOCK_C):
+    for c0 in range(0, tl.load(used_ptr + m0 // SB), BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         # [BLOCK_C]
         idx = tl.load(idx_ptr + tab_ptr + offs_c)
@@ -560,6 +563,7 @@ class FMAPlan:
     idx: torch.Tensor  # [n_tiles_sb, n_slots] int32 coarse row, -1 for none
     logw: torch.Tensor  # [n_tiles_sb, n_slots] fp32 log rho (-inf for none)
     bits: torch.Tensor  # [n_tiles_sb, n_slots] int32: which finest blocks of the tile use it
+    used: torch.Tensor  # [n_tiles_sb] int32: slots in use (a prefix of the tile's row)
     zlog: torch.Tensor  # [blocks] fp32 log of the zero-key weight of each block (-inf: none)
     level_off: torch.Tensor  # [max(L, 1)] int32 first row of each level
     level_win: torch.Tensor  # [max(L, 1)] int32 tokens under one coarse token of each level
@@ -604,15 +608,19 @@ def fma_plan(
         width = int(pos.max()) + 1
     else:
         width = 0
-    block_c = min(64, max(16, triton.next_power_of_2(max(width, 1))))
+    # Causal tables are ragged (24 of at most 36 slots used on average at N=2^16, m=64, p=2):
+    # narrower coarse tiles let most tiles stop after one.
+    block_c = min(COARSE_TILE[causal], max(16, triton.next_power_of_2(max(width, 1))))
     n_slots = -(-width // block_c) * block_c
     idx_t = np.full((n_sb, max(n_slots, 1)), -1, dtype=np.int32)
     logw_t = np.full((n_sb, max(n_slots, 1)), -np.inf, dtype=np.float32)
     bits_t = np.zeros((n_sb, max(n_slots, 1)), dtype=np.int32)
+    used_t = np.zeros(n_sb, dtype=np.int32)
     if width:
         idx_t[tile, pos] = uniq % geo.total_rows
         logw_t[tile, pos] = logws[first]
         bits_t[tile, pos] = bits
+        np.maximum.at(used_t, tile, pos + 1)
     dev = torch.device(device)
 
     def to_dev(a, dtype):
@@ -621,7 +629,7 @@ def fma_plan(
     return FMAPlan(
         geo, causal, qb, n_slots, block_c,
         to_dev(idx_t, torch.int32), to_dev(logw_t, torch.float32), to_dev(bits_t, torch.int32),
-        to_dev(zlog, torch.float32),
+        to_dev(used_t, torch.int32), to_dev(zlog, torch.float32),
         to_dev(list(geo.offsets) or [0], torch.int32),
         to_dev(list(geo.windows) or [1], torch.int32),
     )  # fmt: skip
@@ -716,7 +724,7 @@ def fma_fwd(
     o = out[0] if out else _alloc(q.shape, q.dtype, q.device)
     lse = out[1] if out else _alloc(q.shape[:-1], torch.float32, q.device)
     _fma_fwd_kernel[(triton.cdiv(n, cfg.block_m), b * h)](
-        q, k, v, ck, cv, plan.idx, plan.logw, plan.bits, plan.zlog, o, lse,
+        q, k, v, ck, cv, plan.idx, plan.logw, plan.bits, plan.used, plan.zlog, o, lse,
         n, plan.geo.total_rows, plan.n_slots, d**-0.5 * LOG2E,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.fwd_block_n, BLOCK_C=plan.block_c, QB=plan.qb,
         SB=max(cfg.block_m, m), num_stages=cfg.fwd_stages, **_common(q, plan, cfg),
@@ -771,7 +779,8 @@ def fma_bwd(
     qk_scale, sm_scale = d**-0.5 * LOG2E, d**-0.5
     # dQ first: it also writes delta and the coarse gradients, which the dK/dV kernel reads.
     _fma_bwd_dq_kernel[(triton.cdiv(n, cfg.block_m), b * h)](
-        q, k, v, ck, cv, plan.idx, plan.logw, plan.bits, o, do, lse, delta, dq, dc[0], dc[1],
+        q, k, v, ck, cv, plan.idx, plan.logw, plan.bits, plan.used, o, do, lse, delta, dq,
+        dc[0], dc[1],
         n, geo.total_rows, plan.n_slots, qk_scale, sm_scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.bwd_block_n, BLOCK_C=plan.block_c, QB=plan.qb,
         SB=max(cfg.block_m, m), num_stages=cfg.bwd_stages, **common,
