@@ -1,10 +1,11 @@
 """FMA forward pieces on the GPU (bf16, H=16, N=65536, D=64, m=64, p=2).
 
-    python scripts/fma_probe.py [configs] [prof] [coarse]
+    python scripts/fma_probe.py [configs] [prof] [coarse] [tiles]
 
 configs: the pooling pass alone and the attention kernel alone under a few launch configs,
 and the whole forward. prof: the time of each kernel of the forward and backward
-(torch.profiler). coarse: causal forward and fwd_bwd per coarse-token tile width. Results go to $OUT/fma_probe.log."""
+(torch.profiler). coarse: causal forward and fwd_bwd per coarse-token tile width. tiles: the forward with
+two finest blocks per query tile (fewer near and coarse keys per query, masks per block). Results go to $OUT/fma_probe.log."""
 import dataclasses
 import os
 import sys
@@ -91,3 +92,11 @@ if "coarse" in modes:
         t_f = bench(lambda: ft.fma_triton(q, k, v, causal=True))
         t_fb = bench(lambda: torch.autograd.grad(ft.fma_triton(qg, kg, vg, causal=True), (qg, kg, vg), do))
         say(f"causal coarse tile {width}: fwd {t_f:.4f} ms, fwd_bwd {t_fb:.4f} ms")
+
+if "tiles" in modes:
+    for causal in (False, True):
+        base = ft.launch_config(64, causal)
+        for block_m, warps, stages, cap in ((64, 4, base.fwd_stages, base.fwd_maxnreg), (128, 8, 2, None), (128, 8, 1, None), (128, 8, 2, 128), (128, 4, 2, None), (128, 8, 3, None)):
+            cfg = dataclasses.replace(base, block_m=block_m, num_warps=warps, fwd_stages=stages, fwd_maxnreg=cap)
+            t = bench(lambda: ft.fma_fwd(q, k, v, causal=causal, config=cfg))
+            say(f"causal={causal} fwd block_m={block_m} warps={warps} stages={stages} maxnreg={cap}: {t:.4f} ms")
