@@ -33,10 +33,10 @@ def bench(f):
 
 # (windows, block_t, warps, stages) of the pooling kernel; (block_n, stages, maxnreg) of the
 # attention kernel.
-POOL_TRIALS = [(w, t, nw, st) for w in (16, 32, 64) for t, nw, st in ((64, 4, 3), (128, 8, 3), (128, 4, 2))]
+POOL_TRIALS = [(16, 128, 8, 3)]
 ATTENTION_TRIALS = {
-    False: [(64, 2, None), (64, 2, 96), (64, 2, 112), (64, 1, 96), (64, 2, 80)],
-    True: [(32, 2, None), (64, 1, 128), (64, 1, 112), (64, 2, 112), (32, 3, 96), (32, 3, 112), (64, 1, 144)],
+    False: [(64, 2, 96)],
+    True: [(64, 1, 128), (128, 1, 128), (128, 2, 128), (128, 1, 168), (128, 1, None), (128, 2, 168)],
 }
 dev, dt = "cuda", torch.bfloat16
 h, n, d = 16, 65536, 64
