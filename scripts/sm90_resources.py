@@ -23,11 +23,10 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/
 BF16, F32, C = "*bf16", "*fp32", "constexpr"
 
 
-def usage(fn, signature: dict, constants: dict, warps: int, stages: int) -> str:
+def usage(fn, signature: dict, constants: dict, options: dict) -> str:
     """REG and STACK of `fn` compiled for sm_90 with these constants and launch options."""
     source = ASTSource(fn=fn, signature=signature, constexprs=constants)
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": warps, "num_stages": stages})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as cubin:
         cubin.write(kernel.asm["cubin"])
         cubin.flush()
@@ -43,20 +42,20 @@ def main() -> None:
                 DOT_PREC=C)
     base = dict(R=3, SAVE=False, LOWP=True, BLOCK_M=64, BLOCK_N=64, D=64, DOT_PREC="tf32")
     state_sig = dict(A=BF16, B=BF16, WB=F32, WZ=F32, WF=F32, P=F32, PZ=F32, N="i32", H="i32",
-                     rows_per_chunk="i32", R=C, WEIGHTED=C, LOWP=C, Z_BY_DOT=C, BLOCK=C, BLOCK_V=C, D=C,
+                     rows_per_chunk="i32", R=C, WEIGHTED=C, LOWP=C, BLOCK=C, BLOCK_V=C, D=C,
                      DOT_PREC=C)
     fwd_sig = {**pointers, "P": BF16, **scalars, **tail, "TILES": C, "BLOCK_V": C}
     causal_sig = {**pointers, "P": F32, **scalars, "rows_per_program": "i32", **tail}
     runs = [
-        *((f"state z{'dot' if zdot else 'sum'}", fmt._fmmformer_state_kernel, state_sig,
-           dict(R=3, WEIGHTED=False, LOWP=True, Z_BY_DOT=zdot, BLOCK=64, BLOCK_V=64, D=64,
-                DOT_PREC="tf32"), 4, 3) for zdot in (False, True)),
-        ("fwd", fmt._fmmformer_fwd_kernel, fwd_sig, {**base, "TILES": 1, "BLOCK_V": 64}, 4, 2),
-        ("fwd_causal", fmt._fmmformer_fwd_causal_kernel, causal_sig, base, 8, 1),
+        ("state", fmt._fmmformer_state_kernel, state_sig,
+         dict(R=3, WEIGHTED=False, LOWP=True, BLOCK=64, BLOCK_V=64, D=64, DOT_PREC="tf32")),
+        ("fwd", fmt._fmmformer_fwd_kernel, fwd_sig, {**base, "TILES": 1, "BLOCK_V": 64}),
+        ("fwd_causal", fmt._fmmformer_fwd_causal_kernel, causal_sig, base),
     ]
-    for name, fn, signature, constants, warps, stages in runs:
-        print(f"{name:12} D=64 bf16 r=3, {warps} warps {stages} stages: "
-              f"{usage(fn, signature, constants, warps, stages)}", flush=True)
+    for name, fn, signature, constants in runs:
+        options = fmt.CONFIGS[name][64].launch()  # the launch options the H100 runs use
+        print(f"{name:11} D=64 bf16 r=3, {options}: "
+              f"{usage(fn, signature, constants, options)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -97,8 +97,6 @@ CONFIGS: dict[str, dict[int, KernelConfig]] = {
 }
 # bf16 inputs: far-field products (states, feature maps) in bf16 rather than tf32.
 FAR_BF16 = True
-# State passes: the z row sums on the tensor cores (see `_state_add`).
-Z_BY_DOT = True
 CAUSAL_PROGRAMS_PER_SM = 2
 STATE_PROGRAMS_PER_SM = 4
 STATE_MEMORY_FRACTION = 0.09
@@ -358,27 +356,20 @@ def _far_bwd_kv(dk, dv, k, ek, rk, v, cols, N, UP, UZP, q, eq, rq, do, wf, DEN, 
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _state_add(s, z, a, ea, ok, b, WB, WZ, rows, N, wf, L: tl.constexpr,
-               WEIGHTED: tl.constexpr, LOWP: tl.constexpr, Z_BY_DOT: tl.constexpr,
-               DOT_PREC: tl.constexpr):
+               WEIGHTED: tl.constexpr, LOWP: tl.constexpr, DOT_PREC: tl.constexpr):
     """Adds one row tile to state L: phi_L(a)^T b and sum phi_L(a) (see the state kernel).
-    Z_BY_DOT: z is a `[D, 16]` accumulator of phi_L(a)^T 1 (or ^T dden), every column the
-    same: the row sum runs on the tensor cores from the operand the state product has already
-    staged, instead of a reduction across warps per tile."""
+    z is a `[D, 16]` accumulator of phi_L(a)^T 1 (or ^T dden), every column the same: the row
+    sum runs on the tensor cores from the operand the state product has already staged. As a
+    reduction across warps per tile it took the H100 state pass from 0.25 to 0.34 ms."""
     fa = tl.where(ok[:, None], _phi_map(a, ea, L), 0.0)
     fa_t = tl.trans(_mm(fa, b, LOWP))
     if WEIGHTED:
         den = tl.load(WB + L * N + rows, mask=ok, other=1.0)
         dden = tl.load(WZ + L * N + rows, mask=ok, other=0.0)
-        if Z_BY_DOT:
-            z = _dot(fa_t, _columns16(dden, fa_t.dtype), z, DOT_PREC)
-        else:
-            z += tl.sum(fa * dden[:, None], 0)
+        z = _dot(fa_t, _columns16(dden, fa_t.dtype), z, DOT_PREC)
         b_m = _mm(b.to(tl.float32) * (wf / den)[:, None], b, LOWP)
     else:
-        if Z_BY_DOT:
-            z = _dot(fa_t, tl.full([fa.shape[0], 16], 1.0, dtype=fa_t.dtype), z, DOT_PREC)
-        else:
-            z += tl.sum(fa, 0)
+        z = _dot(fa_t, tl.full([fa.shape[0], 16], 1.0, dtype=fa_t.dtype), z, DOT_PREC)
         b_m = _mm(b, b, LOWP)
     return _dot(fa_t, b_m, s, DOT_PREC), z
 
@@ -387,22 +378,6 @@ def _state_add(s, z, a, ea, ok, b, WB, WZ, rows, N, wf, L: tl.constexpr,
 def _columns16(x, dtype):
     """`[len(x), 16]`: x in every column, as a matmul operand that sums rows weighted by x."""
     return (x[:, None] + tl.zeros([x.shape[0], 16], dtype=tl.float32)).to(dtype)
-
-
-@triton.jit
-def _z_init(D: tl.constexpr, BY_DOT: tl.constexpr):
-    if BY_DOT:
-        z = tl.zeros([D, 16], dtype=tl.float32)
-    else:
-        z = tl.zeros([D], dtype=tl.float32)
-    return z
-
-
-@triton.jit
-def _z_final(z, BY_DOT: tl.constexpr):
-    if BY_DOT:
-        z = tl.max(z, 1)  # its columns are equal
-    return z
 
 
 @triton.jit
@@ -425,7 +400,7 @@ def _load_state(P, PZ, bh, slot, n_slots, v0, L: tl.constexpr, R: tl.constexpr,
 def _fmmformer_state_kernel(
     A, B, WB, WZ, WF, P, PZ,
     N, H, rows_per_chunk,
-    R: tl.constexpr, WEIGHTED: tl.constexpr, LOWP: tl.constexpr, Z_BY_DOT: tl.constexpr,
+    R: tl.constexpr, WEIGHTED: tl.constexpr, LOWP: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_V: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Chunk states of every map l < R: sum_i phi_l(a_i) b_i^T and sum_i phi_l(a_i), one
@@ -451,10 +426,10 @@ def _fmmformer_state_kernel(
     s0 = tl.zeros([D, BLOCK_V], dtype=tl.float32)
     s1 = tl.zeros([D, BLOCK_V], dtype=tl.float32)
     s2 = tl.zeros([D, BLOCK_V], dtype=tl.float32)
-    # [D] per map, or [D, 16] (see `_state_add`)
-    z0 = _z_init(D, Z_BY_DOT)
-    z1 = _z_init(D, Z_BY_DOT)
-    z2 = _z_init(D, Z_BY_DOT)
+    # [D, 16] per map, its columns equal (see `_state_add`)
+    z0 = tl.zeros([D, 16], dtype=tl.float32)
+    z1 = tl.zeros([D, 16], dtype=tl.float32)
+    z2 = tl.zeros([D, 16], dtype=tl.float32)
     lo = c * rows_per_chunk
     hi = tl.minimum(lo + rows_per_chunk, N)
     for start in range(lo, hi, BLOCK):
@@ -465,18 +440,18 @@ def _fmmformer_state_kernel(
         b = tl.load(B + rows[:, None] * D + offs_v[None, :], mask=ok[:, None], other=0.0)
         ea = _exp_neg_abs(a)
         s0, z0 = _state_add(s0, z0, a, ea, ok, b, WB, WZ, rows, N, wf, 0,
-                            WEIGHTED, LOWP, Z_BY_DOT, DOT_PREC)
+                            WEIGHTED, LOWP, DOT_PREC)
         if R > 1:
             s1, z1 = _state_add(s1, z1, a, ea, ok, b, WB, WZ, rows, N, wf, 1,
-                                WEIGHTED, LOWP, Z_BY_DOT, DOT_PREC)
+                                WEIGHTED, LOWP, DOT_PREC)
         if R > 2:
             s2, z2 = _state_add(s2, z2, a, ea, ok, b, WB, WZ, rows, N, wf, 2,
-                                WEIGHTED, LOWP, Z_BY_DOT, DOT_PREC)
-    _store_state(P, PZ, bh, c, n_chunks, s0, _z_final(z0, Z_BY_DOT), v0, 0, R, D)
+                                WEIGHTED, LOWP, DOT_PREC)
+    _store_state(P, PZ, bh, c, n_chunks, s0, tl.max(z0, 1), v0, 0, R, D)
     if R > 1:
-        _store_state(P, PZ, bh, c, n_chunks, s1, _z_final(z1, Z_BY_DOT), v0, 1, R, D)
+        _store_state(P, PZ, bh, c, n_chunks, s1, tl.max(z1, 1), v0, 1, R, D)
     if R > 2:
-        _store_state(P, PZ, bh, c, n_chunks, s2, _z_final(z2, Z_BY_DOT), v0, 2, R, D)
+        _store_state(P, PZ, bh, c, n_chunks, s2, tl.max(z2, 1), v0, 2, R, D)
 
 
 @triton.jit
@@ -881,8 +856,7 @@ def _state_pass(
     _fmmformer_state_kernel[(chunks, bh, d // block_v)](
         a, b, den, dden, wf, states, states_z,
         n, h, chunk_rows,
-        R=r, WEIGHTED=weights is not None, LOWP=lowp, Z_BY_DOT=Z_BY_DOT,
-        BLOCK=min(cfg.block_m, chunk_rows),
+        R=r, WEIGHTED=weights is not None, LOWP=lowp, BLOCK=min(cfg.block_m, chunk_rows),
         BLOCK_V=block_v, D=d,
         DOT_PREC=_dot_prec(a.dtype), **cfg.launch(),
     )
