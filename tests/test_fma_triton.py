@@ -74,6 +74,8 @@ CASES = [  # n, d, m, p, causal, scale_attn, zero_pad, block_m (None: default ti
     (200, 16, 16, 2, True, True, True, 32),
     (150, 16, 32, 2, False, False, True, 16),  # a finest block spans 2 tiles
     (150, 16, 32, 2, True, True, False, 16),
+    (600, 16, 16, 8, True, True, False, None),  # ragged coarse tables, several coarse tiles
+    (600, 16, 16, 8, False, True, False, None),
 ]
 
 
