@@ -4,8 +4,11 @@
 
 configs: the pooling pass alone and the attention kernel alone under a few launch configs,
 and the whole forward. prof: the time of each kernel of the forward and backward
-(torch.profiler). coarse: causal forward and fwd_bwd per coarse-token tile width. tiles: the forward with
-two finest blocks per query tile (fewer near and coarse keys per query, masks per block). Results go to $OUT/fma_probe.log."""
+(torch.profiler). coarse: causal forward and fwd_bwd per coarse-token tile width. tiles: the
+forward with two finest blocks per query tile (fewer near and coarse keys per query, masks per
+block). Results go to $OUT/fma_probe.log.
+"""
+
 import dataclasses
 import os
 import sys
@@ -36,7 +39,14 @@ def bench(f):
 POOL_TRIALS = [(16, 128, 8, 3)]
 ATTENTION_TRIALS = {
     False: [(64, 2, 96)],
-    True: [(64, 1, 128), (128, 1, 128), (128, 2, 128), (128, 1, 168), (128, 1, None), (128, 2, 168)],
+    True: [
+        (64, 1, 128),
+        (128, 1, 128),
+        (128, 2, 128),
+        (128, 1, 168),
+        (128, 1, None),
+        (128, 2, 168),
+    ],
 }
 dev, dt = "cuda", torch.bfloat16
 h, n, d = 16, 65536, 64
@@ -50,17 +60,17 @@ for causal in (False, True) if "configs" in modes else ():
     for windows, block_t, warps, stages in POOL_TRIALS:
         ft.POOL_CONFIG.update(windows=windows, block_t=block_t, num_warps=warps, num_stages=stages)
         t = bench(lambda: ft._pool(k, v, plan))
-        say(f"causal={causal} pool windows={windows} block_t={block_t} warps={warps} stages={stages}: {t:.4f} ms = {bytes_min / 2 / t / 1e6:.0f} GB/s")
+        say(f"causal={causal} pool windows={windows} block_t={block_t} warps={warps} "
+            f"stages={stages}: {t:.4f} ms = {bytes_min / 2 / t / 1e6:.0f} GB/s")
     ft.POOL_CONFIG.update(default)
     ck, cv = ft._pool(k, v, plan)
     for bn, stages, cap in ATTENTION_TRIALS[causal]:
-        if True:
-            if True:
-                cfg = dataclasses.replace(base, fwd_block_n=bn, fwd_stages=stages, fwd_maxnreg=cap)
-                t = bench(lambda: ft.fma_fwd(q, k, v, causal=causal, coarse=(ck, cv), config=cfg))
-                say(f"causal={causal} attention block_n={bn} stages={stages} maxnreg={cap}: {t:.4f} ms")
+        cfg = dataclasses.replace(base, fwd_block_n=bn, fwd_stages=stages, fwd_maxnreg=cap)
+        t = bench(lambda: ft.fma_fwd(q, k, v, causal=causal, coarse=(ck, cv), config=cfg))
+        say(f"causal={causal} attention block_n={bn} stages={stages} maxnreg={cap}: {t:.4f} ms")
     t = bench(lambda: ft.fma_fwd(q, k, v, causal=causal))
-    say(f"causal={causal} whole forward (default config): {t:.4f} ms = {bytes_min / t / 1e6:.0f} GB/s")
+    say(f"causal={causal} whole forward (default config): {t:.4f} ms "
+        f"= {bytes_min / t / 1e6:.0f} GB/s")
 
 if "prof" in modes:
     from torch.profiler import ProfilerActivity, profile
@@ -69,8 +79,15 @@ if "prof" in modes:
         qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
         o = ft.fma_triton(qg, kg, vg, causal=causal)
         do = torch.randn_like(o)
-        steps = (("fwd", lambda: ft.fma_triton(q, k, v, causal=causal)),
-                 ("fwd_bwd", lambda: torch.autograd.grad(ft.fma_triton(qg, kg, vg, causal=causal), (qg, kg, vg), do)))
+        steps = (
+            ("fwd", lambda: ft.fma_triton(q, k, v, causal=causal)),
+            (
+                "fwd_bwd",
+                lambda: torch.autograd.grad(
+                    ft.fma_triton(qg, kg, vg, causal=causal), (qg, kg, vg), do
+                ),
+            ),
+        )
         for name, run in steps:
             run()
             torch.cuda.synchronize()
@@ -80,8 +97,10 @@ if "prof" in modes:
                 torch.cuda.synchronize()
             for e in prof.key_averages():
                 if e.device_type.name == "CUDA" and e.count >= 10:
-                    say(f"prof causal={causal} {name}: {e.key[:60]} x{e.count // 10} "
-                        f"{e.device_time_total / e.count / 1e3:.4f} ms each")
+                    say(
+                        f"prof causal={causal} {name}: {e.key[:60]} x{e.count // 10} "
+                        f"{e.device_time_total / e.count / 1e3:.4f} ms each"
+                    )
 
 if "coarse" in modes:
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
@@ -90,13 +109,25 @@ if "coarse" in modes:
         ft.COARSE_TILE[True] = width
         ft.fma_plan.cache_clear()
         t_f = bench(lambda: ft.fma_triton(q, k, v, causal=True))
-        t_fb = bench(lambda: torch.autograd.grad(ft.fma_triton(qg, kg, vg, causal=True), (qg, kg, vg), do))
+        t_fb = bench(
+            lambda: torch.autograd.grad(ft.fma_triton(qg, kg, vg, causal=True), (qg, kg, vg), do)
+        )
         say(f"causal coarse tile {width}: fwd {t_f:.4f} ms, fwd_bwd {t_fb:.4f} ms")
 
 if "tiles" in modes:
     for causal in (False, True):
         base = ft.launch_config(64, causal)
-        for block_m, warps, stages, cap in ((64, 4, base.fwd_stages, base.fwd_maxnreg), (128, 8, 2, None), (128, 8, 1, None), (128, 8, 2, 128), (128, 4, 2, None), (128, 8, 3, None)):
-            cfg = dataclasses.replace(base, block_m=block_m, num_warps=warps, fwd_stages=stages, fwd_maxnreg=cap)
+        for block_m, warps, stages, cap in (
+            (64, 4, base.fwd_stages, base.fwd_maxnreg),
+            (128, 8, 2, None),
+            (128, 8, 1, None),
+            (128, 8, 2, 128),
+            (128, 4, 2, None),
+            (128, 8, 3, None),
+        ):
+            cfg = dataclasses.replace(
+                base, block_m=block_m, num_warps=warps, fwd_stages=stages, fwd_maxnreg=cap
+            )
             t = bench(lambda: ft.fma_fwd(q, k, v, causal=causal, config=cfg))
-            say(f"causal={causal} fwd block_m={block_m} warps={warps} stages={stages} maxnreg={cap}: {t:.4f} ms")
+            say(f"causal={causal} fwd block_m={block_m} warps={warps} stages={stages} "
+                f"maxnreg={cap}: {t:.4f} ms")

@@ -8,6 +8,7 @@ kernel. fwd: the non-causal forward under register caps and stages. prof: the ti
 of the forward and the backward (torch.profiler). bwd: warps and stages of the non-causal
 backward kernels. Results go to $OUT/probe.log.
 """
+
 import dataclasses
 import os
 import sys
@@ -58,14 +59,19 @@ def bwd(saved, r, causal):
 
 modes = sys.argv[1:] or ["maps"]
 if "maps" in modes:
-    say("window_triton fwd", round(bench(lambda: window_attention_triton(q, kk, v, bandwidth=k, causal=False)), 4))
+    say(
+        "window_triton fwd",
+        round(bench(lambda: window_attention_triton(q, kk, v, bandwidth=k, causal=False)), 4),
+    )
     for causal in (False, True):
         for r in (1, 2, 3):
             rows = state_rows(r, causal)
             t_state = bench(lambda: fmt._state_pass(kk, v, r, causal, rows))
             t_all = bench(lambda: fwd(r, causal))
-            say(f"causal={causal} r={r}: state pass {t_state:.4f} ms, fwd {t_all:.4f} ms, "
-                f"main ~{t_all - t_state:.4f} ms, chunk rows {rows}")
+            say(
+                f"causal={causal} r={r}: state pass {t_state:.4f} ms, fwd {t_all:.4f} ms, "
+                f"main ~{t_all - t_state:.4f} ms, chunk rows {rows}"
+            )
 
 if "state" in modes:
     default = fmt.CONFIGS["state"][d]
@@ -123,8 +129,10 @@ if "prof" in modes:
                 torch.cuda.synchronize()
             for e in prof.key_averages():
                 if e.device_type.name == "CUDA" and e.count >= 10:
-                    say(f"prof causal={causal} {name}: {e.key[:60]} x{e.count // 10} "
-                        f"{e.device_time_total / e.count / 1e3:.4f} ms each")
+                    say(
+                        f"prof causal={causal} {name}: {e.key[:60]} x{e.count // 10} "
+                        f"{e.device_time_total / e.count / 1e3:.4f} ms each"
+                    )
 
 if "bwd" in modes:
     saved = fwd(3, False, save=True)[1]

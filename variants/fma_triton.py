@@ -66,10 +66,10 @@ _LN2 = tl.constexpr(LN2)
 @dataclass(frozen=True)
 class LaunchConfig:
     """Tile sizes. `block_m` may be below m (tiles inside a block) or a multiple of it; the key
-    tiles divide m. Defaults from an H100 sweep (bf16, D=64, m=64, N=65536, attention kernels
-    alone, ms non-causal / causal): forward key tile 64: 0.342 / 0.313, 32: 0.389 / 0.303;
-    query tile 128 (2 blocks): 0.536 / 0.525, 32: 0.816 / 0.566; backward with 3 stages
-    1.21 / 1.09, 2 stages 1.32 / 1.16; 8 warps 1.5-2x slower everywhere."""
+    tiles divide m. Defaults from H100 sweeps (bf16, D=64, m=64, N=65536, ms non-causal /
+    causal; the forward's in `launch_config`): query tile 128 (2 blocks) 0.536 / 0.525 for the
+    attention kernel, 32: 0.816 / 0.566; backward with 3 stages 1.21 / 1.09, 2 stages 1.32 /
+    1.16; 8 warps 1.5-2x slower everywhere."""
 
     block_m: int = 64  # query tile of the forward and dQ kernels (the tables' granularity)
     fwd_block_n: int = 64  # near key tile of the forward
@@ -125,10 +125,10 @@ def _fma_pool_kernel(
     CHUNK_LEVELS, WIN1: tl.constexpr, WINDOWS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One chunk of WINDOWS level-1 windows per program. Level-1 sums come from 0/1 pooling matmuls
-    over contiguous token tiles (tokens past N read as zero); every level whose windows fit in
-    the chunk is a second 0/1 matmul of those sums, written as means of the real tokens. The
-    fp32 sums of the last such level seed `_fma_levels_kernel` for the levels above.
+    """One chunk of WINDOWS level-1 windows per program. Level-1 sums come from 0/1 pooling
+    matmuls over contiguous token tiles (tokens past N read as zero); every level whose windows
+    fit in the chunk is a second 0/1 matmul of those sums, written as means of the real tokens.
+    The fp32 sums of the last such level seed `_fma_levels_kernel` for the levels above.
     A chunk is WINDOWS * WIN1 tokens."""
     CHUNK: tl.constexpr = WINDOWS * WIN1
     chunk = tl.program_id(0)
@@ -152,8 +152,8 @@ def _fma_pool_kernel(
         # [BLOCK_T, HEAD_DIM]
         xk = tl.load(k_ptr + x_offs, mask=(tok < N)[:, None], other=0.0)
         xv = tl.load(v_ptr + x_offs, mask=(tok < N)[:, None], other=0.0)
-        # [WINDOWS, BLOCK_T]: 1 where the token falls in the chunk's level-1 window r (exact in bf16)
-        # (via fp32: the interpreter turns bool into bf16 as raw bits)
+        # [WINDOWS, BLOCK_T]: 1 where the token falls in the chunk's level-1 window r (exact in
+        # bf16; via fp32: the interpreter turns bool into bf16 as raw bits)
         pool = (((t + offs_t) // WIN1)[None, :] == offs_r[:, None]).to(tl.float32).to(xk.dtype)
         acc_k = _dot(pool, xk, acc_k, PRECISION)
         acc_v = _dot(pool, xv, acc_v, PRECISION)
