@@ -5,14 +5,15 @@ linear attention with phi_l (elu+1, elu(-x)+1, tanh+1: the authors' tanh+1, SPEC
 keys, or the prefix when causal.
 
 Forward: a state pass reduces `S_l = phi_l(K)^T V` and `z_l = sum phi_l(K)` per chunk of rows
-(one program per chunk and head computes every map from one read of each tile); then one
-kernel walks query tiles, computing the band with window_triton's online softmax over the key
-tiles that meet it, the r far-field terms and the blend, writing `o` once. Non-causal: the
-chunk states are summed into one global state (the partials live in `o`, not yet written) and
-each program takes one tile; the far states are loaded before the band so that their latency
-hides behind it. Causal: an in-place scan turns the chunk states into each chunk's prefix; one
-program per chunk walks its tiles in order, carrying the three fp32 states in registers and
-adding the masked intra-tile products (their weighted sum over maps takes one matmul with V).
+(one program per chunk and head computes every map from one read of each tile, the sums z_l
+as tensor-core products); then one kernel walks query tiles, computing the band with
+window_triton's online softmax over the key tiles that meet it, the r far-field terms and the
+blend, writing `o` once. Non-causal: the chunk states are summed into one global state (the
+partials live in `o`, not yet written) and each program takes one tile, under a register cap
+that fits four programs per SM. Causal: an in-place scan turns the chunk states into each
+chunk's prefix; one program per chunk walks its tiles in order, carrying the three fp32 states
+in registers and adding the masked intra-tile products (their weighted sum over maps takes one
+matmul with V).
 
 Backward (three kernels, a state pass and, causal, two scans): `dq` walks query tiles (far
 field, then band), storing each row's far normalizers `den_l` and `dL/d den_l`; a weighted
