@@ -278,20 +278,28 @@ def _far_bwd_q(dq, dwf, q, eq, rq, do, wf, k, ek, rk, v, rows, N, SP, ZP, eps, D
                CAUSAL: tl.constexpr, LOWP: tl.constexpr, DOT_PREC: tl.constexpr):
     """Far term l of dq for one query tile (states as `_far_fwd`, SP updated when causal).
     Also returns the rows' share of dL/dw_far and stores den_l and dL/d den_l per row.
-    Causal: phi_l' is recomputed at the end rather than held through the intra-tile products
-    (H100: dq kernel 5.8 ms instead of 7.0; the non-causal one is faster holding it, 1.27 ms
-    instead of 1.43)."""
+
+    With Far_l = num / den: dnum = w_far dO / den and dden = -w_far (dO . Far_l) / den.
+    Non-causal, num = phi(q) S, so dO . num = phi(q) . (dO S^T): the one product G = dO S^T
+    gives both dO . num and dphi(q) = (w_far / den) G + dden z (H100: dq kernel 1.24 ms with
+    the two products num and dnum S^T). Causal: phi_l' is recomputed at the end rather than
+    held through the intra-tile products (dq kernel 5.8 ms instead of 7.0)."""
     s_m = _mm(tl.load(SP), v, LOWP)
     z = tl.load(ZP)
-    if CAUSAL:
-        fq = _phi(q, eq, rq, which)
-    else:
+    if not CAUSAL:
         fq, dphi = _phi_grad(q, eq, rq, which)
-    den = tl.sum(fq * z[None, :], 1) + eps
-    fq_m = _mm(fq, v, LOWP)
-    # [BLOCK_M, D]
-    num = _dot(fq_m, s_m, None, DOT_PREC)
-    if CAUSAL:
+        den = tl.sum(fq * z[None, :], 1) + eps
+        # [BLOCK_M, D]
+        g = _dot(_mm(do, v, LOWP), tl.trans(s_m), None, DOT_PREC)
+        fdo = tl.sum(fq * g, 1) / den
+        dden = -wf * fdo / den
+        dfq = g * (wf / den)[:, None] + dden[:, None] * z[None, :]
+    else:
+        fq = _phi(q, eq, rq, which)
+        den = tl.sum(fq * z[None, :], 1) + eps
+        fq_m = _mm(fq, v, LOWP)
+        # [BLOCK_M, D]
+        num = _dot(fq_m, s_m, None, DOT_PREC)
         fk = tl.where((rows < N)[:, None], _phi(k, ek, rk, which), 0.0)
         fk_m = _mm(fk, v, LOWP)
         v_m = _mm(v, v, LOWP)
@@ -300,12 +308,10 @@ def _far_bwd_q(dq, dwf, q, eq, rq, do, wf, k, ek, rk, v, rows, N, SP, ZP, eps, D
         a = tl.where(causal, _dot(fq_m, tl.trans(fk_m), None, DOT_PREC), 0.0)
         den += tl.sum(a, 1)
         num = _dot(_mm(a, v, LOWP), v_m, num, DOT_PREC)
-    # Far_l = num / den: dnum = w_far dO / den, dden = -w_far (dO . Far_l) / den.
-    fdo = tl.sum(do.to(tl.float32) * num, 1) / den
-    dden = -wf * fdo / den
-    dnum_m = _mm(do.to(tl.float32) * (wf / den)[:, None], v, LOWP)
-    dfq = _dot(dnum_m, tl.trans(s_m), None, DOT_PREC) + dden[:, None] * z[None, :]
-    if CAUSAL:
+        fdo = tl.sum(do.to(tl.float32) * num, 1) / den
+        dden = -wf * fdo / den
+        dnum_m = _mm(do.to(tl.float32) * (wf / den)[:, None], v, LOWP)
+        dfq = _dot(dnum_m, tl.trans(s_m), None, DOT_PREC) + dden[:, None] * z[None, :]
         # [BLOCK_M, BLOCK_M]: d(out_i)/d(a_ij) = dnum_i . v_j + dden_i, for j <= i
         t = tl.where(causal, _dot(dnum_m, tl.trans(v_m), None, DOT_PREC) + dden[:, None], 0.0)
         dfq = _dot(_mm(t, v, LOWP), fk_m, dfq, DOT_PREC)
