@@ -10,28 +10,21 @@ block). Results go to $OUT/fma_probe.log.
 """
 
 import dataclasses
-import os
 import sys
 
 sys.path.insert(0, ".")
+sys.path.insert(0, "scripts")
 import torch
-import triton
 
 import variants.fma_triton as ft
+from probe_common import ProbeLog, kernel_times
+from probe_common import bench as _bench
 
-out = os.environ.get("OUT", "/tmp")
-log = open(f"{out}/fma_probe.log", "w")
-
-
-def say(*a):
-    s = " ".join(map(str, a))
-    print(s, flush=True)
-    log.write(s + "\n")
-    log.flush()
+say = ProbeLog("fma_probe.log").say
 
 
 def bench(f):
-    return triton.testing.do_bench(f, warmup=25, rep=200)
+    return _bench(f, rep=200)
 
 
 # (windows, block_t, warps, stages) of the pooling kernel; (block_n, stages, maxnreg) of the
@@ -73,34 +66,15 @@ for causal in (False, True) if "configs" in modes else ():
         f"= {bytes_min / t / 1e6:.0f} GB/s")
 
 if "prof" in modes:
-    from torch.profiler import ProfilerActivity, profile
-
     for causal in (False, True):
         qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
         o = ft.fma_triton(qg, kg, vg, causal=causal)
         do = torch.randn_like(o)
-        steps = (
-            ("fwd", lambda: ft.fma_triton(q, k, v, causal=causal)),
-            (
-                "fwd_bwd",
-                lambda: torch.autograd.grad(
-                    ft.fma_triton(qg, kg, vg, causal=causal), (qg, kg, vg), do
-                ),
-            ),
+        kernel_times(lambda: ft.fma_triton(q, k, v, causal=causal), f"causal={causal} fwd", say)
+        kernel_times(
+            lambda: torch.autograd.grad(ft.fma_triton(qg, kg, vg, causal=causal), (qg, kg, vg), do),
+            f"causal={causal} fwd_bwd", say,
         )
-        for name, run in steps:
-            run()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(10):
-                    run()
-                torch.cuda.synchronize()
-            for e in prof.key_averages():
-                if e.device_type.name == "CUDA" and e.count >= 10:
-                    say(
-                        f"prof causal={causal} {name}: {e.key[:60]} x{e.count // 10} "
-                        f"{e.device_time_total / e.count / 1e3:.4f} ms each"
-                    )
 
 if "coarse" in modes:
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))

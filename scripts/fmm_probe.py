@@ -10,29 +10,17 @@ backward kernels. Results go to $OUT/probe.log.
 """
 
 import dataclasses
-import os
 import sys
 
 sys.path.insert(0, ".")
+sys.path.insert(0, "scripts")
 import torch  # noqa: E402
-import triton  # noqa: E402
 
 import variants.fmmformer_triton as fmt  # noqa: E402
+from probe_common import ProbeLog, bench, kernel_times  # noqa: E402
 from variants.window_triton import window_attention_triton  # noqa: E402
 
-out = os.environ.get("OUT", "/tmp")
-log = open(f"{out}/probe.log", "a")
-
-
-def say(*a):
-    s = " ".join(map(str, a))
-    print(s, flush=True)
-    log.write(s + "\n")
-    log.flush()
-
-
-def bench(f):
-    return triton.testing.do_bench(f, warmup=25, rep=100)
+say = ProbeLog("probe.log").say
 
 
 dev, dt = "cuda", torch.bfloat16
@@ -116,23 +104,10 @@ if "fwd" in modes:
     fmt.CONFIGS["fwd"][d] = default
 
 if "prof" in modes:
-    from torch.profiler import ProfilerActivity, profile
-
     for causal in (False, True):
         saved = fwd(3, causal, save=True)[1]
-        for name, run in (("fwd", lambda: fwd(3, causal)), ("bwd", lambda: bwd(saved, 3, causal))):
-            run()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(10):
-                    run()
-                torch.cuda.synchronize()
-            for e in prof.key_averages():
-                if e.device_type.name == "CUDA" and e.count >= 10:
-                    say(
-                        f"prof causal={causal} {name}: {e.key[:60]} x{e.count // 10} "
-                        f"{e.device_time_total / e.count / 1e3:.4f} ms each"
-                    )
+        kernel_times(lambda: fwd(3, causal), f"causal={causal} fwd", say)
+        kernel_times(lambda: bwd(saved, 3, causal), f"causal={causal} bwd", say)
 
 if "bwd" in modes:
     saved = fwd(3, False, save=True)[1]
