@@ -187,6 +187,21 @@ def test_cuda_larger(n, causal, dtype):
     assert_close(got, want, TOL[dtype] * (5 if dtype == torch.float32 else 1))
 
 
+def test_gpu_launch_config(monkeypatch):
+    """The GPU defaults the H100 rows were measured with: 64-key tiles, register caps at D <= 64
+    only (wider heads would spill), one stage when causal; coarse tiles 32 wide when causal."""
+    monkeypatch.setattr(fma_triton_mod, "_INTERPRET", False)
+    for causal, cap, stages in ((False, 96, 2), (True, 128, 1)):
+        cfg = fma_triton_mod.launch_config(64, causal, head_dim=64)
+        assert (cfg.block_m, cfg.fwd_block_n, cfg.fwd_maxnreg, cfg.fwd_stages) == (
+            64, 64, cap, stages)
+        assert fma_triton_mod.launch_config(64, causal, head_dim=128).fwd_maxnreg is None
+    assert fma_triton_mod.launch_config(16, False).fwd_block_n == 16
+    plan = fma_plan(65536, 64, 2, True, True, False, 64, "cpu")
+    # At most 2 groups of p = 2 tokens on each of L = 9 levels: 36 slots, two 32-wide tiles.
+    assert (plan.block_c, plan.n_slots, int(plan.used.max())) == (32, 64, 36)
+
+
 def test_registration_and_checks():
     spec = get_variant("fma_triton")
     assert spec.reference == "fma" and spec.params == get_variant("fma").params

@@ -243,6 +243,13 @@ def test_registered_factory_runs(device):
     assert rel_err(module(q, k, v), ref) < 1e-4
 
 
+def test_launch_options_carry_the_register_cap():
+    assert KernelConfig(64, 64, 4, 1).launch() == {"num_warps": 4, "num_stages": 1}
+    capped = KernelConfig(64, 64, 4, 1, maxnreg=128).launch()
+    assert capped == {"num_warps": 4, "num_stages": 1, "maxnreg": 128}
+    assert fmt.CONFIGS["fwd"][64].launch()["maxnreg"] == 128  # what the H100 runs measured
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU check and timing (not a test): python tests/test_fmmformer_triton.py [--sweep]
 # ---------------------------------------------------------------------------------------------
