@@ -482,6 +482,19 @@ def _fmmformer_scan_kernel(P, PZ, n_chunks,
 
 
 @triton.jit
+def _bwd_head(Q, K, V, DO, X, Y, LSE, DELTA, DEN, DDEN, WN, WF, bh, N, H,
+              R: tl.constexpr, D: tl.constexpr):
+    """A backward program's pointers moved to its (batch, head): the `[N, D]` tensors (X, Y are
+    the kernel's own: Near and dq, or dk and dv), the per-row statistics and the per-map
+    normalizers; and that head's blend weights."""
+    off = bh * N * D
+    wn = tl.load(WN + bh % H).to(tl.float32)
+    wf = tl.load(WF + bh % H).to(tl.float32)
+    return (Q + off, K + off, V + off, DO + off, X + off, Y + off, LSE + bh * N, DELTA + bh * N,
+            DEN + bh * R * N, DDEN + bh * R * N, wn, wf)
+
+
+@triton.jit
 def _fwd_head(Q, K, V, O, NEAR, LSE, WN, WF, bh, v0, N, H, D: tl.constexpr):
     """A forward program's pointers moved to its (batch, head) and value columns from v0, and
     that head's blend weights."""
@@ -610,19 +623,8 @@ def _fmmformer_bwd_dq_kernel(
     delta, and per-program partial sums of dL/dw_near and dL/dw_far. States as the forward."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    off = bh * N * D
-    Q += off
-    K += off
-    V += off
-    NEAR += off
-    DO += off
-    DQ += off
-    LSE += bh * N
-    DELTA += bh * N
-    DEN += bh * R * N
-    DDEN += bh * R * N
-    wn = tl.load(WN + bh % H).to(tl.float32)
-    wf = tl.load(WF + bh % H).to(tl.float32)
+    Q, K, V, DO, NEAR, DQ, LSE, DELTA, DEN, DDEN, wn, wf = _bwd_head(
+        Q, K, V, DO, NEAR, DQ, LSE, DELTA, DEN, DDEN, WN, WF, bh, N, H, R, D)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     slot = pid if CAUSAL else 0
@@ -694,19 +696,8 @@ def _fmmformer_bwd_dkdv_kernel(
     dual states PU, PUZ (global; or, causal, each chunk's suffix state walked backwards)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    off = bh * N * D
-    Q += off
-    K += off
-    V += off
-    DO += off
-    DK += off
-    DV += off
-    LSE += bh * N
-    DELTA += bh * N
-    DEN += bh * R * N
-    DDEN += bh * R * N
-    wn = tl.load(WN + bh % H).to(tl.float32)
-    wf = tl.load(WF + bh % H).to(tl.float32)
+    Q, K, V, DO, DK, DV, LSE, DELTA, DEN, DDEN, wn, wf = _bwd_head(
+        Q, K, V, DO, DK, DV, LSE, DELTA, DEN, DDEN, WN, WF, bh, N, H, R, D)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     slot = pid if CAUSAL else 0
