@@ -313,6 +313,18 @@ def _linear_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _causal_bwd_head(Q, K, V, DO, X, Y, DEN, R, N, D: tl.constexpr):
+    """A causal backward program's pointers moved to its head (program axis 0): q, k, v, dO and
+    the kernel's own two `[N, D]` tensors X, Y, the per-row den and r; and the first element of
+    its segment's (axis 1) state row."""
+    bh = tl.program_id(0).to(tl.int64)
+    base = bh * N * D
+    state = (bh * tl.num_programs(1) + tl.program_id(1)) * D
+    return (Q + base, K + base, V + base, DO + base, X + base, Y + base, DEN + bh * N,
+            R + bh * N, state)
+
+
+@triton.jit
 def _linear_bwd_dq_causal_kernel(
     Q, K, V, O, DO, DEN, R, S0, Z0, DQ, DS, DZ, N, SEG_LEN,
     PHI: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
@@ -325,21 +337,10 @@ def _linear_bwd_dq_causal_kernel(
     (A single reverse sweep for dq, dk, dv moves fewer bytes but needs twice the carried
     state; it spilled registers and ran 1.3x slower on an H100.)
     """
-    bh = tl.program_id(0).to(tl.int64)
     seg = tl.program_id(1)
-    nseg = tl.num_programs(1)
     offs_c = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, D)
-    base = bh * N * D
-    Q += base
-    K += base
-    V += base
-    O += base
-    DO += base
-    DQ += base
-    DEN += bh * N
-    R += bh * N
-    state = (bh * nseg + seg) * D
+    Q, K, V, DO, O, DQ, DEN, R, state = _causal_bwd_head(Q, K, V, DO, O, DQ, DEN, R, N, D)
     # [D, D] fp32 S^T inherited from earlier segments; the segment's dS sum
     s_t = tl.load(S0 + state * D + offs_d[None, :] * D + offs_d[:, None])
     ds = tl.zeros([D, D], dtype=tl.float32)
@@ -388,21 +389,10 @@ def _linear_bwd_dkdv_causal_kernel(
 ):  # fmt: skip
     """Causal dk, dv: one program per (head, segment) walks the segment's chunks last to first,
     carrying dS, dz summed over all later queries (starting from the later segments' sums)."""
-    bh = tl.program_id(0).to(tl.int64)
     seg = tl.program_id(1)
-    nseg = tl.num_programs(1)
     offs_c = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, D)
-    base = bh * N * D
-    Q += base
-    K += base
-    V += base
-    DO += base
-    DK += base
-    DV += base
-    DEN += bh * N
-    R += bh * N
-    state = (bh * nseg + seg) * D
+    Q, K, V, DO, DK, DV, DEN, R, state = _causal_bwd_head(Q, K, V, DO, DK, DV, DEN, R, N, D)
     # [D, D] fp32
     ds = tl.load(DS1 + state * D + offs_d[:, None] * D + offs_d[None, :])
     # [D]
