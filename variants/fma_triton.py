@@ -367,6 +367,16 @@ def _fma_fwd_kernel(
     tl.store(lse_ptr + offs_m, (m_i + tl.math.log2(l_i)) * _LN2, mask=row_ok)
 
 
+@triton.jit
+def _bwd_head(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, y_ptr, lse_ptr, delta_ptr, bh, N,
+              HEAD_DIM: tl.constexpr):
+    """A backward program's pointers moved to head `bh`: q, k, v, dO, the kernel's own two
+    `[N, HEAD_DIM]` tensors x, y, and the per-row lse and delta."""
+    head = bh * N * HEAD_DIM
+    return (q_ptr + head, k_ptr + head, v_ptr + head, do_ptr + head, x_ptr + head,
+            y_ptr + head, lse_ptr + bh * N, delta_ptr + bh * N)
+
+
 @triton.jit(do_not_specialize=["N", "N_SLOTS"])
 def _fma_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, idx_ptr, logw_ptr, bits_ptr, used_ptr, o_ptr, do_ptr,
@@ -377,19 +387,12 @@ def _fma_bwd_dq_kernel(
 ):
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
-    head = bh * N * HEAD_DIM
-    q_ptr += head
-    k_ptr += head
-    v_ptr += head
-    o_ptr += head
-    do_ptr += head
-    dq_ptr += head
+    q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, dq_ptr, lse_ptr, delta_ptr = _bwd_head(
+        q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, dq_ptr, lse_ptr, delta_ptr, bh, N, HEAD_DIM)
     ck_ptr += bh * TOTAL_ROWS * HEAD_DIM
     cv_ptr += bh * TOTAL_ROWS * HEAD_DIM
     dck_ptr += bh * TOTAL_ROWS * HEAD_DIM
     dcv_ptr += bh * TOTAL_ROWS * HEAD_DIM
-    lse_ptr += bh * N
-    delta_ptr += bh * N
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -487,15 +490,8 @@ def _fma_bwd_dkdv_kernel(
 ):
     n0 = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1).to(tl.int64)
-    head = bh * N * HEAD_DIM
-    q_ptr += head
-    k_ptr += head
-    v_ptr += head
-    do_ptr += head
-    dk_ptr += head
-    dv_ptr += head
-    lse_ptr += bh * N
-    delta_ptr += bh * N
+    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr = _bwd_head(
+        q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, bh, N, HEAD_DIM)
 
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
