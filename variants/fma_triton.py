@@ -80,6 +80,13 @@ class LaunchConfig:
     bwd_stages: int = 3
     fwd_maxnreg: int | None = None  # register cap of the forward kernel (more programs per SM)
 
+    def fwd_launch(self) -> dict:
+        """The forward attention kernel's stages and register cap (warps: `_common`)."""
+        opts = {"num_stages": self.fwd_stages}
+        if self.fwd_maxnreg is not None:
+            opts["maxnreg"] = self.fwd_maxnreg
+        return opts
+
 
 # Coarse-token tile width per causal flag (a power of two >= 16).
 COARSE_TILE = {False: 64, True: 32}
@@ -723,8 +730,7 @@ def fma_fwd(
         q, k, v, ck, cv, plan.idx, plan.logw, plan.bits, plan.used, plan.zlog, o, lse,
         n, plan.geo.total_rows, plan.n_slots, d**-0.5 * LOG2E,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.fwd_block_n, BLOCK_C=plan.block_c, QB=plan.qb,
-        SB=max(cfg.block_m, m), num_stages=cfg.fwd_stages, **_common(q, plan, cfg),
-        **({} if cfg.fwd_maxnreg is None else {"maxnreg": cfg.fwd_maxnreg}),
+        SB=max(cfg.block_m, m), **_common(q, plan, cfg), **cfg.fwd_launch(),
     )  # fmt: skip
     return o, lse, ck, cv
 

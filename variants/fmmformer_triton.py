@@ -505,15 +505,16 @@ def _fwd_head(Q, K, V, O, NEAR, LSE, WN, WF, bh, v0, N, H, D: tl.constexpr):
 
 
 @triton.jit
-def _load_states(P, PZ, bh, v0, R: tl.constexpr, D: tl.constexpr, BLOCK_V: tl.constexpr):
-    """The non-causal global states of every map (those past R repeat map 0)."""
-    s0, z0 = _load_state(P, PZ, bh, 0, 1, v0, 0, R, D, BLOCK_V)
+def _load_states(P, PZ, bh, slot, n_slots, v0, R: tl.constexpr, D: tl.constexpr,
+                 BLOCK_V: tl.constexpr):
+    """The states of every map in `slot` (those past R repeat map 0), columns from v0."""
+    s0, z0 = _load_state(P, PZ, bh, slot, n_slots, v0, 0, R, D, BLOCK_V)
     s1, z1 = s0, z0
     s2, z2 = s0, z0
     if R > 1:
-        s1, z1 = _load_state(P, PZ, bh, 0, 1, v0, 1, R, D, BLOCK_V)
+        s1, z1 = _load_state(P, PZ, bh, slot, n_slots, v0, 1, R, D, BLOCK_V)
     if R > 2:
-        s2, z2 = _load_state(P, PZ, bh, 0, 1, v0, 2, R, D, BLOCK_V)
+        s2, z2 = _load_state(P, PZ, bh, slot, n_slots, v0, 2, R, D, BLOCK_V)
     return s0, z0, s1, z1, s2, z2
 
 
@@ -548,7 +549,7 @@ def _fmmformer_fwd_kernel(
         eq = _exp_neg_abs(q)
         # The far states are loaded (L2 hits) after the band: loaded before it, they held
         # registers through it (measured no faster, and slower under a register cap).
-        s0, z0, s1, z1, s2, z2 = _load_states(P, PZ, bh, v0, R, D, BLOCK_V)
+        s0, z0, s1, z1, s2, z2 = _load_states(P, PZ, bh, 0, 1, v0, R, D, BLOCK_V)
         out = _far_apply(out, q, eq, s0, z0, wf, eps, 0, LOWP, DOT_PREC)
         if R > 1:
             out = _far_apply(out, q, eq, s1, z1, wf, eps, 1, LOWP, DOT_PREC)
@@ -575,13 +576,7 @@ def _fmmformer_fwd_causal_kernel(
     Q, K, V, O, NEAR, LSE, wn, wf = _fwd_head(Q, K, V, O, NEAR, LSE, WN, WF, bh, 0, N, H, D)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    s0, z0 = _load_state(P, PZ, bh, c, n_chunks, 0, 0, R, D, D)
-    s1, z1 = s0, z0
-    s2, z2 = s0, z0
-    if R > 1:
-        s1, z1 = _load_state(P, PZ, bh, c, n_chunks, 0, 1, R, D, D)
-    if R > 2:
-        s2, z2 = _load_state(P, PZ, bh, c, n_chunks, 0, 2, R, D, D)
+    s0, z0, s1, z1, s2, z2 = _load_states(P, PZ, bh, c, n_chunks, 0, R, D, D)
     row_lo = c * rows_per_program
     row_hi = tl.minimum(row_lo + rows_per_program, N)
     for m0 in range(row_lo, row_hi, BLOCK_M):
