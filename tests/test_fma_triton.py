@@ -200,6 +200,16 @@ def test_gpu_launch_config(monkeypatch):
     plan = fma_plan(65536, 64, 2, True, True, False, 64, "cpu")
     # At most 2 groups of p = 2 tokens on each of L = 9 levels: 36 slots, two 32-wide tiles.
     assert (plan.block_c, plan.n_slots, int(plan.used.max())) == (32, 64, 36)
+    assert fma_triton_mod.POOL_CONFIG == dict(windows=16, block_t=128, num_warps=4, num_stages=3)
+
+
+def test_pool_table_rows():
+    """One pooling row per window of every level that fits in a chunk, padded to a power of two."""
+    table, levels = fma_triton_mod._pool_table((32, 64, 128, 256, 512, 1024), 512, "cpu")
+    lvl, lo, hi = table.tolist()
+    assert levels == 5 and len(lvl) == 32
+    assert lvl == [0] * 16 + [1] * 8 + [2] * 4 + [3] * 2 + [4, -1]
+    assert (lo[17], hi[17], lo[30], hi[30], hi[31]) == (64, 128, 0, 512, 0)
 
 
 def test_registration_and_checks():

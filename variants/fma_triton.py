@@ -92,9 +92,10 @@ class LaunchConfig:
 COARSE_TILE = {False: 64, True: 32}
 # Pooling kernel: level-1 windows per program, token rows per loaded tile (halved for D > 64)
 # and launch options (benchmarks may edit).
-# H100 (bf16, D=64, N=65536, `scripts/fma_probe.py`): 0.126 ms, 2.1 TB/s; 32 or 64 windows
-# per chunk 0.16 / 0.25 ms (the fp32 level-grouping products grow as windows^2).
-POOL_CONFIG = {"windows": 16, "block_t": 128, "num_warps": 8, "num_stages": 3}
+# H100 (bf16, D=64, N=65536, `scripts/fma_probe.py`, do_bench): 0.120 ms, 2.2 TB/s (0.111 ms
+# kernel time); 8 warps 0.125; 32 or 64 windows 0.129 / 0.187 ms (the pooling matrix has a row
+# per window of every level in the chunk: 2 * windows rows).
+POOL_CONFIG = {"windows": 16, "block_t": 128, "num_warps": 4, "num_stages": 3}
 
 
 def launch_config(
@@ -128,16 +129,15 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 @triton.jit(do_not_specialize=["N"])
 def _fma_pool_kernel(
-    k_ptr, v_ptr, sk_ptr, sv_ptr, ck_ptr, cv_ptr, off_ptr, win_ptr, N, N_PAD, TOTAL_ROWS,
-    CHUNK_LEVELS, WIN1: tl.constexpr, WINDOWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    k_ptr, v_ptr, sk_ptr, sv_ptr, ck_ptr, cv_ptr, off_ptr, win_ptr, table_ptr, N, N_PAD,
+    TOTAL_ROWS, SEED_LEVEL, CHUNK: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One chunk of WINDOWS level-1 windows per program. Level-1 sums come from 0/1 pooling
-    matmuls over contiguous token tiles (tokens past N read as zero); every level whose windows
-    fit in the chunk is a second 0/1 matmul of those sums, written as means of the real tokens.
-    The fp32 sums of the last such level seed `_fma_levels_kernel` for the levels above.
-    A chunk is WINDOWS * WIN1 tokens."""
-    CHUNK: tl.constexpr = WINDOWS * WIN1
+    """One chunk of CHUNK tokens per program. Every level whose windows fit in the chunk is a
+    row set of one 0/1 pooling matrix (`_pool_table`: row r sums chunk tokens [lo_r, hi_r) of
+    level lvl_r), so a single matmul per token tile accumulates the exact fp32 sums of all
+    those levels at once (tokens past N read as zero). They are written as means of the real
+    tokens; the fp32 sums of level SEED_LEVEL seed `_fma_levels_kernel` for the levels above."""
     chunk = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     k_ptr += bh * N * HEAD_DIM
@@ -148,40 +148,39 @@ def _fma_pool_kernel(
     ck_ptr += base
     cv_ptr += base
     offs_t = tl.arange(0, BLOCK_T)
-    offs_r = tl.arange(0, WINDOWS)
+    offs_r = tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM)
-    # [WINDOWS, HEAD_DIM]
-    acc_k = tl.zeros([WINDOWS, HEAD_DIM], dtype=tl.float32)
-    acc_v = tl.zeros([WINDOWS, HEAD_DIM], dtype=tl.float32)
+    # [ROWS]: level (-1: padding row) and token range of each pooled row in the chunk
+    lvl = tl.load(table_ptr + offs_r)
+    lo = tl.load(table_ptr + ROWS + offs_r)
+    hi = tl.load(table_ptr + 2 * ROWS + offs_r)
+    # [ROWS, HEAD_DIM]
+    acc_k = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+    acc_v = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
     for t in range(0, CHUNK, BLOCK_T):
         tok = chunk * CHUNK + t + offs_t
         x_offs = tok[:, None] * HEAD_DIM + offs_d[None, :]
         # [BLOCK_T, HEAD_DIM]
         xk = tl.load(k_ptr + x_offs, mask=(tok < N)[:, None], other=0.0)
         xv = tl.load(v_ptr + x_offs, mask=(tok < N)[:, None], other=0.0)
-        # [WINDOWS, BLOCK_T]: 1 where the token falls in the chunk's level-1 window r (exact in
-        # bf16; via fp32: the interpreter turns bool into bf16 as raw bits)
-        pool = (((t + offs_t) // WIN1)[None, :] == offs_r[:, None]).to(tl.float32).to(xk.dtype)
+        # [ROWS, BLOCK_T]: 1 where the token falls in row r's window (exact in bf16; via fp32:
+        # the interpreter turns bool into bf16 as raw bits)
+        pos = (t + offs_t)[None, :]
+        pool = ((pos >= lo[:, None]) & (pos < hi[:, None])).to(tl.float32).to(xk.dtype)
         acc_k = _dot(pool, xk, acc_k, PRECISION)
         acc_v = _dot(pool, xv, acc_v, PRECISION)
-    for lvl in range(0, CHUNK_LEVELS):
-        off = tl.load(off_ptr + lvl)
-        win = tl.load(win_ptr + lvl)
-        n_rows = CHUNK // win  # this level's windows in the chunk
-        # [WINDOWS, WINDOWS]: window r of this level sums level-1 windows r*g .. r*g + g - 1
-        group = ((offs_r // (win // WIN1))[None, :] == offs_r[:, None]).to(tl.float32)
-        # [WINDOWS, HEAD_DIM]
-        sum_k = _dot(group, acc_k, None, "ieee")
-        sum_v = _dot(group, acc_v, None, "ieee")
-        row = chunk * n_rows + offs_r
-        ok = (offs_r < n_rows) & (row < N_PAD // win)
-        dst = (off + row)[:, None] * HEAD_DIM + offs_d[None, :]
-        count = tl.maximum(tl.minimum(N - row * win, win), 1).to(tl.float32)[:, None]
-        tl.store(ck_ptr + dst, (sum_k / count).to(ck_ptr.dtype.element_ty), mask=ok[:, None])
-        tl.store(cv_ptr + dst, (sum_v / count).to(cv_ptr.dtype.element_ty), mask=ok[:, None])
-        seed = (ok & (offs_r * 0 + lvl == CHUNK_LEVELS - 1))[:, None]  # a vector mask
-        tl.store(sk_ptr + dst, sum_k, mask=seed)
-        tl.store(sv_ptr + dst, sum_v, mask=seed)
+    has = lvl >= 0
+    off = tl.load(off_ptr + lvl, mask=has, other=0)
+    win = tl.load(win_ptr + lvl, mask=has, other=1)
+    row = (chunk * CHUNK + lo) // win  # the row's window among all of its level's
+    ok = has & (row < N_PAD // win)
+    dst = (off + row)[:, None] * HEAD_DIM + offs_d[None, :]
+    count = tl.maximum(tl.minimum(N - row * win, win), 1).to(tl.float32)[:, None]
+    tl.store(ck_ptr + dst, (acc_k / count).to(ck_ptr.dtype.element_ty), mask=ok[:, None])
+    tl.store(cv_ptr + dst, (acc_v / count).to(cv_ptr.dtype.element_ty), mask=ok[:, None])
+    seed = (ok & (lvl == SEED_LEVEL))[:, None]
+    tl.store(sk_ptr + dst, acc_k, mask=seed)
+    tl.store(sv_ptr + dst, acc_v, mask=seed)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -296,6 +295,35 @@ def _fma_fwd_near(
     return acc, m_i, l_i
 
 
+@triton.jit
+def _coarse_tile(idx_ptr, logw_ptr, bits_ptr, ck_ptr, cv_ptr, tab_ptr, c0,
+                 HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Slots [c0, c0 + BLOCK_C) of a tile's coarse table (past the used prefix: row -1, log rho
+    -inf): coarse row, log2 rho, the bits of the finest blocks using it, and its
+    `[BLOCK_C, HEAD_DIM]` summaries."""
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    idx = tl.load(idx_ptr + tab_ptr + offs_c)
+    logw = tl.load(logw_ptr + tab_ptr + offs_c) * _LOG2E
+    bits = tl.load(bits_ptr + tab_ptr + offs_c)
+    c_offs = idx.to(tl.int64)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    ckt = tl.load(ck_ptr + c_offs, mask=(idx >= 0)[:, None], other=0.0)
+    cvt = tl.load(cv_ptr + c_offs, mask=(idx >= 0)[:, None], other=0.0)
+    return idx, logw, bits, ckt, cvt
+
+
+@triton.jit
+def _coarse_step(acc, m_i, l_i, q, idx, logw, bits, ckt, cvt, local, qk_scale,
+                 PRECISION: tl.constexpr, QB: tl.constexpr):
+    """Online-softmax update over one coarse tile; bit b of `bits` says whether finest block b
+    of the query tile uses the slot."""
+    # [BLOCK_M, BLOCK_C]
+    s = _dot(q, tl.trans(ckt), None, PRECISION) * qk_scale + logw[None, :]
+    if QB > 1:  # (one block per tile: its unused slots already have logw = -inf)
+        use = ((bits[None, :] >> local[:, None]) & 1) != 0
+        s = tl.where(use, s, float("-inf"))
+    return _softmax_step(acc, m_i, l_i, s, cvt, PRECISION)
+
+
 @triton.jit(do_not_specialize=["N", "N_SLOTS"])
 def _fma_fwd_kernel(
     q_ptr, k_ptr, v_ptr, ck_ptr, cv_ptr, idx_ptr, logw_ptr, bits_ptr, used_ptr, zlog_ptr, o_ptr,
@@ -329,6 +357,16 @@ def _fma_fwd_kernel(
     # [BLOCK_M, HEAD_DIM]
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
+    # The tile's coarse tokens: only the table's used prefix is walked (causal tiles use from
+    # 2 to 4 tokens per level). Causal: the first coarse tile is gathered before the near
+    # field, whose work hides the latency of its two dependent loads (table row, then
+    # summaries); H100 attention kernel 0.275 -> 0.257 ms. Non-causal tiles hold three near
+    # tiles in flight already, and the extra registers made them slower (0.297 -> 0.356 ms).
+    tab_ptr = (m0 // SB) * N_SLOTS
+    used = tl.load(used_ptr + m0 // SB)
+    if CAUSAL:
+        idx, logw, bits, ckt, cvt = _coarse_tile(idx_ptr, logw_ptr, bits_ptr, ck_ptr, cv_ptr,
+                                                 tab_ptr, 0, HEAD_DIM, BLOCK_C)
     lo, hi = _near_range(m0, N, M, BLOCK_M, CAUSAL)
     # Tiles in [lo, mid) need no mask: with one finest block per tile every key of [lo, hi) is
     # near, and causal tiles ending at or before the tile's first query see no future key.
@@ -348,26 +386,18 @@ def _fma_fwd_kernel(
         M, HEAD_DIM, CAUSAL, PRECISION, BLOCK_N, QB, True,
     )  # fmt: skip
 
-    # The tile's coarse tokens; bit b of `bits` says whether finest block b of the tile uses one.
-    # Only the table's used prefix is walked (causal tiles use from 2 to 4 tokens per level).
     local = offs_m // M - (m0 // SB) * QB
-    tab_ptr = (m0 // SB) * N_SLOTS
-    for c0 in range(0, tl.load(used_ptr + m0 // SB), BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        # [BLOCK_C]
-        idx = tl.load(idx_ptr + tab_ptr + offs_c)
-        logw = tl.load(logw_ptr + tab_ptr + offs_c) * _LOG2E
-        bits = tl.load(bits_ptr + tab_ptr + offs_c)
-        c_offs = idx.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
-        # [BLOCK_C, HEAD_DIM]
-        ckt = tl.load(ck_ptr + c_offs, mask=(idx >= 0)[:, None], other=0.0)
-        cvt = tl.load(cv_ptr + c_offs, mask=(idx >= 0)[:, None], other=0.0)
-        # [BLOCK_M, BLOCK_C]
-        s = _dot(q, tl.trans(ckt), None, PRECISION) * qk_scale + logw[None, :]
-        if QB > 1:  # (one block per tile: its unused slots already have logw = -inf)
-            use = ((bits[None, :] >> local[:, None]) & 1) != 0
-            s = tl.where(use, s, float("-inf"))
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, cvt, PRECISION)
+    first = 0
+    if CAUSAL:
+        if used > 0:
+            acc, m_i, l_i = _coarse_step(acc, m_i, l_i, q, idx, logw, bits, ckt, cvt, local,
+                                         qk_scale, PRECISION, QB)
+        first = BLOCK_C
+    for c0 in range(first, used, BLOCK_C):
+        idx, logw, bits, ckt, cvt = _coarse_tile(idx_ptr, logw_ptr, bits_ptr, ck_ptr, cv_ptr,
+                                                 tab_ptr, c0, HEAD_DIM, BLOCK_C)
+        acc, m_i, l_i = _coarse_step(acc, m_i, l_i, q, idx, logw, bits, ckt, cvt, local,
+                                     qk_scale, PRECISION, QB)
 
     l_i = tl.where(l_i > 0.0, l_i, 1.0)  # rows past N only; never stored
     tl.store(o_ptr + qo_offs, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -432,17 +462,12 @@ def _fma_bwd_dq_kernel(
 
     local = offs_m // M - (m0 // SB) * QB
     tab_ptr = (m0 // SB) * N_SLOTS
-    for c0 in range(0, tl.load(used_ptr + m0 // SB), BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        # [BLOCK_C]
-        idx = tl.load(idx_ptr + tab_ptr + offs_c)
-        logw = tl.load(logw_ptr + tab_ptr + offs_c) * _LOG2E
-        bits = tl.load(bits_ptr + tab_ptr + offs_c)
+    used = tl.load(used_ptr + m0 // SB)
+    for c0 in range(0, used, BLOCK_C):
+        idx, logw, bits, ckt, cvt = _coarse_tile(idx_ptr, logw_ptr, bits_ptr, ck_ptr, cv_ptr,
+                                                 tab_ptr, c0, HEAD_DIM, BLOCK_C)
         c_ok = (idx >= 0)[:, None]
         c_offs = idx.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
-        # [BLOCK_C, HEAD_DIM]
-        ckt = tl.load(ck_ptr + c_offs, mask=c_ok, other=0.0)
-        cvt = tl.load(cv_ptr + c_offs, mask=c_ok, other=0.0)
         # [BLOCK_M, BLOCK_C]
         s = _dot(q, tl.trans(ckt), None, PRECISION) * qk_scale + logw[None, :]
         keep = (((bits[None, :] >> local[:, None]) & 1) != 0) & row_ok[:, None]
@@ -561,7 +586,7 @@ class FMAPlan:
     geo: FMAGeometry
     causal: bool
     qb: int  # finest blocks per query tile (1 when the tile is at most one block)
-    n_slots: int  # table width, a multiple of block_c (0 without coarse levels)
+    n_slots: int  # table width, a multiple of block_c (at least one tile: always readable)
     block_c: int
     idx: torch.Tensor  # [n_tiles_sb, n_slots] int32 coarse row, -1 for none
     logw: torch.Tensor  # [n_tiles_sb, n_slots] fp32 log rho (-inf for none)
@@ -614,10 +639,10 @@ def fma_plan(
     # Causal tables are ragged (24 of at most 36 slots used on average at N=2^16, m=64, p=2):
     # narrower coarse tiles let most tiles stop after one.
     block_c = min(COARSE_TILE[causal], max(16, triton.next_power_of_2(max(width, 1))))
-    n_slots = -(-width // block_c) * block_c
-    idx_t = np.full((n_sb, max(n_slots, 1)), -1, dtype=np.int32)
-    logw_t = np.full((n_sb, max(n_slots, 1)), -np.inf, dtype=np.float32)
-    bits_t = np.zeros((n_sb, max(n_slots, 1)), dtype=np.int32)
+    n_slots = max(-(-width // block_c), 1) * block_c
+    idx_t = np.full((n_sb, n_slots), -1, dtype=np.int32)
+    logw_t = np.full((n_sb, n_slots), -np.inf, dtype=np.float32)
+    bits_t = np.zeros((n_sb, n_slots), dtype=np.int32)
     used_t = np.zeros(n_sb, dtype=np.int32)
     if width:
         idx_t[tile, pos] = uniq % geo.total_rows
@@ -663,6 +688,21 @@ def _common(q: torch.Tensor, plan: FMAPlan, cfg: LaunchConfig) -> dict:
     )  # fmt: skip
 
 
+@functools.lru_cache(maxsize=64)
+def _pool_table(windows: tuple[int, ...], chunk: int, device: str) -> tuple[torch.Tensor, int]:
+    """The pooling kernel's rows for chunks of `chunk` tokens: `[3, rows]` int32 (level, or -1
+    for padding; first and end token in the chunk) for every window of every level that fits
+    in a chunk, and the number of such levels."""
+    chunk_levels = sum(w <= chunk for w in windows)
+    spans = [(lvl, s, s + w) for lvl, w in enumerate(windows[:chunk_levels])
+             for s in range(0, chunk, w)]  # fmt: skip
+    rows = triton.next_power_of_2(max(len(spans), 16))  # tl.dot needs >= 16 rows
+    table = np.zeros((3, rows), dtype=np.int32)
+    table[0] = -1
+    table[:, : len(spans)] = np.array(spans, dtype=np.int32).T
+    return torch.as_tensor(table, device=torch.device(device)), chunk_levels
+
+
 def _pool(k: torch.Tensor, v: torch.Tensor, plan: FMAPlan) -> tuple[torch.Tensor, torch.Tensor]:
     """Avgpool summaries of every level, `[B, H, total_rows, D]` in the input dtype."""
     b, h, n, d = k.shape
@@ -672,12 +712,11 @@ def _pool(k: torch.Tensor, v: torch.Tensor, plan: FMAPlan) -> tuple[torch.Tensor
     if geo.levels == 0:
         return ck, cv
     sums = _alloc((2, b, h, geo.total_rows, d), torch.float32, k.device)
-    win1 = geo.windows[0]
-    chunk = POOL_CONFIG["windows"] * win1
-    chunk_levels = sum(s <= chunk for s in geo.windows)
+    chunk = POOL_CONFIG["windows"] * geo.windows[0]
+    table, chunk_levels = _pool_table(geo.windows, chunk, str(k.device))
     _fma_pool_kernel[(triton.cdiv(geo.n_pad, chunk), b * h)](
-        k, v, sums[0], sums[1], ck, cv, plan.level_off, plan.level_win, n, geo.n_pad,
-        geo.total_rows, chunk_levels, WIN1=win1, WINDOWS=POOL_CONFIG["windows"], HEAD_DIM=d,
+        k, v, sums[0], sums[1], ck, cv, plan.level_off, plan.level_win, table, n, geo.n_pad,
+        geo.total_rows, chunk_levels - 1, CHUNK=chunk, ROWS=table.shape[1], HEAD_DIM=d,
         BLOCK_T=min(chunk, POOL_CONFIG["block_t"] // (1 if d <= 64 else 2)),
         PRECISION=_precision(k), num_warps=POOL_CONFIG["num_warps"],
         num_stages=POOL_CONFIG["num_stages"],
