@@ -1,12 +1,13 @@
 """FMA forward pieces on the GPU (bf16, H=16, N=65536, D=64, m=64, p=2).
 
-    python scripts/fma_probe.py [configs] [prof] [coarse] [tiles]
+    python scripts/fma_probe.py [configs] [prof] [bwd] [coarse] [tiles]
 
 configs: the pooling pass alone and the attention kernel alone under a few launch configs,
 and the whole forward. prof: the time of each kernel of the forward and backward
-(torch.profiler). coarse: causal forward and fwd_bwd per coarse-token tile width. tiles: the
-forward with two finest blocks per query tile (fewer near and coarse keys per query, masks per
-block). Results go to $OUT/fma_probe.log.
+(torch.profiler). bwd: the backward alone per stage count and register caps of its
+kernels, with each kernel's time. coarse: causal forward and fwd_bwd per coarse-token tile
+width. tiles: the forward with two finest blocks per query tile (fewer near and coarse keys
+per query, masks per block). Results go to $OUT/fma_probe.log.
 """
 
 import dataclasses
@@ -68,6 +69,22 @@ if "prof" in modes:
             lambda: torch.autograd.grad(ft.fma_triton(qg, kg, vg, causal=causal), (qg, kg, vg), do),
             f"causal={causal} fwd_bwd", say,
         )
+
+if "bwd" in modes:
+    # (stages, dq register cap, dk/dv register cap) of the backward kernels
+    for causal in (False, True):
+        base = ft.launch_config(64, causal)
+        o, lse, ck, cv = ft.fma_fwd(q, k, v, causal=causal)
+        do = torch.randn_like(q)
+        for stages, dq_cap, dkdv_cap in ((3, None, None), (2, None, None), (3, 168, 168),
+                                         (3, 128, 128), (2, 168, 168), (2, 128, 128)):
+            cfg = dataclasses.replace(base, bwd_stages=stages, dq_maxnreg=dq_cap,
+                                      dkdv_maxnreg=dkdv_cap)
+            label = f"causal={causal} bwd stages={stages} caps={dq_cap}/{dkdv_cap}"
+            t = bench(lambda: ft.fma_bwd(q, k, v, o, lse, do, ck, cv, causal=causal, config=cfg))
+            say(f"{label}: {t:.4f} ms")
+            kernel_times(lambda: ft.fma_bwd(q, k, v, o, lse, do, ck, cv, causal=causal,
+                                            config=cfg), label, say)
 
 if "coarse" in modes:
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))

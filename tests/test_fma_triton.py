@@ -189,13 +189,16 @@ def test_cuda_larger(n, causal, dtype):
 
 def test_gpu_launch_config(monkeypatch):
     """The GPU defaults the H100 rows were measured with: 64-key tiles, register caps at D <= 64
-    only (wider heads would spill), one stage when causal; coarse tiles 32 wide when causal."""
+    only (wider heads would spill), one forward stage when causal, two backward stages at
+    D <= 64; coarse tiles 32 wide when causal."""
     monkeypatch.setattr(fma_triton_mod, "_INTERPRET", False)
     for causal, cap, stages in ((False, 96, 2), (True, 128, 1)):
         cfg = fma_triton_mod.launch_config(64, causal, head_dim=64)
         assert (cfg.block_m, cfg.fwd_block_n, cfg.fwd_maxnreg, cfg.fwd_stages) == (
             64, 64, cap, stages)
-        assert fma_triton_mod.launch_config(64, causal, head_dim=128).fwd_maxnreg is None
+        assert cfg.bwd_launch("dq") == cfg.bwd_launch("dkdv") == dict(num_stages=2, maxnreg=168)
+        wide = fma_triton_mod.launch_config(64, causal, head_dim=128)
+        assert wide.fwd_maxnreg is None and wide.bwd_launch("dq") == dict(num_stages=3)
     assert fma_triton_mod.launch_config(16, False).fwd_block_n == 16
     plan = fma_plan(65536, 64, 2, True, True, False, 64, "cpu")
     # At most 2 groups of p = 2 tokens on each of L = 9 levels: 36 slots, two 32-wide tiles.

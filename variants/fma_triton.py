@@ -68,8 +68,8 @@ class LaunchConfig:
     """Tile sizes. `block_m` may be below m (tiles inside a block) or a multiple of it; the key
     tiles divide m. Defaults from H100 sweeps (bf16, D=64, m=64, N=65536, ms non-causal /
     causal; the forward's in `launch_config`): query tile 128 (2 blocks) 0.536 / 0.525 for the
-    attention kernel, 32: 0.816 / 0.566; backward with 3 stages 1.21 / 1.09, 2 stages 1.32 /
-    1.16; 8 warps 1.5-2x slower everywhere."""
+    attention kernel, 32: 0.816 / 0.566; 8 warps 1.5-2x slower everywhere. Backward stages and
+    register caps: `launch_config`."""
 
     block_m: int = 64  # query tile of the forward and dQ kernels (the tables' granularity)
     fwd_block_n: int = 64  # near key tile of the forward
@@ -79,6 +79,8 @@ class LaunchConfig:
     fwd_stages: int = 2
     bwd_stages: int = 3
     fwd_maxnreg: int | None = None  # register cap of the forward kernel (more programs per SM)
+    dq_maxnreg: int | None = None  # register caps of the dQ and dK/dV kernels
+    dkdv_maxnreg: int | None = None
 
     def fwd_launch(self) -> dict:
         """The forward attention kernel's stages and register cap (warps: `_common`)."""
@@ -86,6 +88,11 @@ class LaunchConfig:
         if self.fwd_maxnreg is not None:
             opts["maxnreg"] = self.fwd_maxnreg
         return opts
+
+    def bwd_launch(self, kernel: str) -> dict:
+        """Stages and register cap of the backward's `dq` or `dkdv` kernel."""
+        cap = self.dq_maxnreg if kernel == "dq" else self.dkdv_maxnreg
+        return {"num_stages": self.bwd_stages, **({"maxnreg": cap} if cap is not None else {})}
 
 
 # Coarse-token tile width per causal flag (a power of two >= 16).
@@ -106,14 +113,22 @@ def launch_config(
     Forward at D <= 64 (H100 sweep, `scripts/fma_probe.py`, attention kernel alone, ms
     non-causal / causal): key tile 64, 2 / 1 stages, registers capped at 96 / 128 (0.298 /
     0.279; uncapped 0.343 / 0.301 at 194 / 145 registers, 2 / 3 programs per SM; a cap of 80
-    spills to 1.56)."""
+    spills to 1.56).
+
+    Backward at D <= 64 (backward alone, ms non-causal / causal): 2 stages and the dQ and dK/dV
+    kernels capped at 168 registers, 1.163 / 0.921 (3 stages uncapped 1.215 / 1.068: 255
+    registers, 2 programs per SM; the caps fit 3; a cap of 128 spills more and is slower).
+    Wider heads keep 3 stages uncapped (not measured)."""
     if _INTERPRET:
         t = min(m, 32)
         return LaunchConfig(block_m or t, t, t, t, 4, 1, 1)
-    cap = (128 if causal else 96) if head_dim <= 64 else None
+    small = head_dim <= 64
+    cap = (128 if causal else 96) if small else None
+    bwd_cap = 168 if small else None
     return LaunchConfig(
-        block_m or min(m, 64), min(m, 64), min(m, 64), 64, 4, 1 if causal else 2, 3, cap
-    )
+        block_m or min(m, 64), min(m, 64), min(m, 64), 64, 4, 1 if causal else 2,
+        2 if small else 3, cap, bwd_cap, bwd_cap,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -824,7 +839,7 @@ def fma_bwd(
         dc[0], dc[1],
         n, geo.total_rows, plan.n_slots, qk_scale, sm_scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.bwd_block_n, BLOCK_C=plan.block_c, QB=plan.qb,
-        SB=max(cfg.block_m, m), num_stages=cfg.bwd_stages, **common,
+        SB=max(cfg.block_m, m), **cfg.bwd_launch("dq"), **common,
     )  # fmt: skip
     pool = pool_adjoint and geo.levels > 0
     rows1, win1 = (geo.rows[0], geo.windows[0]) if geo.levels else (1, 1)
@@ -837,7 +852,7 @@ def fma_bwd(
         )
     _fma_bwd_dkdv_kernel[(triton.cdiv(n, cfg.bwd_block_n), b * h)](
         q, k, v, do, lse, delta, g[0], g[1], dk, dv, n, rows1, win1, qk_scale, sm_scale,
-        POOL=pool, BLOCK_M=cfg.dkdv_m, BLOCK_N=cfg.bwd_block_n, num_stages=cfg.bwd_stages,
+        POOL=pool, BLOCK_M=cfg.dkdv_m, BLOCK_N=cfg.bwd_block_n, **cfg.bwd_launch("dkdv"),
         **common,
     )  # fmt: skip
     return dq, dk, dv, dc[0], dc[1]
