@@ -1,14 +1,12 @@
 """Pieces of the FMMformer kernels on the GPU (bf16, H=16, N=65536, D=64, k=30), in isolation.
 
-    python scripts/fmm_probe.py [maps] [state] [regs] [fwd] [prof] [bwd] [causal]
+    python scripts/fmm_probe.py [maps] [state] [regs] [fwd] [prof] [bwd]
 
 maps: marginal cost of each far-field map (state pass and main kernel at r = 1, 2, 3).
 state: state-pass configs (rows per tile, warps, stages). regs: register caps (`maxnreg`) per
 kernel. fwd: the non-causal forward under register caps and stages. prof: the time of each kernel
 of the forward and the backward (torch.profiler). bwd: warps and stages of the non-causal
-backward kernels. causal: the causal forward per far-walker config (rows per tile, value
-columns per program, warps, stages), checked against the reference at N=4096 first. Results go
-to $OUT/probe.log.
+backward kernels. Results go to $OUT/probe.log.
 """
 
 import dataclasses
@@ -120,25 +118,3 @@ if "bwd" in modes:
             t = bench(lambda: bwd(saved, 3, False))
             say(f"bwd {kind} warps={warps} stages={stages}: backward alone {t:.4f} ms")
         fmt.CONFIGS[kind][d] = default
-
-if "causal" in modes:
-    from variants.fmmformer import fmmformer_reference
-
-    default = fmt.CONFIGS["fwd_causal"][d]
-    small = [t[:, :, :4096].float() for t in (q, kk, v)]
-    want = fmmformer_reference(*small, wn, wf, bandwidth=k, kernels=3, causal=True)
-    for block_m, block_v, warps, stages in ((64, 64, 8, 1), (64, 32, 8, 1), (64, 32, 8, 2),
-                                            (32, 32, 8, 2), (32, 16, 4, 2), (32, 64, 8, 2),
-                                            (16, 32, 4, 2), (16, 16, 4, 2), (16, 64, 4, 2)):
-        fmt.CONFIGS["fwd_causal"][d] = fmt.KernelConfig(block_m, 64, warps, stages, 1, block_v)
-        label = f"causal far walker block_m={block_m} block_v={block_v} warps={warps} " \
-                f"stages={stages}"
-        try:
-            got = fmt.fmmformer_fwd(*small, wn, wf, k, 3, True)[0]
-            err = ((got - want).norm() / want.norm()).item()
-            say(f"{label}: fwd {bench(lambda: fwd(3, True)):.4f} ms, rel err fp32 {err:.1e}")
-        except Exception as e:  # a config that faults or does not compile
-            say(f"{label}: failed {type(e).__name__}: {str(e)[:200]}")
-            break  # a fault poisons the context
-    fmt.CONFIGS["fwd_causal"][d] = default
-    kernel_times(lambda: fwd(3, True), "causal fwd (default config)", say)

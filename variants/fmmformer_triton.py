@@ -524,13 +524,11 @@ def _fmmformer_fwd_kernel(
     N, H, bandwidth, qk_scale, eps,
     R: tl.constexpr, SAVE: tl.constexpr, LOWP: tl.constexpr, TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, D: tl.constexpr,
-    DOT_PREC: tl.constexpr, CAUSAL: tl.constexpr = False,
+    DOT_PREC: tl.constexpr,
 ):
-    """Each program walks TILES consecutive query tiles of one (batch, head) for BLOCK_V output
-    columns (the column blocks of a tile are neighbouring programs). Non-causal: band and far
-    field, from the global states in P, PZ (`[B*H, 1, R, D, D]` in the matmul dtype,
-    `[B*H, 1, R, D]` fp32). CAUSAL: the causal band alone, `w_near Near`, which
-    `_fmmformer_far_causal_kernel` then completes."""
+    """Non-causal: each program walks TILES consecutive query tiles of one (batch, head) for
+    BLOCK_V output columns (the column blocks of a tile are neighbouring programs); P, PZ hold
+    the global states (`[B*H, 1, R, D, D]` in the matmul dtype, `[B*H, 1, R, D]` fp32)."""
     n_vb: tl.constexpr = D // BLOCK_V
     pid = tl.program_id(0) // n_vb
     v0 = (tl.program_id(0) % n_vb) * BLOCK_V
@@ -546,60 +544,51 @@ def _fmmformer_fwd_kernel(
         # [BLOCK_M, D]
         q = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
         tile = rows[:, None] * D + offs_v[None, :]
-        if CAUSAL:
-            out = _near_fwd(q, K, V, m0, rows, ok, tile, N, bandwidth, 0, qk_scale, wn,
-                            LSE, NEAR, SAVE, BLOCK_M, BLOCK_N, BLOCK_V, D, DOT_PREC)
-        else:
-            out = _near_fwd(q, K, V, m0, rows, ok, tile, N, bandwidth, bandwidth, qk_scale, wn,
-                            LSE, NEAR, SAVE, BLOCK_M, BLOCK_N, BLOCK_V, D, DOT_PREC)
-            eq = _exp_neg_abs(q)
-            # The far states are loaded (L2 hits) after the band: loaded before it, they held
-            # registers through it (measured no faster, and slower under a register cap).
-            s0, z0, s1, z1, s2, z2 = _load_states(P, PZ, bh, 0, 1, v0, R, D, BLOCK_V)
-            out = _far_apply(out, q, eq, s0, z0, wf, eps, 0, LOWP, DOT_PREC)
-            if R > 1:
-                out = _far_apply(out, q, eq, s1, z1, wf, eps, 1, LOWP, DOT_PREC)
-            if R > 2:
-                out = _far_apply(out, q, eq, s2, z2, wf, eps, 2, LOWP, DOT_PREC)
+        out = _near_fwd(q, K, V, m0, rows, ok, tile, N, bandwidth, bandwidth, qk_scale, wn,
+                        LSE, NEAR, SAVE, BLOCK_M, BLOCK_N, BLOCK_V, D, DOT_PREC)
+        eq = _exp_neg_abs(q)
+        # The far states are loaded (L2 hits) after the band: loaded before it, they held
+        # registers through it (measured no faster, and slower under a register cap).
+        s0, z0, s1, z1, s2, z2 = _load_states(P, PZ, bh, 0, 1, v0, R, D, BLOCK_V)
+        out = _far_apply(out, q, eq, s0, z0, wf, eps, 0, LOWP, DOT_PREC)
+        if R > 1:
+            out = _far_apply(out, q, eq, s1, z1, wf, eps, 1, LOWP, DOT_PREC)
+        if R > 2:
+            out = _far_apply(out, q, eq, s2, z2, wf, eps, 2, LOWP, DOT_PREC)
         tl.store(O + tile, out.to(O.dtype.element_ty), mask=ok[:, None])
 
 
-@triton.jit(do_not_specialize=["N"])
-def _fmmformer_far_causal_kernel(
-    Q, K, V, O, P, PZ, WN, WF,
-    N, H, rows_per_program, eps,
-    R: tl.constexpr, LOWP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-    D: tl.constexpr, DOT_PREC: tl.constexpr,
+@triton.jit(do_not_specialize=["N", "bandwidth"])
+def _fmmformer_fwd_causal_kernel(
+    Q, K, V, O, LSE, NEAR, P, PZ, WN, WF,
+    N, H, bandwidth, rows_per_program, qk_scale, eps,
+    R: tl.constexpr, SAVE: tl.constexpr, LOWP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """Causal far field, added to O (which holds `w_near Near` from the band pass): program =
-    (chunk, head, BLOCK_V value columns). P, PZ (`[B*H, chunks, R, D, D]` fp32) hold each
-    chunk's prefix state (left as they are: the backward starts from them); the program
-    carries its columns of it in registers through the chunk's tiles in order. Without the
-    band, and with the state split by columns, several programs fit per SM; each recomputes
-    the intra-tile products phi_l(q) phi_l(k)^T of its tile."""
+    """Causal: program = (chunk, head). P, PZ (`[B*H, chunks, R, D, D]` fp32) hold each chunk's
+    prefix state (left as they are: the backward starts from them); the program carries it in
+    registers through its tiles in order. Every value column stays in one program: a split
+    (as the non-causal kernel's BLOCK_V) faulted with an illegal address in the H100 build of
+    Triton 3.6, which the interpreter does not reproduce."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    v0 = tl.program_id(2) * BLOCK_V
     n_chunks = tl.num_programs(0)
-    # (O stands in for the band pass's NEAR and LSE, which this kernel never touches.)
-    Q, K, V, O, _, _, wn, wf = _fwd_head(Q, K, V, O, O, O, WN, WF, bh, v0, N, H, D)
+    Q, K, V, O, NEAR, LSE, wn, wf = _fwd_head(Q, K, V, O, NEAR, LSE, WN, WF, bh, 0, N, H, D)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    offs_v = tl.arange(0, BLOCK_V)
-    s0, z0, s1, z1, s2, z2 = _load_states(P, PZ, bh, c, n_chunks, v0, R, D, BLOCK_V)
+    s0, z0, s1, z1, s2, z2 = _load_states(P, PZ, bh, c, n_chunks, 0, R, D, D)
     row_lo = c * rows_per_program
     row_hi = tl.minimum(row_lo + rows_per_program, N)
     for m0 in range(row_lo, row_hi, BLOCK_M):
         rows = m0 + offs_m
         ok = rows < N
         tile = rows[:, None] * D + offs_d[None, :]
-        vtile = rows[:, None] * D + offs_v[None, :]
         # [BLOCK_M, D]
         q = tl.load(Q + tile, mask=ok[:, None], other=0.0)
         k = tl.load(K + tile, mask=ok[:, None], other=0.0)
-        # [BLOCK_M, BLOCK_V]
-        v = tl.load(V + vtile, mask=ok[:, None], other=0.0)
-        out = tl.load(O + vtile, mask=ok[:, None], other=0.0).to(tl.float32)
+        v = tl.load(V + tile, mask=ok[:, None], other=0.0)
+        out = _near_fwd(q, K, V, m0, rows, ok, tile, N, bandwidth, 0, qk_scale, wn,
+                        LSE, NEAR, SAVE, BLOCK_M, BLOCK_N, D, D, DOT_PREC)
         eq = _exp_neg_abs(q)
         ek = _exp_neg_abs(k)
         v_m = _mm(v, v, LOWP)
@@ -615,7 +604,7 @@ def _fmmformer_far_causal_kernel(
             out, av, s2, z2 = _far_causal(out, av, q, eq, k, ek, ok, v_m, s2, z2, earlier,
                                           wf, eps, 2, LOWP, DOT_PREC)
         out = _dot(_mm(av, v_m, LOWP), v_m, out, DOT_PREC)
-        tl.store(O + vtile, out.to(O.dtype.element_ty), mask=ok[:, None])
+        tl.store(O + tile, out.to(O.dtype.element_ty), mask=ok[:, None])
 
 
 @triton.jit
@@ -950,18 +939,9 @@ def fmmformer_fwd(
         chunk_rows = _causal_chunk_rows(n, bh, r, d, o_bytes, dev)
         states, states_z = _state_pass(k, v, r, True, chunk_rows)
         _scan(states, states_z, reverse=False)
-        band = _config("fwd", d, dev)
-        block_v = min(band.block_v, d)
-        _fmmformer_fwd_kernel[(triton.cdiv(n, band.block_m) * (d // block_v), bh)](
+        _fmmformer_fwd_causal_kernel[(states.shape[1], bh)](
             q, k, v, o, lse, near, states, states_z, wn, wf,
-            n, h, bandwidth, qk_scale, eps, TILES=1, BLOCK_V=block_v, CAUSAL=True,
-            **{**common, "BLOCK_M": band.block_m, "BLOCK_N": band.block_n, **band.launch()},
-        )
-        block_v = min(cfg.block_v, d)
-        _fmmformer_far_causal_kernel[(states.shape[1], bh, d // block_v)](
-            q, k, v, o, states, states_z, wn, wf, n, h, chunk_rows, eps,
-            R=r, LOWP=common["LOWP"], BLOCK_M=cfg.block_m, BLOCK_V=block_v, D=d,
-            DOT_PREC=common["DOT_PREC"], **cfg.launch(),
+            n, h, bandwidth, chunk_rows, qk_scale, eps, **common,
         )
     else:
         # The chunk partials live in o, which the main kernel writes only afterwards: as many
