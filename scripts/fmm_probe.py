@@ -1,12 +1,13 @@
 """Pieces of the FMMformer kernels on the GPU (bf16, H=16, N=65536, D=64, k=30), in isolation.
 
-    python scripts/fmm_probe.py [maps] [state] [regs] [fwd] [prof] [bwd]
+    python scripts/fmm_probe.py [maps] [state] [regs] [fwd] [prof] [bwd] [wstate]
 
 maps: marginal cost of each far-field map (state pass and main kernel at r = 1, 2, 3).
 state: state-pass configs (rows per tile, warps, stages). regs: register caps (`maxnreg`) per
 kernel. fwd: the non-causal forward under register caps and stages. prof: the time of each kernel
 of the forward and the backward (torch.profiler). bwd: warps and stages of the non-causal
-backward kernels. Results go to $OUT/probe.log.
+backward kernels. wstate: the backward's weighted (dual) state pass alone per config.
+Results go to $OUT/probe.log.
 """
 
 import dataclasses
@@ -118,3 +119,18 @@ if "bwd" in modes:
             t = bench(lambda: bwd(saved, 3, False))
             say(f"bwd {kind} warps={warps} stages={stages}: backward alone {t:.4f} ms")
         fmt.CONFIGS[kind][d] = default
+
+if "wstate" in modes:
+    # Normalizers and their gradients as the dq kernel leaves them (values do not matter here).
+    den = torch.rand(h, 3, n, device=dev) + 1.0
+    dden = torch.randn(h, 3, n, device=dev)
+    rows = state_rows(3, False)
+    default = fmt.CONFIGS["state"][d]
+    for block, warps, stages, block_v in ((64, 4, 3, 64), (64, 4, 2, 64), (64, 8, 3, 64),
+                                          (32, 4, 3, 64), (64, 4, 3, 32), (128, 8, 2, 64),
+                                          (64, 4, 4, 64)):
+        fmt.CONFIGS["state"][d] = fmt.KernelConfig(block, 64, warps, stages, 1, block_v)
+        t = bench(lambda: fmt._state_pass(q, do, 3, False, rows, weights=(den, dden, wn)))
+        say(f"weighted state block={block} warps={warps} stages={stages} block_v={block_v}: "
+            f"{t:.4f} ms")
+    fmt.CONFIGS["state"][d] = default

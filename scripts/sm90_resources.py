@@ -36,7 +36,7 @@ def usage(fn, signature: dict, constants: dict, options: dict) -> str:
 
 
 def main() -> None:
-    pointers = dict(Q=BF16, K=BF16, V=BF16, O=BF16, LSE=F32, NEAR=BF16, PZ=F32, WN=F32, WF=F32)
+    pointers = dict(Q=BF16, K=BF16, V=BF16, O=BF16, LSE=F32, PZ=F32, WN=F32, WF=F32)
     scalars = dict(N="i32", H="i32", bandwidth="i32")
     tail = dict(qk_scale="fp32", eps="fp32", R=C, SAVE=C, LOWP=C, BLOCK_M=C, BLOCK_N=C, D=C,
                 DOT_PREC=C)
