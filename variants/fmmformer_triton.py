@@ -22,7 +22,7 @@ walks key tiles (band, then the far field from `U_l`, backwards when causal so t
 suffix sum). dL/dw_near and dL/dw_far come from per-program partial sums.
 
 Memory: forward-only calls allocate `o` plus, causal, the chunk states (`chunks * B * H * r * D *
-(D+1)` floats, sized to stay under 9% of `o`). With grad, the forward also keeps the log-sum-exp
+(D+1)` floats, sized to stay under 9% of `o` or 8 MiB, whichever is more). With grad, the forward also keeps the log-sum-exp
 and nothing else: the backward recovers the band's softmax delta from `o` (`w_near dO . Near =
 dO . o - w_far sum_l dO . Far_l`, whose far terms dq computes first anyway) and sums dL/dw_near
 from the band's P and dO V^T, so nothing is divided by w_near (H100: fwd_bwd 2.71 -> 2.61 ms
@@ -86,7 +86,9 @@ class KernelConfig:
 # 5.05; register caps 4.2 to 6.6), backward 4 warps (fwd_bwd 3.29; 8 warps 3.92; caps slower).
 # Other head dims keep the register-count choices of sm_90 builds. The causal chunk count targets
 # `CAUSAL_PROGRAMS_PER_SM` programs per SM, capped so the chunk states stay under
-# `STATE_MEMORY_FRACTION` of o (the forward's memory target).
+# `STATE_MEMORY_FRACTION` of o (the forward's memory target) or `STATE_MEMORY_FLOOR` bytes,
+# whichever is more: 9% of a short sequence's o holds too few chunks to fill the GPU (H100,
+# N = 8192, B*H = 16: one chunk per head, 16 programs of 128 tiles each, causal fwd 2.59 ms).
 _SMALL, _WIDE = KernelConfig(64, 64, 4, 2), KernelConfig(64, 64, 8, 2)
 _SMALL1, _WIDE1 = KernelConfig(64, 64, 4, 1), KernelConfig(64, 64, 8, 1)
 CONFIGS: dict[str, dict[int, KernelConfig]] = {
@@ -103,6 +105,7 @@ FAR_BF16 = True
 CAUSAL_PROGRAMS_PER_SM = 2
 STATE_PROGRAMS_PER_SM = 4
 STATE_MEMORY_FRACTION = 0.09
+STATE_MEMORY_FLOOR = 8 * 2**20  # below 9% of o from N = 2^16 on at B*H = 16, D = 64
 # The interpreter runs numpy per program: small tiles keep CPU tests fast and walk many tiles.
 INTERPRET_CONFIG = KernelConfig(16, 16, 4, 1)
 
@@ -895,7 +898,8 @@ def _causal_chunk_rows(
     kinds = ("fwd_causal", "bwd_dq_causal", "bwd_dkdv_causal")
     block = max(_config(kind, d, device).block_m for kind in kinds)
     programs = CAUSAL_PROGRAMS_PER_SM * _sm_count(device)
-    return _chunk_rows(n, bh, r, d, block, programs, STATE_MEMORY_FRACTION * o_bytes)
+    budget = max(STATE_MEMORY_FRACTION * o_bytes, STATE_MEMORY_FLOOR)
+    return _chunk_rows(n, bh, r, d, block, programs, budget)
 
 
 def _state_chunk_rows(
@@ -1019,15 +1023,16 @@ def fmmformer_bwd(
     )
 
     # Dual states: U_l = sum_i phi_l(q_i) (w_far dO_i / den_i)^T, u_l = sum_i phi_l(q_i) dden_i.
-    # Non-causal: partials capped at 9% of o (15 chunks per head at the benchmark shape;
-    # 32 measured no faster on an H100).
-    budget = STATE_MEMORY_FRACTION * q.numel() * q.element_size()
+    # Non-causal: the chunk partials live in dk, written only afterwards (as the forward's in
+    # o): as many chunks as keep the GPU busy, at no extra memory, whatever N.
+    dk = _empty(k.shape, k.dtype, dev)
+    budget = dk.numel() * dk.element_size()
     chunk_rows = saved.chunk_rows if causal else _state_chunk_rows(n, bh, r, d, budget, dev)
-    ustates, ustates_z = _state_pass(q, do, r, causal, chunk_rows, weights=(den, dden, wf))
+    ustates, ustates_z = _state_pass(q, do, r, causal, chunk_rows, weights=(den, dden, wf),
+                                     scratch=dk)
     if causal:
         _scan(ustates, ustates_z, reverse=True)
 
-    dk = _empty(k.shape, k.dtype, dev)
     dv = _empty(v.shape, v.dtype, dev)
     grid_k = (triton.cdiv(n, rows_k), bh)
     _fmmformer_bwd_dkdv_kernel[grid_k](
