@@ -102,7 +102,10 @@ CONFIGS: dict[str, dict[int, KernelConfig]] = {
 }
 # bf16 inputs: far-field products (states, feature maps) in bf16 rather than tf32.
 FAR_BF16 = True
-CAUSAL_PROGRAMS_PER_SM = 2
+# One causal program fills an SM (8 warps, 255 registers): 132 programs on an H100 are one
+# wave (at B*H = 16, 8 chunks of 128 tiles: 128 tile steps per SM; the 15 chunks of 2 per SM,
+# 240 programs, took two waves of 69).
+CAUSAL_PROGRAMS_PER_SM = 1
 STATE_PROGRAMS_PER_SM = 4
 STATE_MEMORY_FRACTION = 0.09
 STATE_MEMORY_FLOOR = 8 * 2**20  # below 9% of o from N = 2^16 on at B*H = 16, D = 64
@@ -780,11 +783,12 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _chunk_rows(n: int, bh: int, r: int, d: int, block: int, programs: int, budget: float) -> int:
-    """Rows per state chunk: about `programs` programs in all, a multiple of `block`, and few
+    """Rows per state chunk: at most `programs` programs in all (a whole number of waves when
+    that is what fits at once; at least one chunk per head), a multiple of `block`, and few
     enough chunks that their states (`bh * r * d * (d + 1)` floats each) fit in `budget` bytes."""
     tiles = triton.cdiv(n, block)
     cap = max(1, int(budget // (bh * r * d * (d + 1) * 4)))
-    chunks = max(1, min(tiles, triton.cdiv(programs, bh), cap))
+    chunks = max(1, min(tiles, programs // bh, cap))
     return block * triton.cdiv(tiles, chunks)
 
 
