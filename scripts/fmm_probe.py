@@ -3,11 +3,11 @@
     python scripts/fmm_probe.py [maps] [state] [regs] [fwd] [prof] [bwd] [wstate]
 
 maps: marginal cost of each far-field map (state pass and main kernel at r = 1, 2, 3).
-state: state-pass configs (rows per tile, warps, stages, register cap; two chunk counts), and
-the causal state pass. regs: register caps (`maxnreg`) per kernel. fwd: the non-causal forward
-under register caps and stages. prof: the time of each kernel of the forward and the backward
-(torch.profiler). bwd: warps and stages of the non-causal backward kernels. wstate: the
-backward's weighted (dual) state pass alone per config. Results go to $OUT/probe.log.
+state: state-pass configs (rows per tile, warps, stages). regs: register caps (`maxnreg`) per
+kernel. fwd: the non-causal forward under register caps and stages. prof: the time of each kernel
+of the forward and the backward (torch.profiler). bwd: warps and stages of the non-causal
+backward kernels. wstate: the backward's weighted (dual) state pass alone per config.
+Results go to $OUT/probe.log.
 """
 
 import dataclasses
@@ -62,22 +62,14 @@ if "maps" in modes:
                 f"main ~{t_all - t_state:.4f} ms, chunk rows {rows}"
             )
 
-STATE_TRIALS = ((64, 4, 3, None), (64, 4, 3, 128), (64, 8, 3, None), (64, 4, 4, None),
-                (64, 4, 2, None), (32, 4, 3, None))
 if "state" in modes:
-    default, per_sm = fmt.CONFIGS["state"][d], fmt.STATE_PROGRAMS_PER_SM
-    for programs_per_sm in (per_sm, per_sm // 2):
-        fmt.STATE_PROGRAMS_PER_SM = programs_per_sm
-        for block, warps, stages, cap in STATE_TRIALS:
-            fmt.CONFIGS["state"][d] = fmt.KernelConfig(block, 64, warps, stages, maxnreg=cap)
-            rows = state_rows(3, False)
-            t = bench(lambda: fmt._state_pass(kk, v, 3, False, rows))
-            say(f"state block={block} warps={warps} stages={stages} maxnreg={cap}: {t:.4f} ms "
-                f"(chunk rows {rows})")
-    fmt.CONFIGS["state"][d], fmt.STATE_PROGRAMS_PER_SM = default, per_sm
-    rows = state_rows(3, True)
-    say(f"causal state pass, chunk rows {rows}: "
-        f"{bench(lambda: fmt._state_pass(kk, v, 3, True, rows)):.4f} ms")
+    default = fmt.CONFIGS["state"][d]
+    for block, warps, stages in ((64, 4, 3), (32, 4, 2), (32, 8, 3), (16, 4, 3), (64, 4, 2)):
+        fmt.CONFIGS["state"][d] = fmt.KernelConfig(block, 64, warps, stages)
+        rows = state_rows(3, False)
+        t = bench(lambda: fmt._state_pass(kk, v, 3, False, rows))
+        say(f"state block={block} warps={warps} stages={stages}: {t:.4f} ms (chunk rows {rows})")
+    fmt.CONFIGS["state"][d] = default
 
 if "regs" in modes:
     # What each kernel's time is measured by: the state pass alone, the whole forward, or the
@@ -134,9 +126,11 @@ if "wstate" in modes:
     dden = torch.randn(h, 3, n, device=dev)
     rows = state_rows(3, False)
     default = fmt.CONFIGS["state"][d]
-    for block, warps, stages, cap in STATE_TRIALS:
-        fmt.CONFIGS["state"][d] = fmt.KernelConfig(block, 64, warps, stages, maxnreg=cap)
+    for block, warps, stages, block_v in ((64, 4, 3, 64), (64, 4, 2, 64), (64, 8, 3, 64),
+                                          (32, 4, 3, 64), (64, 4, 3, 32), (128, 8, 2, 64),
+                                          (64, 4, 4, 64)):
+        fmt.CONFIGS["state"][d] = fmt.KernelConfig(block, 64, warps, stages, 1, block_v)
         t = bench(lambda: fmt._state_pass(q, do, 3, False, rows, weights=(den, dden, wn)))
-        say(f"weighted state block={block} warps={warps} stages={stages} maxnreg={cap}: "
+        say(f"weighted state block={block} warps={warps} stages={stages} block_v={block_v}: "
             f"{t:.4f} ms")
     fmt.CONFIGS["state"][d] = default

@@ -410,66 +410,61 @@ def _load_state(P, PZ, bh, slot, n_slots, v0, L: tl.constexpr, R: tl.constexpr,
 
 
 @triton.jit
-def _state_rows(A, B, WB, WZ, wf, lo, hi, N, L: tl.constexpr, WEIGHTED: tl.constexpr,
-                LOWP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_V: tl.constexpr, D: tl.constexpr,
-                DOT_PREC: tl.constexpr):
-    """State L (`[D, BLOCK_V]`) and its z (`[D, 16]`, see `_state_add`) over rows [lo, hi)."""
-    offs_d = tl.arange(0, D)
-    offs_v = tl.arange(0, BLOCK_V)
-    s = tl.zeros([D, BLOCK_V], dtype=tl.float32)
-    z = tl.zeros([D, 16], dtype=tl.float32)
-    for start in range(lo, hi, BLOCK):
-        rows = start + tl.arange(0, BLOCK)
-        ok = rows < hi
-        # [BLOCK, D]
-        a = tl.load(A + rows[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
-        b = tl.load(B + rows[:, None] * D + offs_v[None, :], mask=ok[:, None], other=0.0)
-        s, z = _state_add(s, z, a, _exp_neg_abs(a), ok, b, WB, WZ, rows, N, wf, L,
-                          WEIGHTED, LOWP, DOT_PREC)
-    return s, z
-
-
-@triton.jit
 def _fmmformer_state_kernel(
     A, B, WB, WZ, WF, P, PZ,
     N, H, rows_per_chunk,
     R: tl.constexpr, WEIGHTED: tl.constexpr, LOWP: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_V: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """Chunk state of one map l < R: sum_i phi_l(a_i) b_i^T and sum_i phi_l(a_i), one program
-    per (map, BLOCK_V columns of b; chunk; head). The R programs of a chunk are neighbours,
-    so its row tiles come from HBM once and from L2 for the other maps; one state per program
-    leaves registers for more programs per SM than one program carrying all R.
+    """Chunk states of every map l < R: sum_i phi_l(a_i) b_i^T and sum_i phi_l(a_i), one
+    program per (chunk, head, BLOCK_V columns of b), so a row tile is read once for all maps
+    (splitting the columns trades re-reads of a for fewer registers per program).
 
     Plain (A=K, B=V): the forward states S_l, z_l. Weighted (A=Q, B=dO): rows of B scaled by
     w_far / den_l and the vector sum weighted by dL/d den_l: the backward dual states U_l, u_l."""
-    which = tl.program_id(0) % R
-    v0 = (tl.program_id(0) // R) * BLOCK_V
-    c = tl.program_id(1)
-    bh = tl.program_id(2).to(tl.int64)
-    n_chunks = tl.num_programs(1)
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    v0 = tl.program_id(2) * BLOCK_V
+    n_chunks = tl.num_programs(0)
     A += bh * N * D
     B += bh * N * D + v0
+    offs_d = tl.arange(0, D)
+    offs_v = tl.arange(0, BLOCK_V)
     wf = 1.0
     if WEIGHTED:
         wf = tl.load(WF + bh % H).to(tl.float32)
         WB += bh * R * N
         WZ += bh * R * N
+    # [D, BLOCK_V] per map
+    s0 = tl.zeros([D, BLOCK_V], dtype=tl.float32)
+    s1 = tl.zeros([D, BLOCK_V], dtype=tl.float32)
+    s2 = tl.zeros([D, BLOCK_V], dtype=tl.float32)
+    # [D, 16] per map, its columns equal (see `_state_add`)
+    z0 = tl.zeros([D, 16], dtype=tl.float32)
+    z1 = tl.zeros([D, 16], dtype=tl.float32)
+    z2 = tl.zeros([D, 16], dtype=tl.float32)
     lo = c * rows_per_chunk
     hi = tl.minimum(lo + rows_per_chunk, N)
-    # One specialised row loop per map (the branch is uniform over the program).
-    if which == 0:
-        s, z = _state_rows(A, B, WB, WZ, wf, lo, hi, N, 0, WEIGHTED, LOWP, BLOCK, BLOCK_V, D,
-                           DOT_PREC)
-        _store_state(P, PZ, bh, c, n_chunks, s, tl.max(z, 1), v0, 0, R, D)
-    elif which == 1:
-        s, z = _state_rows(A, B, WB, WZ, wf, lo, hi, N, 1, WEIGHTED, LOWP, BLOCK, BLOCK_V, D,
-                           DOT_PREC)
-        _store_state(P, PZ, bh, c, n_chunks, s, tl.max(z, 1), v0, 1, R, D)
-    else:
-        s, z = _state_rows(A, B, WB, WZ, wf, lo, hi, N, 2, WEIGHTED, LOWP, BLOCK, BLOCK_V, D,
-                           DOT_PREC)
-        _store_state(P, PZ, bh, c, n_chunks, s, tl.max(z, 1), v0, 2, R, D)
+    for start in range(lo, hi, BLOCK):
+        rows = start + tl.arange(0, BLOCK)
+        ok = rows < hi
+        # [BLOCK, D]
+        a = tl.load(A + rows[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+        b = tl.load(B + rows[:, None] * D + offs_v[None, :], mask=ok[:, None], other=0.0)
+        ea = _exp_neg_abs(a)
+        s0, z0 = _state_add(s0, z0, a, ea, ok, b, WB, WZ, rows, N, wf, 0,
+                            WEIGHTED, LOWP, DOT_PREC)
+        if R > 1:
+            s1, z1 = _state_add(s1, z1, a, ea, ok, b, WB, WZ, rows, N, wf, 1,
+                                WEIGHTED, LOWP, DOT_PREC)
+        if R > 2:
+            s2, z2 = _state_add(s2, z2, a, ea, ok, b, WB, WZ, rows, N, wf, 2,
+                                WEIGHTED, LOWP, DOT_PREC)
+    _store_state(P, PZ, bh, c, n_chunks, s0, tl.max(z0, 1), v0, 0, R, D)
+    if R > 1:
+        _store_state(P, PZ, bh, c, n_chunks, s1, tl.max(z1, 1), v0, 1, R, D)
+    if R > 2:
+        _store_state(P, PZ, bh, c, n_chunks, s2, tl.max(z2, 1), v0, 2, R, D)
 
 
 @triton.jit
@@ -870,7 +865,7 @@ def _state_pass(
         states_z = _empty(shape_z, torch.float32, dev)
     den, dden, wf = weights if weights is not None else (states, states, states)
     block_v = min(cfg.block_v, d)
-    _fmmformer_state_kernel[(r * (d // block_v), chunks, bh)](
+    _fmmformer_state_kernel[(chunks, bh, d // block_v)](
         a, b, den, dden, wf, states, states_z,
         n, h, chunk_rows,
         R=r, WEIGHTED=weights is not None, LOWP=lowp, BLOCK=min(cfg.block_m, chunk_rows),
