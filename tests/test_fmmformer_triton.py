@@ -124,6 +124,28 @@ def test_tilings_and_chunkings(poisoned, monkeypatch, causal, sms, tiles_per_pro
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reverse", [False, True], ids=["prefix", "suffix"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
+def test_prefix_states_from_parts(poisoned, device, reverse, weighted):
+    """Chunk prefix (suffix) states summed from 2 or 4 parts per chunk, the parts' partials in
+    a scratch buffer, equal those of one part per chunk; the last chunk is short."""
+    n, d, r, chunk_rows = 200, 16, 3, 64
+    a, b, _, _, _, wf = inputs(1, 2, n, d, torch.float32, device, seed=21 + reverse)
+    weights = None
+    if weighted:
+        gen = torch.Generator().manual_seed(3)
+        den = (torch.rand(2, r, n, generator=gen) + 0.5).to(device)
+        weights = (den, torch.randn(2, r, n, generator=gen).to(device), wf)
+    want = fmt._prefix_states(a, b, r, chunk_rows, reverse, weights, parts_per_chunk=1)
+    for parts in (2, 4):
+        scratch = nan_empty((2, n, d), torch.float32, device)
+        got = fmt._prefix_states(a, b, r, chunk_rows, reverse, weights, scratch, parts)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert want[0].shape == (2, 4, r, d, d)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_tiny_and_zero_near_weight(poisoned, device, causal):
     """The backward recovers the band's softmax delta from o (no saved Near): with w_near at 0
@@ -398,9 +420,10 @@ def bench(sweep: bool = False, odd: bool = True, baseline: bool = True,
         chunk_rows = rows_of(n, heads, r, d, o_bytes, q.device)
 
         def state_pass():
-            states = fmt._state_pass(k, v, r, causal, chunk_rows)
-            if causal:
-                fmt._scan(*states, reverse=False)
+            if causal:  # with o's bytes as scratch, as the forward
+                fmt._prefix_states(k, v, r, chunk_rows, False, scratch=torch.empty_like(q))
+            else:
+                fmt._state_pass(k, v, r, causal, chunk_rows)
 
         ms = time_ms(state_pass)[0]
         log(f"causal={causal}: state pass (+scan) alone {ms:.3f} ms, "

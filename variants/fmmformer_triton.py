@@ -468,21 +468,35 @@ def _fmmformer_state_kernel(
 
 
 @triton.jit
-def _fmmformer_scan_kernel(P, PZ, n_chunks,
-                           R: tl.constexpr, D: tl.constexpr, REVERSE: tl.constexpr):
-    """In place, per (head, l): chunk states -> exclusive prefix sums (suffix sums if REVERSE)."""
+def _fmmformer_scan_kernel(SRC, SRCZ, DST, DSTZ, n_parts, parts_per_chunk, n_chunks,
+                           R: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr,
+                           REVERSE: tl.constexpr):
+    """Per (head, l, ROWS rows of the state): from the partial states of `n_parts`
+    consecutive row ranges (SRC), each chunk's exclusive prefix sum (suffix sum if REVERSE)
+    over whole chunks of `parts_per_chunk` parts, into DST. DST may be SRC (one part per
+    chunk: in place; every part is read before its slot is written)."""
     bh = tl.program_id(0).to(tl.int64)
     which = tl.program_id(1)
-    # [D, D]
-    s = tl.zeros([D, D], dtype=tl.float32)
-    z = tl.zeros([D], dtype=tl.float32)
-    for i in range(0, n_chunks):
-        c = n_chunks - 1 - i if REVERSE else i
-        sp, zp = _state_ptrs(P, PZ, bh, c, n_chunks, which, R, D)
-        x = tl.load(sp)
-        xz = tl.load(zp)
-        tl.store(sp, s)
-        tl.store(zp, z)
+    offs_r = tl.program_id(2) * ROWS + tl.arange(0, ROWS)
+    offs_d = tl.arange(0, D)
+    tile = offs_r[:, None] * D + offs_d[None, :]
+    # [ROWS, D]
+    s = tl.zeros([ROWS, D], dtype=tl.float32)
+    z = tl.zeros([ROWS], dtype=tl.float32)
+    for i in range(0, n_parts):
+        part = n_parts - 1 - i if REVERSE else i
+        sp, zp = _state_base(SRC, SRCZ, bh, part, n_parts, which, R, D)
+        x = tl.load(sp + tile)
+        xz = tl.load(zp + offs_r)
+        # A chunk's state is the sum before its first part (after its last, if REVERSE).
+        if REVERSE:
+            edge = (part % parts_per_chunk == parts_per_chunk - 1) | (part == n_parts - 1)
+        else:
+            edge = part % parts_per_chunk == 0
+        if edge:
+            dp, dzp = _state_base(DST, DSTZ, bh, part // parts_per_chunk, n_chunks, which, R, D)
+            tl.store(dp + tile, s)
+            tl.store(dzp + offs_r, z)
         s += x
         z += xz
 
@@ -846,8 +860,8 @@ def _state_pass(
 
     `weights` = (den, dden, w_far) gives the backward's dual states instead (module docstring).
     Causal: the chunk partials, `[B*H, chunks, r, D, D]` and `[B*H, chunks, r, D]`, fp32.
-    Non-causal: their sum, `[B*H, 1, r, D, D]` in the matmul dtype and `[B*H, 1, r, D]` fp32;
-    the partials may live in `scratch` (a tensor not yet written, e.g. the output), where
+    Non-causal: their sum, `[B*H, 1, r, D, D]` in the matmul dtype and `[B*H, 1, r, D]` fp32.
+    The partials may live in `scratch` (a tensor not yet written, e.g. the output), where
     large enough.
     """
     bsz, h, n, d = a.shape
@@ -857,7 +871,7 @@ def _state_pass(
     chunks = triton.cdiv(n, chunk_rows)
     shape, shape_z = (bh, chunks, r, d, d), (bh, chunks, r, d)
     n_s, n_z = _numel(shape), _numel(shape_z)
-    if scratch is not None and not causal and _fits(scratch, n_s + n_z):
+    if scratch is not None and _fits(scratch, n_s + n_z):
         flat = scratch.view(-1).view(torch.uint8)[: 4 * (n_s + n_z)].view(torch.float32)
         states, states_z = flat[:n_s].view(shape), flat[n_s:].view(shape_z)
     else:
@@ -887,12 +901,49 @@ def _fits(scratch: torch.Tensor, n_floats: int) -> bool:
     return scratch.is_contiguous() and 4 * n_floats <= scratch.numel() * scratch.element_size()
 
 
-def _scan(states: torch.Tensor, states_z: torch.Tensor, reverse: bool) -> None:
-    """In place: chunk states -> exclusive prefix (suffix if `reverse`) sums over chunks."""
-    bh, chunks, r, d, _ = states.shape
-    _fmmformer_scan_kernel[(bh, r)](
-        states, states_z, chunks, R=r, D=d, REVERSE=reverse, num_warps=8 if d > 64 else 4
+def _prefix_states(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    r: int,
+    chunk_rows: int,
+    reverse: bool,
+    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    scratch: torch.Tensor | None = None,
+    parts_per_chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal: every chunk's exclusive prefix states (suffix states if `reverse`),
+    `[B*H, chunks, r, D, D]` and `[B*H, chunks, r, D]` fp32 (states as `_state_pass`).
+
+    The state pass runs over `parts_per_chunk` parts of each chunk (default: enough programs
+    to fill the GPU, as the non-causal pass; one per chunk when their partials do not fit in
+    `scratch`, a tensor not yet written), and a scan sums the parts into the chunk states:
+    with one program per SM the causal kernels take few chunks (8 at B*H = 16 on an H100),
+    too few programs for the state pass alone."""
+    bsz, h, n, d = a.shape
+    bh, dev = bsz * h, a.device
+    chunks = triton.cdiv(n, chunk_rows)
+    if parts_per_chunk is None:
+        tiles = chunk_rows // _config("state", d, dev).block_m
+        want = max(1, STATE_PROGRAMS_PER_SM * _sm_count(dev) // (bh * chunks))
+        parts_per_chunk = 1
+        while parts_per_chunk * 2 <= want and tiles % (parts_per_chunk * 2) == 0:
+            parts_per_chunk *= 2
+        room = scratch.numel() * scratch.element_size() if scratch is not None else 0
+        while parts_per_chunk > 1 and bh * chunks * parts_per_chunk * r * d * (d + 1) * 4 > room:
+            parts_per_chunk //= 2
+    parts, parts_z = _state_pass(a, b, r, True, chunk_rows // parts_per_chunk, weights,
+                                 scratch if parts_per_chunk > 1 else None)
+    if parts_per_chunk == 1:  # in place
+        states, states_z = parts, parts_z
+    else:
+        states = _empty((bh, chunks, r, d, d), torch.float32, dev)
+        states_z = _empty((bh, chunks, r, d), torch.float32, dev)
+    rows = min(16, d)
+    _fmmformer_scan_kernel[(bh, r, d // rows)](
+        parts, parts_z, states, states_z, parts.shape[1], parts_per_chunk, chunks,
+        R=r, D=d, ROWS=rows, REVERSE=reverse,
     )
+    return states, states_z
 
 
 def _causal_chunk_rows(
@@ -956,8 +1007,8 @@ def fmmformer_fwd(
     qk_scale = d**-0.5 * LOG2E
     if causal:
         chunk_rows = _causal_chunk_rows(n, bh, r, d, o_bytes, dev)
-        states, states_z = _state_pass(k, v, r, True, chunk_rows)
-        _scan(states, states_z, reverse=False)
+        # The parts' partials live in o, written only afterwards.
+        states, states_z = _prefix_states(k, v, r, chunk_rows, reverse=False, scratch=o)
         _fmmformer_fwd_causal_kernel[(states.shape[1], bh)](
             q, k, v, o, lse, states, states_z, wn, wf,
             n, h, bandwidth, chunk_rows, qk_scale, eps, **common,
@@ -1032,10 +1083,12 @@ def fmmformer_bwd(
     dk = _empty(k.shape, k.dtype, dev)
     budget = dk.numel() * dk.element_size()
     chunk_rows = saved.chunk_rows if causal else _state_chunk_rows(n, bh, r, d, budget, dev)
-    ustates, ustates_z = _state_pass(q, do, r, causal, chunk_rows, weights=(den, dden, wf),
-                                     scratch=dk)
     if causal:
-        _scan(ustates, ustates_z, reverse=True)
+        ustates, ustates_z = _prefix_states(q, do, r, chunk_rows, reverse=True,
+                                            weights=(den, dden, wf), scratch=dk)
+    else:
+        ustates, ustates_z = _state_pass(q, do, r, False, chunk_rows, weights=(den, dden, wf),
+                                         scratch=dk)
 
     dv = _empty(v.shape, v.dtype, dev)
     grid_k = (triton.cdiv(n, rows_k), bh)
