@@ -99,7 +99,7 @@ class LaunchConfig:
 COARSE_TILE = {False: 64, True: 32}
 # Pooling kernel: level-1 windows per program, token rows per loaded tile (halved for D > 64)
 # and launch options (benchmarks may edit).
-# H100 (bf16, D=64, N=65536, `scripts/fma_probe.py`, do_bench): 0.120 ms, 2.2 TB/s (0.111 ms
+# H100 (bf16, D=64, N=65536, `scripts/fma_probe.py`, do_bench): 0.119 ms, 2.3 TB/s (0.105 ms
 # kernel time); 8 warps 0.125; 32 or 64 windows 0.129 / 0.187 ms (the pooling matrix has a row
 # per window of every level in the chunk: 2 * windows rows).
 POOL_CONFIG = {"windows": 16, "block_t": 128, "num_warps": 4, "num_stages": 3}

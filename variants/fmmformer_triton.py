@@ -10,10 +10,11 @@ as tensor-core products); then one kernel walks query tiles, computing the band 
 window_triton's online softmax over the key tiles that meet it, the r far-field terms and the
 blend, writing `o` once. Non-causal: the chunk states are summed into one global state (the
 partials live in `o`, not yet written) and each program takes one tile, under a register cap
-that fits four programs per SM. Causal: an in-place scan turns the chunk states into each
-chunk's prefix; one program per chunk walks its tiles in order, carrying the three fp32 states
-in registers and adding the masked intra-tile products (their weighted sum over maps takes one
-matmul with V).
+that fits four programs per SM. Causal: the state pass runs over parts of each chunk (partials
+in `o`) and a scan sums them into each chunk's prefix; one program per chunk (one per SM: the
+chunks make whole waves) walks its tiles in order, carrying the three fp32 states in registers
+and adding the masked intra-tile products (their weighted sum over maps takes one matmul with
+V).
 
 Backward (three kernels, a state pass and, causal, two scans): `dq` walks query tiles (far
 field, then band), storing each row's far normalizers `den_l` and `dL/d den_l`; a weighted
@@ -22,11 +23,11 @@ walks key tiles (band, then the far field from `U_l`, backwards when causal so t
 suffix sum). dL/dw_near and dL/dw_far come from per-program partial sums.
 
 Memory: forward-only calls allocate `o` plus, causal, the chunk states (`chunks * B * H * r * D *
-(D+1)` floats, sized to stay under 9% of `o` or 8 MiB, whichever is more). With grad, the forward also keeps the log-sum-exp
-and nothing else: the backward recovers the band's softmax delta from `o` (`w_near dO . Near =
-dO . o - w_far sum_l dO . Far_l`, whose far terms dq computes first anyway) and sums dL/dw_near
-from the band's P and dO V^T, so nothing is divided by w_near (H100: fwd_bwd 2.71 -> 2.61 ms
-non-causal: no Near is written).
+(D+1)` floats, under 9% of `o` or 8 MiB, whichever is more). With grad, the forward also keeps
+the log-sum-exp and nothing else: the backward recovers the band's softmax delta from `o`
+(`w_near dO . Near = dO . o - w_far sum_l dO . Far_l`, whose far terms dq computes first
+anyway) and sums dL/dw_near from the band's P and dO V^T, so nothing is divided by w_near
+(H100: fwd_bwd 2.71 -> 2.61 ms non-causal: no Near is written).
 """
 from __future__ import annotations
 
@@ -231,8 +232,9 @@ def _phi_map(x, e, L: tl.constexpr):
 def _near_fwd(q, K, V, m0, rows, ok, N, bandwidth, right, qk_scale, wn, LSE,
               SAVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_V: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr):
-    """w_near * Near for one query tile and BLOCK_V value columns (V starts at them): window_triton's online softmax over the key tiles that meet the band (masked edge
-    tiles, unmasked interior). SAVE stores the log2-domain log-sum-exp for the backward."""
+    """w_near * Near for one query tile and BLOCK_V value columns (V starts at them):
+    window_triton's online softmax over the key tiles that meet the band (masked edge tiles,
+    unmasked interior). SAVE stores the log2-domain log-sum-exp for the backward."""
     lo, mid_lo, mid_hi, hi = _query_tile_keys(m0, N, bandwidth, right, BLOCK_M, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
