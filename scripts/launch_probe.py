@@ -15,14 +15,14 @@ import sys
 
 sys.path.insert(0, ".")
 sys.path.insert(0, "scripts")
-import torch  # noqa: E402
-import triton.testing  # noqa: E402
+import torch
+import triton.testing
+from probe_common import ProbeLog
 
-from harness.config import BenchConfig  # noqa: E402
-from harness.registry import Shape, expand_configs  # noqa: E402
-from harness.trial import Trial, make_inputs  # noqa: E402
-from probe_common import ProbeLog  # noqa: E402
-from variants import load_builtin_variants  # noqa: E402
+from harness.config import BenchConfig
+from harness.registry import Shape, expand_configs
+from harness.trial import Trial, make_inputs
+from variants import load_builtin_variants
 
 say = ProbeLog("launch_probe.log").say
 VARIANTS = ("fma_triton", "fmmformer_triton", "linear_triton", "window_triton", "softmax_sdpa")
