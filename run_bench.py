@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="run directory (default results/runs/<run_id>)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="finish an interrupted run")
     p.add_argument("--rep-ms", type=float, help="measuring budget per timed case (ms)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="time each case as a CUDA-graph replay (GPU time without the Python "
+                        "launch path, which dominates short calls)")
     p.add_argument("--accuracy-rows", type=int, help="query rows sampled for references")
     p.add_argument("--seed", type=int)
     return p
@@ -124,6 +127,7 @@ def config_from_args(args) -> tuple[BenchConfig, Path]:
         batch=args.batch, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,
         causal=args.causal, params=tuple(args.param) or None, plugins=tuple(args.plugin) or None,
         rep_ms=args.rep_ms, accuracy_rows=args.accuracy_rows, seed=args.seed,
+        cuda_graph=args.cuda_graph or None,
     )  # fmt: skip
     return config, args.out or new_run_dir(DEFAULT_ROOT, config)
 

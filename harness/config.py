@@ -36,6 +36,7 @@ class BenchConfig:
     rep_ms: float = 100.0
     accuracy_rows: int = 1024  # query rows sampled for float64 references above this N
     seed: int = 0
+    cuda_graph: bool = False  # time CUDA-graph replays: the GPU without the Python launch path
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -100,6 +101,8 @@ def validate(config: BenchConfig) -> None:
         raise ConfigError(f"unknown device '{config.device}'; valid: cpu, cuda")
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' requested but CUDA is not available; valid: cpu")
+    if config.cuda_graph and config.device != "cuda":
+        raise ConfigError("--cuda-graph times CUDA-graph replays; valid only with device cuda")
     for name, value in (("batch", config.batch), ("heads", config.heads), ("head-dim", config.head_dim)):
         if value < 1:
             raise ConfigError(f"--{name} must be a positive integer, got {value}")

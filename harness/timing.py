@@ -1,4 +1,8 @@
-"""Wall-clock timing of a zero-argument closure (SPEC 2): do_bench on CUDA, Timer on CPU."""
+"""Wall-clock timing of a zero-argument closure (SPEC 2): do_bench on CUDA, Timer on CPU.
+
+On CUDA a closure may instead be timed as a CUDA-graph replay under the same do_bench (L2
+flushed before every call): the same kernels without the CPU work of launching them, which at
+short lengths outlasts the GPU work of multi-kernel variants (`scripts/launch_probe.py`)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -22,6 +26,7 @@ def time_closure(
     warmup_ms: float = 25.0,
     rep_ms: float = 100.0,
     grad_to_none: Sequence[torch.Tensor] | None = None,
+    cuda_graph: bool = False,
 ) -> TimeStats:
     """Time `fn` after the caller has already run it once (compilation, autotuning).
 
@@ -34,9 +39,14 @@ def time_closure(
         warmup_ms, rep_ms: do_bench's warm-up and measuring budgets; on the CPU `rep_ms` is
             the minimum total run time.
         grad_to_none: tensors whose `.grad` is reset between calls (backward timing).
+        cuda_graph: CUDA only: capture `fn` once and time its replays (a closure that cannot be
+            captured raises, and its case becomes an error row).
     """
     if device.type == "cuda":
         from triton.testing import do_bench
+
+        if cuda_graph:
+            fn, grad_to_none = graph_replay(fn, grad_to_none), None
 
         median, p20, p80 = do_bench(
             fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8]
@@ -57,3 +67,29 @@ def time_closure(
     times = torch.tensor(measurement.times, dtype=torch.float64) * 1000
     p20, median, p80 = torch.quantile(times, torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64))
     return TimeStats(float(median), float(p20), float(p80))
+
+
+def graph_replay(
+    fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor] | None = None
+) -> Callable[[], None]:
+    """`fn` captured in a CUDA graph, after warm-up calls on a side stream (as PyTorch's CUDA
+    graph notes prescribe); returns the replay. Gradients in `grad_to_none` are reset before
+    the capture, so that every replay writes fresh ones, as the uncaptured timing does, rather
+    than accumulating into them."""
+
+    def reset_grads():
+        for t in grad_to_none or ():
+            t.grad = None
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            reset_grads()
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    reset_grads()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay

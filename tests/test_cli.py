@@ -29,6 +29,7 @@ def run_cli(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
     (["--dtype", "int4"], "invalid choice: 'int4'"),
     (["--resume", "/nonexistent/run"], "cannot resume"),
     (["--plugin", "/nonexistent/p.py"], "plugin file not found"),
+    (["--cuda-graph"], "--cuda-graph times CUDA-graph replays; valid only with device cuda"),
 ])  # fmt: skip
 def test_bad_input_is_one_line_exit_2(args, expected):
     result = run_cli(*args, "--device", "cpu")

@@ -188,6 +188,13 @@ def test_compare_warns_on_environment_and_prints_markdown(tmp_path: Path, capsys
     assert "| variant |" in cap.out and "|---|" in cap.out
 
 
+def test_compare_warns_when_one_run_timed_cuda_graph_replays(tmp_path: Path, capsys) -> None:
+    rows = timed("fmmformer", "fmm", 1024, 10.0)
+    graph_meta = {**META, "config": {"cuda_graph": True}}
+    assert compare_pair(tmp_path, rows, rows, new_meta=graph_meta) == 0
+    assert "timing differs: calls as made (old) vs CUDA-graph replays (new)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("case", ["not_csv", "missing_columns", "no_file", "no_common",
                                   "bad_metric", "bad_threshold", "bad_causal"])
 def test_compare_malformed_or_mismatched_exits_2(tmp_path: Path, capsys, case: str) -> None:

@@ -75,6 +75,11 @@ def environment_warnings(old: Run, new: Run) -> list[str]:
     if old.meta and new.meta:
         out += [f"{key} differs: {old.meta.get(key)} (old) vs {new.meta.get(key)} (new)"
                 for key in FINGERPRINT if old.meta.get(key) != new.meta.get(key)]
+        graphs = [bool(run.meta.get("config", {}).get("cuda_graph")) for run in (old, new)]
+        if graphs[0] != graphs[1]:
+            method = ["CUDA-graph replays" if g else "calls as made" for g in graphs]
+            out.append(f"timing differs: {method[0]} (old) vs {method[1]} (new); short "
+                       "calls differ by the Python launch path")
     return out
 
 

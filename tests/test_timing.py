@@ -1,0 +1,43 @@
+"""Timing of closures: CUDA-graph replays time the same work as the calls they capture."""
+import pytest
+import torch
+
+from harness.timing import graph_replay, time_closure
+
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_cpu_timing_resets_gradients_between_calls():
+    x = torch.randn(64, 64, requires_grad=True)
+    calls = []
+
+    def fwd_bwd():
+        calls.append(x.grad)  # None every time: reset before each call
+        (x @ x).sum().backward()
+
+    stats = time_closure(fwd_bwd, torch.device("cpu"), rep_ms=5, grad_to_none=[x])
+    assert 0 < stats.p20 <= stats.median <= stats.p80
+    assert calls and all(g is None for g in calls)
+
+
+@NO_CUDA
+def test_graph_replay_writes_the_gradients_of_a_fresh_backward():
+    """A captured forward and backward: each replay recomputes the output and writes (not
+    accumulates) the gradients an uncaptured call gives, on new input values."""
+    w = torch.randn(256, 256, device="cuda", requires_grad=True)
+    x = torch.randn(256, 256, device="cuda")
+    replay = graph_replay(lambda: (torch.tanh(x @ w) ** 2).sum().backward(), [w])
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))  # the graph reads x's memory: new values each replay
+        replay()
+        got = w.grad.clone()
+        want = torch.autograd.grad((torch.tanh(x @ w) ** 2).sum(), w)[0]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@NO_CUDA
+def test_cuda_graph_timing_measures_the_gpu_work():
+    a = torch.randn(4096, 4096, device="cuda")
+    one = time_closure(lambda: a @ a, torch.device("cuda"), cuda_graph=True)
+    four = time_closure(lambda: [a @ a for _ in range(4)], torch.device("cuda"), cuda_graph=True)
+    assert 0 < one.median and 3 * one.median < four.median < 5 * one.median
