@@ -21,25 +21,12 @@ from probe_common import ProbeLog
 
 from harness.config import BenchConfig
 from harness.registry import Shape, expand_configs
+from harness.timing import graph_replay
 from harness.trial import Trial, make_inputs
 from variants import load_builtin_variants
 
 say = ProbeLog("launch_probe.log").say
 VARIANTS = ("fma_triton", "fmmformer_triton", "linear_triton", "window_triton", "softmax_sdpa")
-
-
-def graph_of(fn) -> torch.cuda.CUDAGraph:
-    """`fn` captured once (after warm-up calls on a side stream, as torch recommends)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 def main(lengths: list[int]) -> None:
@@ -63,14 +50,14 @@ def main(lengths: list[int]) -> None:
                 called = triton.testing.do_bench(call, warmup=25, rep=100)
                 label = f"{name:17} causal={causal!s:5} N={n:6}"
                 try:
-                    graph = graph_of(call)
+                    replay = graph_replay(call)
                 except RuntimeError as exc:  # a call that cannot be captured
                     say(f"{label}: {called:.4f} ms; capture failed: {str(exc)[:120]}")
                     continue
-                replayed = triton.testing.do_bench(graph.replay, warmup=25, rep=100)
+                replayed = triton.testing.do_bench(replay, warmup=25, rep=100)
                 say(f"{label}: {called:.4f} / {replayed:.4f} ms "
                     f"(launch path {called - replayed:+.4f})")
-                del graph, trial, fn
+                del replay, trial, fn
                 torch.cuda.empty_cache()
 
 
