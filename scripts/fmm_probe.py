@@ -126,9 +126,10 @@ if "wstate" in modes:
     dden = torch.randn(h, 3, n, device=dev)
     rows = state_rows(3, False)
     default = fmt.CONFIGS["state"][d]
+    # (32 value columns faulted with an illegal address on the H100 and ended the probe:
+    # probe_wstate_near_drop.log.)
     for block, warps, stages, block_v in ((64, 4, 3, 64), (64, 4, 2, 64), (64, 8, 3, 64),
-                                          (32, 4, 3, 64), (64, 4, 3, 32), (128, 8, 2, 64),
-                                          (64, 4, 4, 64)):
+                                          (32, 4, 3, 64), (128, 8, 2, 64), (64, 4, 4, 64)):
         fmt.CONFIGS["state"][d] = fmt.KernelConfig(block, 64, warps, stages, 1, block_v)
         t = bench(lambda: fmt._state_pass(q, do, 3, False, rows, weights=(den, dden, wn)))
         say(f"weighted state block={block} warps={warps} stages={stages} block_v={block_v}: "
