@@ -122,6 +122,14 @@ def test_scaling_figure_marks_oom_and_draws_guides() -> None:
     assert mark.get_ydata()[0] == pytest.approx(1e-6 * 4096**2)
 
 
+def test_scaling_figure_of_a_time_only_run_has_one_row() -> None:
+    df = tidy(pd.DataFrame(sweep_rows(), columns=list(COLUMNS)))
+    fig = scaling_figure(df[df["suite"] == "time"], "t")
+    axes = [ax for ax in fig.axes if ax.get_xscale() == "log"]
+    assert len(axes) == 4 and all(ax.get_ylabel() in ("", "time (ms)") for ax in axes)
+    assert not any(t.get_text() == "no data" for ax in axes for t in ax.texts)
+
+
 # ---------------------------------------------------------------- compare
 
 

@@ -125,7 +125,8 @@ def draw_guides(ax: Axes, rows: pd.DataFrame, suite: str) -> None:
 
 
 def scaling_figure(df: pd.DataFrame, title: str, style: dict | None = None) -> Figure | None:
-    """Time (top row) and peak memory (bottom row) vs N, one column per (mode, causal) panel.
+    """Time (top row) and peak memory (bottom row) vs N, one column per (mode, causal) panel;
+    a run of one suite (e.g. time alone) gets that row only.
 
     `df` holds the rows of one CONFIG; variants that ran out of memory end in an OOM mark.
     None when there are no time or memory rows.
@@ -134,14 +135,15 @@ def scaling_figure(df: pd.DataFrame, title: str, style: dict | None = None) -> F
     if rows.empty:
         return None
     panels = panels_of(rows)
+    suites = [suite for suite in SUITE_METRIC if (rows["suite"] == suite).any()]
     style = only(style or styles(df), rows)
-    fig = Figure(figsize=(3.6 * len(panels) + 2.5, 6.5), layout="constrained")
-    axes = fig.subplots(2, len(panels), squeeze=False, sharex=True)
-    for r, suite in enumerate(SUITE_METRIC):
+    fig = Figure(figsize=(3.6 * len(panels) + 2.5, 3.0 * len(suites) + 0.5), layout="constrained")
+    axes = fig.subplots(len(suites), len(panels), squeeze=False, sharex=True)
+    for r, suite in enumerate(suites):
         for c, panel in enumerate(panels):
             ax = axes[r, c]
             sub = in_panel(rows[rows["suite"] == suite], panel)
-            log2_x(ax, label=r == 1)
+            log2_x(ax, label=r == len(suites) - 1)
             ax.set_yscale("log")
             if draw_lines(ax, sub, suite, style):
                 draw_guides(ax, sub, suite)
