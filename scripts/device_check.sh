@@ -5,10 +5,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/out}; mkdir -p "$out"
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # optional peers carried as wheels
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
+. "$(dirname "$0")/carry_wheels.sh"  # optional peers carried as wheels
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}  # the bench imports the repo's packages
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
 timeout 300 python3 -m pytest -q -x -k cuda tests/ -p no:cacheprovider 2>&1 | tee "$out/cuda_tests.log" | tail -25

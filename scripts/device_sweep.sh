@@ -7,10 +7,7 @@ set -uo pipefail
 run_dir=${1:?run directory}; seconds=${2:?time budget}; shift 2
 export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/out}; mkdir -p "$out"
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # optional peers carried as wheels
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
+. "$(dirname "$0")/carry_wheels.sh"  # optional peers carried as wheels
 if [ -f "$run_dir/meta.json" ]; then args=(--resume "$run_dir"); else args=(--out "$run_dir" "$@"); fi
 timeout --signal=INT "$seconds" python3 run_bench.py "${args[@]}" >"$out/log.txt" 2>&1
 echo "run_bench exit: $?"

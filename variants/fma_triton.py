@@ -314,8 +314,8 @@ def _fma_fwd_near(
 def _coarse_tile(idx_ptr, logw_ptr, bits_ptr, ck_ptr, cv_ptr, tab_ptr, c0,
                  HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr):
     """Slots [c0, c0 + BLOCK_C) of a tile's coarse table (past the used prefix: row -1, log rho
-    -inf): coarse row, log2 rho, the bits of the finest blocks using it, and its
-    `[BLOCK_C, HEAD_DIM]` summaries."""
+    -inf): coarse row, log2 rho, the bits of the finest blocks using it, the offsets of its
+    `[BLOCK_C, HEAD_DIM]` summaries and the summaries."""
     offs_c = c0 + tl.arange(0, BLOCK_C)
     idx = tl.load(idx_ptr + tab_ptr + offs_c)
     logw = tl.load(logw_ptr + tab_ptr + offs_c) * _LOG2E
@@ -323,7 +323,7 @@ def _coarse_tile(idx_ptr, logw_ptr, bits_ptr, ck_ptr, cv_ptr, tab_ptr, c0,
     c_offs = idx.to(tl.int64)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
     ckt = tl.load(ck_ptr + c_offs, mask=(idx >= 0)[:, None], other=0.0)
     cvt = tl.load(cv_ptr + c_offs, mask=(idx >= 0)[:, None], other=0.0)
-    return idx, logw, bits, ckt, cvt
+    return idx, logw, bits, c_offs, ckt, cvt
 
 
 @triton.jit
@@ -380,8 +380,8 @@ def _fma_fwd_kernel(
     tab_ptr = (m0 // SB) * N_SLOTS
     used = tl.load(used_ptr + m0 // SB)
     if CAUSAL:
-        idx, logw, bits, ckt, cvt = _coarse_tile(idx_ptr, logw_ptr, bits_ptr, ck_ptr, cv_ptr,
-                                                 tab_ptr, 0, HEAD_DIM, BLOCK_C)
+        idx, logw, bits, _, ckt, cvt = _coarse_tile(idx_ptr, logw_ptr, bits_ptr, ck_ptr, cv_ptr,
+                                                    tab_ptr, 0, HEAD_DIM, BLOCK_C)
     lo, hi = _near_range(m0, N, M, BLOCK_M, CAUSAL)
     # Tiles in [lo, mid) need no mask: with one finest block per tile every key of [lo, hi) is
     # near, and causal tiles ending at or before the tile's first query see no future key.
@@ -409,8 +409,8 @@ def _fma_fwd_kernel(
                                          qk_scale, PRECISION, QB)
         first = BLOCK_C
     for c0 in range(first, used, BLOCK_C):
-        idx, logw, bits, ckt, cvt = _coarse_tile(idx_ptr, logw_ptr, bits_ptr, ck_ptr, cv_ptr,
-                                                 tab_ptr, c0, HEAD_DIM, BLOCK_C)
+        idx, logw, bits, _, ckt, cvt = _coarse_tile(idx_ptr, logw_ptr, bits_ptr, ck_ptr, cv_ptr,
+                                                    tab_ptr, c0, HEAD_DIM, BLOCK_C)
         acc, m_i, l_i = _coarse_step(acc, m_i, l_i, q, idx, logw, bits, ckt, cvt, local,
                                      qk_scale, PRECISION, QB)
 
@@ -479,10 +479,9 @@ def _fma_bwd_dq_kernel(
     tab_ptr = (m0 // SB) * N_SLOTS
     used = tl.load(used_ptr + m0 // SB)
     for c0 in range(0, used, BLOCK_C):
-        idx, logw, bits, ckt, cvt = _coarse_tile(idx_ptr, logw_ptr, bits_ptr, ck_ptr, cv_ptr,
-                                                 tab_ptr, c0, HEAD_DIM, BLOCK_C)
+        idx, logw, bits, c_offs, ckt, cvt = _coarse_tile(
+            idx_ptr, logw_ptr, bits_ptr, ck_ptr, cv_ptr, tab_ptr, c0, HEAD_DIM, BLOCK_C)
         c_ok = (idx >= 0)[:, None]
-        c_offs = idx.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
         # [BLOCK_M, BLOCK_C]
         s = _dot(q, tl.trans(ckt), None, PRECISION) * qk_scale + logw[None, :]
         keep = (((bits[None, :] >> local[:, None]) & 1) != 0) & row_ok[:, None]

@@ -803,7 +803,7 @@ def _chunk_rows(n: int, bh: int, r: int, d: int, block: int, programs: int, budg
     that is what fits at once; at least one chunk per head), a multiple of `block`, and few
     enough chunks that their states (`bh * r * d * (d + 1)` floats each) fit in `budget` bytes."""
     tiles = triton.cdiv(n, block)
-    cap = max(1, int(budget // (bh * r * d * (d + 1) * 4)))
+    cap = max(1, int(budget // (4 * _state_floats(bh, 1, r, d))))
     chunks = max(1, min(tiles, programs // bh, cap))
     return block * triton.cdiv(tiles, chunks)
 
@@ -849,13 +849,17 @@ class _Saved:
     chunk_rows: int
 
 
+# The backward's dual-state weights: per-row den_l, dL/d den_l (`[B*H, r, N]` fp32) and w_far.
+Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 def _state_pass(
     a: torch.Tensor,
     b: torch.Tensor,
     r: int,
     causal: bool,
     chunk_rows: int,
-    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    weights: Weights | None = None,
     scratch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """States sum_i phi_l(a_i) b_i^T and sum_i phi_l(a_i) per chunk of `chunk_rows` rows.
@@ -873,7 +877,7 @@ def _state_pass(
     chunks = triton.cdiv(n, chunk_rows)
     shape, shape_z = (bh, chunks, r, d, d), (bh, chunks, r, d)
     n_s, n_z = _numel(shape), _numel(shape_z)
-    if scratch is not None and _fits(scratch, n_s + n_z):
+    if scratch is not None and _fits(scratch, _state_floats(bh, chunks, r, d)):
         flat = scratch.view(-1).view(torch.uint8)[: 4 * (n_s + n_z)].view(torch.float32)
         states, states_z = flat[:n_s].view(shape), flat[n_s:].view(shape_z)
     else:
@@ -898,6 +902,11 @@ def _numel(shape: tuple[int, ...]) -> int:
     return int(torch.Size(shape).numel())
 
 
+def _state_floats(bh: int, slots: int, r: int, d: int) -> int:
+    """fp32 values of `slots` states of every map and head: `[D, D]` plus z `[D]` each."""
+    return bh * slots * r * d * (d + 1)
+
+
 def _fits(scratch: torch.Tensor, n_floats: int) -> bool:
     """Whether `n_floats` fp32 values fit in contiguous `scratch`'s bytes."""
     return scratch.is_contiguous() and 4 * n_floats <= scratch.numel() * scratch.element_size()
@@ -909,7 +918,7 @@ def _prefix_states(
     r: int,
     chunk_rows: int,
     reverse: bool,
-    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    weights: Weights | None = None,
     scratch: torch.Tensor | None = None,
     parts_per_chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -930,8 +939,10 @@ def _prefix_states(
         parts_per_chunk = 1
         while parts_per_chunk * 2 <= want and tiles % (parts_per_chunk * 2) == 0:
             parts_per_chunk *= 2
-        room = scratch.numel() * scratch.element_size() if scratch is not None else 0
-        while parts_per_chunk > 1 and bh * chunks * parts_per_chunk * r * d * (d + 1) * 4 > room:
+        while parts_per_chunk > 1 and not (
+            scratch is not None
+            and _fits(scratch, _state_floats(bh, chunks * parts_per_chunk, r, d))
+        ):
             parts_per_chunk //= 2
     parts, parts_z = _state_pass(a, b, r, True, chunk_rows // parts_per_chunk, weights,
                                  scratch if parts_per_chunk > 1 else None)
