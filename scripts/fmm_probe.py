@@ -1,12 +1,13 @@
 """Pieces of the FMMformer kernels on the GPU (bf16, H=16, N=65536, D=64, k=30), in isolation.
 
-    python scripts/fmm_probe.py [maps] [state] [regs] [fwd] [prof] [bwd] [wstate]
+    python scripts/fmm_probe.py [maps] [state] [regs] [fwd] [prof] [bwd] [wstate] [cbwd]
 
 maps: marginal cost of each far-field map (state pass and main kernel at r = 1, 2, 3).
 state: state-pass configs (rows per tile, warps, stages). regs: register caps (`maxnreg`) per
 kernel. fwd: the non-causal forward under register caps and stages. prof: the time of each kernel
 of the forward and the backward (torch.profiler). bwd: warps and stages of the non-causal
-backward kernels. wstate: the backward's weighted (dual) state pass alone per config.
+backward kernels. wstate: the backward's weighted (dual) state pass alone per config. cbwd:
+the causal backward's kernels: a profile, then warps and stages of each.
 Results go to $OUT/probe.log.
 """
 
@@ -135,3 +136,19 @@ if "wstate" in modes:
         say(f"weighted state block={block} warps={warps} stages={stages} block_v={block_v}: "
             f"{t:.4f} ms")
     fmt.CONFIGS["state"][d] = default
+
+if "cbwd" in modes:
+    # The causal backward's kernels (tile-state walks, then one tile per dq and dk/dv program):
+    # a profile, then warps and stages of each, timed as the backward alone.
+    saved = fwd(3, True, save=True)[1]
+    kernel_times(lambda: bwd(saved, 3, True), "causal bwd", say)
+    for kind in ("tile_states", "bwd_dq_causal", "bwd_dkdv_causal"):
+        default = fmt.CONFIGS[kind][d]
+        for warps, stages in ((4, 2), (8, 2), (4, 1), (4, 3), (8, 1)):
+            fmt.CONFIGS[kind][d] = dataclasses.replace(default, num_warps=warps, num_stages=stages)
+            try:
+                t = bench(lambda: bwd(saved, 3, True))
+                say(f"cbwd {kind} warps={warps} stages={stages}: backward alone {t:.4f} ms")
+            except Exception as e:  # a config that fails to compile or to run
+                say(f"cbwd {kind} warps={warps} stages={stages}: failed {type(e).__name__}: {e}")
+        fmt.CONFIGS[kind][d] = default

@@ -98,8 +98,9 @@ CONFIGS: dict[str, dict[int, KernelConfig]] = {
     "fwd_causal": {16: _SMALL1, 32: _SMALL1, 64: _WIDE1, 128: _WIDE1},
     "bwd_dq": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
     "bwd_dkdv": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
-    "bwd_dq_causal": {16: _SMALL1, 32: _SMALL1, 64: _WIDE1, 128: _WIDE1},
-    "bwd_dkdv_causal": {16: _SMALL1, 32: _SMALL1, 64: _WIDE1, 128: _WIDE1},
+    "bwd_dq_causal": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
+    "bwd_dkdv_causal": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
+    "tile_states": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
 }
 # bf16 inputs: far-field products (states, feature maps) in bf16 rather than tf32.
 FAR_BF16 = True
@@ -283,7 +284,8 @@ def _far_causal(out, av, q, eq, k, ek, ok, v_m, s, z, earlier, wf, eps, L: tl.co
 @triton.jit
 def _far_bwd_q(dq, dfar, q, eq, rq, do, wf, k, ek, rk, v, rows, N, SP, ZP, eps, DEN, DDEN, which,
                CAUSAL: tl.constexpr, LOWP: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Far term l of dq for one query tile (states as `_far_fwd`, SP updated when causal).
+    """Far term l of dq for one query tile from the state at SP, ZP: the global one, or
+    (causal) that of the keys before the tile, the masked intra-tile product adding the rest.
     Also adds dO . Far_l to the rows' `dfar` (their share of dL/dw_far) and stores den_l and
     dL/d den_l per row.
 
@@ -323,8 +325,6 @@ def _far_bwd_q(dq, dfar, q, eq, rq, do, wf, k, ek, rk, v, rows, N, SP, ZP, eps, 
         # [BLOCK_M, BLOCK_M]: d(out_i)/d(a_ij) = dnum_i . v_j + dden_i, for j <= i
         t = tl.where(causal, _dot(dnum_m, tl.trans(v_m), None, DOT_PREC) + dden[:, None], 0.0)
         dfq = _dot(_mm(t, v, LOWP), fk_m, dfq, DOT_PREC)
-        tl.store(SP, _dot(tl.trans(fk_m), v_m, tl.load(SP), DOT_PREC))
-        tl.store(ZP, tl.load(ZP) + tl.sum(fk, 0))
     tl.store(DEN + which * N + rows, den, mask=rows < N)
     tl.store(DDEN + which * N + rows, dden, mask=rows < N)
     if CAUSAL:
@@ -336,8 +336,8 @@ def _far_bwd_q(dq, dfar, q, eq, rq, do, wf, k, ek, rk, v, rows, N, SP, ZP, eps, 
 def _far_bwd_kv(dk, dv, k, ek, rk, v, cols, N, UP, UZP, q, eq, rq, do, wf, DEN, DDEN, which,
                 CAUSAL: tl.constexpr, LOWP: tl.constexpr, DOT_PREC: tl.constexpr):
     """Far term l of dk, dv for one key tile from the dual state U = sum_i phi(q_i) dnum_i^T
-    and u = sum_i phi(q_i) dden_i. Causal: UP holds the queries after the tile (fp32); the
-    masked intra-tile product covers the rest, and the tile's queries are then added to UP."""
+    and u = sum_i phi(q_i) dden_i. Causal: UP holds the queries after the tile; the masked
+    intra-tile product covers the rest."""
     u = tl.load(UP)
     uz = tl.load(UZP)
     fk, dphi = _phi_grad(k, ek, rk, which)
@@ -361,8 +361,6 @@ def _far_bwd_kv(dk, dv, k, ek, rk, v, cols, N, UP, UZP, q, eq, rq, do, wf, DEN, 
         dfk = _dot(_mm(t1, v, LOWP), fq_m, dfk, DOT_PREC)
         t2 = tl.where(later, _dot(fk_m, tl.trans(fq_m), None, DOT_PREC), 0.0)
         dv = _dot(_mm(t2, v, LOWP), dnum_m, dv, DOT_PREC)
-        tl.store(UP, _dot(tl.trans(fq_m), dnum_m, tl.load(UP), DOT_PREC))
-        tl.store(UZP, tl.load(UZP) + tl.sum(fq * dden[:, None], 0))
     return dk + dfk * dphi, dv
 
 
@@ -501,6 +499,61 @@ def _fmmformer_scan_kernel(SRC, SRCZ, DST, DSTZ, n_parts, parts_per_chunk, n_chu
             tl.store(dzp + offs_r, z)
         s += x
         z += xz
+
+
+@triton.jit
+def _fmmformer_tile_states_kernel(
+    A, B, WB, WZ, WF, P, PZ, TS, TZ,
+    N, H, rows_per_chunk, n_chunks, n_tiles,
+    R: tl.constexpr, WEIGHTED: tl.constexpr, REVERSE: tl.constexpr, LOWP: tl.constexpr,
+    BLOCK: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Causal backward: the state of map l at every row tile of one chunk, so that the
+    gradient kernels take one tile per program instead of walking chunks (H100, N = 2^16: a
+    dq walker holding its states in L2 took 5.5 ms). Program = (map, chunk, head): one fp32
+    `[D, D]` state in registers, carried from the chunk's state in P, PZ through its tiles
+    (last to first if REVERSE); each tile's slot of TS (`[B*H, tiles, R, D, D]`, the matmul
+    dtype) and TZ (fp32) gets the state before the tile's rows are added, so that it covers
+    the rows strictly before the tile (after it, if REVERSE). Plain (A=K, B=V) and weighted
+    (A=Q, B=dO) as `_fmmformer_state_kernel`."""
+    which = tl.program_id(0)
+    c = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    A += bh * N * D
+    B += bh * N * D
+    offs_d = tl.arange(0, D)
+    wf = 1.0
+    if WEIGHTED:
+        wf = tl.load(WF + bh % H).to(tl.float32)
+        WB += (bh * R + which) * N
+        WZ += (bh * R + which) * N
+    sp, zp = _state_ptrs(P, PZ, bh, c, n_chunks, which, R, D)
+    # [D, D], [D]
+    s = tl.load(sp)
+    z = tl.load(zp)
+    lo = c * rows_per_chunk
+    steps = tl.cdiv(tl.minimum(lo + rows_per_chunk, N) - lo, BLOCK)
+    for it in range(0, steps):
+        tile = lo // BLOCK + (steps - 1 - it if REVERSE else it)
+        rows = tile * BLOCK + tl.arange(0, BLOCK)
+        ok = rows < N
+        # [BLOCK, D]
+        a = tl.load(A + rows[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+        b = tl.load(B + rows[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+        tsp, tzp = _state_ptrs(TS, TZ, bh, tile, n_tiles, which, R, D)
+        tl.store(tsp, s.to(TS.dtype.element_ty))
+        tl.store(tzp, z)
+        ea, ra = _phi_prep(a)
+        fa = tl.where(ok[:, None], _phi(a, ea, ra, which), 0.0)
+        if WEIGHTED:
+            den = tl.load(WB + rows, mask=ok, other=1.0)
+            dden = tl.load(WZ + rows, mask=ok, other=0.0)
+            b_m = _mm(b.to(tl.float32) * (wf / den)[:, None], b, LOWP)
+            z += tl.sum(fa * dden[:, None], 0)
+        else:
+            b_m = _mm(b, b, LOWP)
+            z += tl.sum(fa, 0)
+        s = _dot(tl.trans(_mm(fa, b, LOWP)), b_m, s, DOT_PREC)
 
 
 @triton.jit
@@ -676,8 +729,6 @@ def _fmmformer_bwd_dq_kernel(
             sp, zp = _state_ptrs(P, PZ, bh, slot, n_slots, which, R, D)
             dq, dfar = _far_bwd_q(dq, dfar, q, eq, rq, do, wf, k, ek, rk, v, rows, N, sp, zp,
                                   eps, DEN, DDEN, which, CAUSAL, LOWP, DOT_PREC)
-        if CAUSAL:
-            tl.debug_barrier()
         dwf += dfar
         o = tl.load(O + tile, mask=ok[:, None], other=0.0).to(tl.float32)
         # Softmax delta of the near field, rowsum(dNear * Near) with dNear = w_near dO.
@@ -778,8 +829,6 @@ def _fmmformer_bwd_dkdv_kernel(
             up, uzp = _state_ptrs(PU, PUZ, bh, slot, n_slots, which, R, D)
             dk, dv = _far_bwd_kv(dk, dv, k, ek, rk, v, cols, N, up, uzp, q, eq, rq, do, wf,
                                  DEN, DDEN, which, CAUSAL, LOWP, DOT_PREC)
-        if CAUSAL:
-            tl.debug_barrier()
         tl.store(DK + tile, dk.to(DK.dtype.element_ty), mask=ok[:, None])
         tl.store(DV + tile, dv.to(DV.dtype.element_ty), mask=ok[:, None])
 
@@ -959,10 +1008,45 @@ def _prefix_states(
     return states, states_z
 
 
+def _tile_states(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    r: int,
+    chunk_states: torch.Tensor,
+    chunk_states_z: torch.Tensor,
+    chunk_rows: int,
+    block: int,
+    reverse: bool,
+    weights: Weights | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal backward: every map's state at every tile of `block` rows, from the chunks'
+    exclusive prefix states (suffix states if `reverse`; states as `_state_pass`):
+    `[B*H, tiles, r, D, D]` in the matmul dtype and `[B*H, tiles, r, D]` fp32, in `out` if
+    given (buffers of that shape and dtypes)."""
+    bsz, h, n, d = a.shape
+    bh, dev = bsz * h, a.device
+    tiles = triton.cdiv(n, block)
+    if out is None:
+        dtype = a.dtype if _lowp(a.dtype) else torch.float32
+        out = (_empty((bh, tiles, r, d, d), dtype, dev),
+               _empty((bh, tiles, r, d), torch.float32, dev))
+    cfg = _config("tile_states", d, dev)
+    den, dden, wf = weights if weights is not None else (a, a, a)
+    _fmmformer_tile_states_kernel[(r, chunk_states.shape[1], bh)](
+        a, b, den, dden, wf, chunk_states, chunk_states_z, *out,
+        n, h, chunk_rows, chunk_states.shape[1], tiles,
+        R=r, WEIGHTED=weights is not None, REVERSE=reverse, LOWP=_lowp(a.dtype),
+        BLOCK=block, D=d, DOT_PREC=_dot_prec(a.dtype), **cfg.launch(),
+    )
+    return out
+
+
 def _causal_chunk_rows(
     n: int, bh: int, r: int, d: int, o_bytes: float, device: torch.device
 ) -> int:
-    # Causal chunks are the programs of every main kernel: a multiple of all their tiles.
+    # Causal chunks are the forward kernel's programs and the backward's tile-state walks: a
+    # multiple of every causal kernel's tile height.
     kinds = ("fwd_causal", "bwd_dq_causal", "bwd_dkdv_causal")
     block = max(_config(kind, d, device).block_m for kind in kinds)
     programs = CAUSAL_PROGRAMS_PER_SM * _sm_count(device)
@@ -1067,9 +1151,12 @@ def fmmformer_bwd(
     qk_scale, sm_scale = d**-0.5 * LOG2E, d**-0.5
 
     if causal:
-        # Each chunk's prefix state, as the forward started from; the walk updates a copy.
-        states, states_z = saved.states.clone(), saved.states_z.clone()
-        rows_q = rows_k = saved.chunk_rows
+        # One tile per program, each from its own state: the keys before the tile.
+        if cfg_q.block_m != cfg_k.block_m:
+            raise ValueError("the causal dq and dk/dv kernels must share one tile height")
+        rows_q = rows_k = cfg_q.block_m
+        states, states_z = _tile_states(k, v, r, saved.states, saved.states_z,
+                                        saved.chunk_rows, rows_q, reverse=False)
     else:
         states, states_z = saved.states, saved.states_z
         rows_q = cfg_q.block_m * cfg_q.tiles_per_program
@@ -1097,8 +1184,12 @@ def fmmformer_bwd(
     budget = dk.numel() * dk.element_size()
     chunk_rows = saved.chunk_rows if causal else _state_chunk_rows(n, bh, r, d, budget, dev)
     if causal:
-        ustates, ustates_z = _prefix_states(q, do, r, chunk_rows, reverse=True,
-                                            weights=(den, dden, wf), scratch=dk)
+        chunk_u, chunk_uz = _prefix_states(q, do, r, chunk_rows, reverse=True,
+                                           weights=(den, dden, wf), scratch=dk)
+        # The key states are spent: their buffers take the queries after each tile.
+        ustates, ustates_z = _tile_states(q, do, r, chunk_u, chunk_uz, chunk_rows, rows_k,
+                                          reverse=True, weights=(den, dden, wf),
+                                          out=(states, states_z))
     else:
         ustates, ustates_z = _state_pass(q, do, r, False, chunk_rows, weights=(den, dden, wf),
                                          scratch=dk)
