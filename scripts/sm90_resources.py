@@ -1,8 +1,8 @@
-"""Registers and spill stack of the FMMformer forward kernels built for sm_90, on any machine.
+"""Registers and spill stack of the FMMformer kernels built for sm_90, on any machine.
 
 Triton compiles for an H100 target without a GPU; cuobjdump (shipped with Triton) reads the
 cubin's resource usage. A spill shows up as STACK > 0.
-    python scripts/sm90_resources.py
+    python scripts/sm90_resources.py [kernel names, e.g. fwd bwd_dq_causal]
 """
 from __future__ import annotations
 
@@ -52,10 +52,33 @@ def main() -> None:
         ("fwd", fmt._fmmformer_fwd_kernel, fwd_sig, {**base, "TILES": 1, "BLOCK_V": 64}),
         ("fwd_causal", fmt._fmmformer_fwd_causal_kernel, causal_sig, base),
     ]
+    consts = dict(R=C, CAUSAL=C, LOWP=C, BLOCK_M=C, BLOCK_N=C, D=C, DOT_PREC=C)
+    bwd_base = dict(R=3, CAUSAL=True, LOWP=True, BLOCK_M=64, BLOCK_N=64, D=64, DOT_PREC="tf32")
+    bwd_scalars = {**scalars, "rows_per_program": "i32", "n_slots": "i32"}
+    dq_sig = dict(Q=BF16, K=BF16, V=BF16, O=BF16, DO=BF16, LSE=F32, DELTA=F32, DEN=F32, DDEN=F32,
+                  DQ=BF16, DW=F32, P=BF16, PZ=F32, WN=F32, WF=F32, **bwd_scalars,
+                  qk_scale="fp32", sm_scale="fp32", eps="fp32", **consts)
+    dkdv_sig = dict(Q=BF16, K=BF16, V=BF16, DO=BF16, LSE=F32, DELTA=F32, DEN=F32, DDEN=F32,
+                    DK=BF16, DV=BF16, PU=BF16, PUZ=F32, WN=F32, WF=F32, **bwd_scalars,
+                    qk_scale="fp32", sm_scale="fp32", **consts)
+    tile_sig = dict(A=BF16, B=BF16, WB=F32, WZ=F32, WF=F32, P=F32, PZ=F32, TS=BF16, TZ=F32,
+                    N="i32", H="i32", rows_per_chunk="i32", n_chunks="i32", n_tiles="i32",
+                    R=C, WEIGHTED=C, REVERSE=C, LOWP=C, BLOCK=C, D=C, DOT_PREC=C)
+    runs += [
+        ("bwd_dq_causal", fmt._fmmformer_bwd_dq_kernel, dq_sig, bwd_base),
+        ("bwd_dkdv_causal", fmt._fmmformer_bwd_dkdv_kernel, dkdv_sig, bwd_base),
+        ("tile_states", fmt._fmmformer_tile_states_kernel, tile_sig,
+         dict(R=3, WEIGHTED=True, REVERSE=True, LOWP=True, BLOCK=64, D=64, DOT_PREC="tf32")),
+    ]
+    only = set(sys.argv[1:])
     for name, fn, signature, constants in runs:
-        options = fmt.CONFIGS[name][64].launch()  # the launch options the H100 runs use
-        print(f"{name:11} D=64 bf16 r=3, {options}: "
-              f"{usage(fn, signature, constants, options)}", flush=True)
+        if only and name not in only:
+            continue
+        default = fmt.CONFIGS[name][64]  # the launch options the H100 runs use
+        for warps in sorted({default.num_warps, 4, 8}):
+            options = {**default.launch(), "num_warps": warps}
+            print(f"{name:11} D=64 bf16 r=3, {options}: "
+                  f"{usage(fn, signature, constants, options)}", flush=True)
 
 
 if __name__ == "__main__":

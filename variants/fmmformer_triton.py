@@ -282,7 +282,7 @@ def _far_causal(out, av, q, eq, k, ek, ok, v_m, s, z, earlier, wf, eps, L: tl.co
 
 
 @triton.jit
-def _far_bwd_q(dq, dfar, q, eq, rq, do, wf, k, ek, rk, v, rows, N, SP, ZP, eps, DEN, DDEN, which,
+def _far_bwd_q(dq, dfar, q, eq, rq, do, y, wf, k, v, rows, N, SP, ZP, eps, DEN, DDEN, which,
                CAUSAL: tl.constexpr, LOWP: tl.constexpr, DOT_PREC: tl.constexpr):
     """Far term l of dq for one query tile from the state at SP, ZP: the global one, or
     (causal) that of the keys before the tile, the masked intra-tile product adding the rest.
@@ -290,54 +290,51 @@ def _far_bwd_q(dq, dfar, q, eq, rq, do, wf, k, ek, rk, v, rows, N, SP, ZP, eps, 
     dL/d den_l per row.
 
     With Far_l = num / den: dnum = w_far dO / den and dden = -w_far (dO . Far_l) / den.
-    Non-causal, num = phi(q) S, so dO . num = phi(q) . (dO S^T): the one product G = dO S^T
-    gives both dO . num and dphi(q) = (w_far / den) G + dden z (H100: dq kernel 1.24 ms with
-    the two products num and dnum S^T). Causal: phi_l' is recomputed at the end rather than
-    held through the intra-tile products (dq kernel 5.8 ms instead of 7.0)."""
+    num = phi(q) S (+ A V causal, A the masked phi(q) phi(k)^T), so with G = dO S^T:
+    dO . num = phi(q) . G (+ rowsum(A * Y), Y = dO V^T, the caller's map-free product) and
+    dphi(q) = (w_far / den) G + dden z (+ (masked (w_far / den) Y + dden) phi(k)): num itself
+    is never formed (H100, non-causal dq kernel: 1.24 ms with the products num and dnum S^T).
+    Causal tiles recompute exp(-|x|) of q and k per map (eq, rq unused) rather than hold them
+    across maps: fewer live tiles in a kernel that spills."""
     s_m = _mm(tl.load(SP), v, LOWP)
     z = tl.load(ZP)
+    # [BLOCK_M, D]
+    g = _dot(_mm(do, v, LOWP), tl.trans(s_m), None, DOT_PREC)
     if not CAUSAL:
         fq, dphi = _phi_grad(q, eq, rq, which)
         den = tl.sum(fq * z[None, :], 1) + eps
-        # [BLOCK_M, D]
-        g = _dot(_mm(do, v, LOWP), tl.trans(s_m), None, DOT_PREC)
         fdo = tl.sum(fq * g, 1) / den
         dden = -wf * fdo / den
         dfq = g * (wf / den)[:, None] + dden[:, None] * z[None, :]
     else:
+        eq, rq = _phi_prep(q)
         fq = _phi(q, eq, rq, which)
-        den = tl.sum(fq * z[None, :], 1) + eps
-        fq_m = _mm(fq, v, LOWP)
-        # [BLOCK_M, D]
-        num = _dot(fq_m, s_m, None, DOT_PREC)
-        fk = tl.where((rows < N)[:, None], _phi(k, ek, rk, which), 0.0)
-        fk_m = _mm(fk, v, LOWP)
-        v_m = _mm(v, v, LOWP)
+        ek, rk = _phi_prep(k)
+        fk_m = _mm(tl.where((rows < N)[:, None], _phi(k, ek, rk, which), 0.0), v, LOWP)
         causal = rows[None, :] <= rows[:, None]
         # [BLOCK_M, BLOCK_M]
-        a = tl.where(causal, _dot(fq_m, tl.trans(fk_m), None, DOT_PREC), 0.0)
-        den += tl.sum(a, 1)
-        num = _dot(_mm(a, v, LOWP), v_m, num, DOT_PREC)
-        fdo = tl.sum(do.to(tl.float32) * num, 1) / den
+        a = tl.where(causal, _dot(_mm(fq, v, LOWP), tl.trans(fk_m), None, DOT_PREC), 0.0)
+        den = tl.sum(fq * z[None, :], 1) + tl.sum(a, 1) + eps
+        fdo = (tl.sum(fq * g, 1) + tl.sum(a * y, 1)) / den
         dden = -wf * fdo / den
-        dnum_m = _mm(do.to(tl.float32) * (wf / den)[:, None], v, LOWP)
-        dfq = _dot(dnum_m, tl.trans(s_m), None, DOT_PREC) + dden[:, None] * z[None, :]
+        scale = wf / den
+        dfq = g * scale[:, None] + dden[:, None] * z[None, :]
         # [BLOCK_M, BLOCK_M]: d(out_i)/d(a_ij) = dnum_i . v_j + dden_i, for j <= i
-        t = tl.where(causal, _dot(dnum_m, tl.trans(v_m), None, DOT_PREC) + dden[:, None], 0.0)
+        t = tl.where(causal, y * scale[:, None] + dden[:, None], 0.0)
         dfq = _dot(_mm(t, v, LOWP), fk_m, dfq, DOT_PREC)
+        dphi = _phi_grad(q, eq, rq, which)[1]
     tl.store(DEN + which * N + rows, den, mask=rows < N)
     tl.store(DDEN + which * N + rows, dden, mask=rows < N)
-    if CAUSAL:
-        dphi = _phi_grad(q, eq, rq, which)[1]
     return dq + dfq * dphi, dfar + fdo
 
 
 @triton.jit
-def _far_bwd_kv(dk, dv, k, ek, rk, v, cols, N, UP, UZP, q, eq, rq, do, wf, DEN, DDEN, which,
+def _far_bwd_kv(dk, dv, k, ek, rk, v, cols, N, UP, UZP, q, do, yt, wf, DEN, DDEN, which,
                 CAUSAL: tl.constexpr, LOWP: tl.constexpr, DOT_PREC: tl.constexpr):
     """Far term l of dk, dv for one key tile from the dual state U = sum_i phi(q_i) dnum_i^T
     and u = sum_i phi(q_i) dden_i. Causal: UP holds the queries after the tile; the masked
-    intra-tile product covers the rest."""
+    intra-tile product covers the rest, from the caller's map-free Yt = V dO^T (dnum_i . v_j =
+    (w_far / den_i) Yt_ji); exp(-|x|) of q is recomputed per map, not held across maps."""
     u = tl.load(UP)
     uz = tl.load(UZP)
     fk, dphi = _phi_grad(k, ek, rk, which)
@@ -352,14 +349,15 @@ def _far_bwd_kv(dk, dv, k, ek, rk, v, cols, N, UP, UZP, q, eq, rq, do, wf, DEN, 
         ok = cols < N
         den = tl.load(DEN + which * N + cols, mask=ok, other=1.0)
         dden = tl.load(DDEN + which * N + cols, mask=ok, other=0.0)
-        fq = tl.where(ok[:, None], _phi(q, eq, rq, which), 0.0)
-        fq_m = _mm(fq, v, LOWP)
-        dnum_m = _mm(do.to(tl.float32) * (wf / den)[:, None], v, LOWP)
+        eq, rq = _phi_prep(q)
+        fq_m = _mm(tl.where(ok[:, None], _phi(q, eq, rq, which), 0.0), v, LOWP)
+        scale = wf / den
         # [BLOCK_M (keys j), BLOCK_M (queries i)]
         later = (cols[None, :] >= cols[:, None]) & ok[None, :]
-        t1 = tl.where(later, _dot(v_m, tl.trans(dnum_m), None, DOT_PREC) + dden[None, :], 0.0)
+        t1 = tl.where(later, yt * scale[None, :] + dden[None, :], 0.0)
         dfk = _dot(_mm(t1, v, LOWP), fq_m, dfk, DOT_PREC)
         t2 = tl.where(later, _dot(fk_m, tl.trans(fq_m), None, DOT_PREC), 0.0)
+        dnum_m = _mm(do.to(tl.float32) * scale[:, None], v, LOWP)
         dv = _dot(_mm(t2, v, LOWP), dnum_m, dv, DOT_PREC)
     return dk + dfk * dphi, dv
 
@@ -716,18 +714,20 @@ def _fmmformer_bwd_dq_kernel(
         q = tl.load(Q + tile, mask=ok[:, None], other=0.0)
         do = tl.load(DO + tile, mask=ok[:, None], other=0.0)
         dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-        eq, rq = _phi_prep(q)
         if CAUSAL:
             k = tl.load(K + tile, mask=ok[:, None], other=0.0)
             v = tl.load(V + tile, mask=ok[:, None], other=0.0)
-            ek, rk = _phi_prep(k)
+            # [BLOCK_M, BLOCK_M]: dO . v_j, shared by every map's intra-tile term
+            y = _dot(do, tl.trans(v), None, DOT_PREC)
+            eq, rq = q, q  # per map in `_far_bwd_q`
         else:  # the keys are never read here: q stands in
-            k, v, ek, rk = q, q, eq, rq
+            eq, rq = _phi_prep(q)
+            k, v, y = q, q, q
         # [BLOCK_M]: sum_l dO . Far_l
         dfar = tl.zeros([BLOCK_M], dtype=tl.float32)
         for which in range(R):
             sp, zp = _state_ptrs(P, PZ, bh, slot, n_slots, which, R, D)
-            dq, dfar = _far_bwd_q(dq, dfar, q, eq, rq, do, wf, k, ek, rk, v, rows, N, sp, zp,
+            dq, dfar = _far_bwd_q(dq, dfar, q, eq, rq, do, y, wf, k, v, rows, N, sp, zp,
                                   eps, DEN, DDEN, which, CAUSAL, LOWP, DOT_PREC)
         dwf += dfar
         o = tl.load(O + tile, mask=ok[:, None], other=0.0).to(tl.float32)
@@ -822,12 +822,13 @@ def _fmmformer_bwd_dkdv_kernel(
         if CAUSAL:
             q = tl.load(Q + tile, mask=ok[:, None], other=0.0)
             do = tl.load(DO + tile, mask=ok[:, None], other=0.0)
-            eq, rq = _phi_prep(q)
+            # [BLOCK_M (keys), BLOCK_M (queries)]: v_j . dO_i, shared by every map
+            yt = _dot(v, tl.trans(do), None, DOT_PREC)
         else:  # the queries are never read here: k stands in
-            q, do, eq, rq = k, k, ek, rk
+            q, do, yt = k, k, k
         for which in range(R):
             up, uzp = _state_ptrs(PU, PUZ, bh, slot, n_slots, which, R, D)
-            dk, dv = _far_bwd_kv(dk, dv, k, ek, rk, v, cols, N, up, uzp, q, eq, rq, do, wf,
+            dk, dv = _far_bwd_kv(dk, dv, k, ek, rk, v, cols, N, up, uzp, q, do, yt, wf,
                                  DEN, DDEN, which, CAUSAL, LOWP, DOT_PREC)
         tl.store(DK + tile, dk.to(DK.dtype.element_ty), mask=ok[:, None])
         tl.store(DV + tile, dv.to(DV.dtype.element_ty), mask=ok[:, None])
