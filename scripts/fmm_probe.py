@@ -7,7 +7,8 @@ state: state-pass configs (rows per tile, warps, stages). regs: register caps (`
 kernel. fwd: the non-causal forward under register caps and stages. prof: the time of each kernel
 of the forward and the backward (torch.profiler). bwd: warps and stages of the non-causal
 backward kernels. wstate: the backward's weighted (dual) state pass alone per config. cbwd:
-the causal backward's kernels: a profile, then warps and stages of each.
+the causal backward's kernels: a profile, then warps and stages of each. cfwd: the causal
+forward's tile heights, warps and stages.
 Results go to $OUT/probe.log.
 """
 
@@ -152,3 +153,19 @@ if "cbwd" in modes:
             except Exception as e:  # a config that fails to compile or to run
                 say(f"cbwd {kind} warps={warps} stages={stages}: failed {type(e).__name__}: {e}")
         fmt.CONFIGS[kind][d] = default
+
+if "cfwd" in modes:
+    # The causal forward walker's tile heights, warps and stages (32-row tiles halve every
+    # tile a thread holds but the three states; twice the steps).
+    default = fmt.CONFIGS["fwd_causal"][d]
+    for block_m, block_n, warps, stages in ((64, 64, 8, 1), (32, 64, 8, 1), (32, 32, 8, 1),
+                                            (32, 64, 4, 1), (32, 32, 4, 1), (32, 64, 4, 2),
+                                            (32, 64, 8, 2)):
+        fmt.CONFIGS["fwd_causal"][d] = fmt.KernelConfig(block_m, block_n, warps, stages)
+        try:
+            say(f"cfwd block_m={block_m} block_n={block_n} warps={warps} stages={stages}: "
+                f"{bench(lambda: fwd(3, True)):.4f} ms")
+        except Exception as e:  # a config that fails to compile or to run
+            say(f"cfwd block_m={block_m} block_n={block_n} warps={warps} stages={stages}: "
+                f"failed {type(e).__name__}: {e}")
+    fmt.CONFIGS["fwd_causal"][d] = default
