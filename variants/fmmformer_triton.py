@@ -109,6 +109,8 @@ FAR_BF16 = True
 # 240 programs, took two waves of 69).
 CAUSAL_PROGRAMS_PER_SM = 1
 STATE_PROGRAMS_PER_SM = 4
+# The causal backward's tile-state walks (one map each) fit several per SM.
+WALK_PROGRAMS_PER_SM = 4
 STATE_MEMORY_FRACTION = 0.09
 STATE_MEMORY_FLOOR = 8 * 2**20  # below 9% of o from N = 2^16 on at B*H = 16, D = 64
 # The interpreter runs numpy per program: small tiles keep CPU tests fast and walk many tiles.
@@ -171,6 +173,37 @@ def _phi_grad(x, e, r, which):
     y3 = tl.where(x >= 0, 2.0 * r, 2.0 - 2.0 * r)
     is3 = which == 2
     return tl.where(is3, y3, y12), tl.where(is3, y3 * (2.0 - y3), dy12)
+
+
+@triton.jit
+def _phi_one(x, which):
+    """phi_l(x), fp32, for a run-time l, from x alone: one exp per element, the maps'
+    formulas behind a scalar branch (tanh(x) + 1 as 2 / (1 + exp(-2x))), so that a tile holds
+    one map's temporaries. `_phi`'s branch-free blend holds every map's: in the causal
+    backward's sm_90 builds those made most of the spills."""
+    x = x.to(tl.float32)
+    if which == 2:
+        y = 2.0 / (1.0 + tl.exp(-2.0 * x))
+    else:
+        t = x * (1.0 - 2.0 * which)  # x, or -x for elu(-x) + 1
+        y = tl.where(t > 0, t + 1.0, tl.exp(tl.minimum(t, 0.0)))
+    return y
+
+
+@triton.jit
+def _phi_one_grad(x, which):
+    """phi_l(x) and phi_l'(x), fp32 (see `_phi_one`)."""
+    x = x.to(tl.float32)
+    if which == 2:
+        y = 2.0 / (1.0 + tl.exp(-2.0 * x))
+        dy = y * (2.0 - y)
+    else:
+        sign = 1.0 - 2.0 * which
+        t = x * sign
+        e = tl.exp(tl.minimum(t, 0.0))
+        y = tl.where(t > 0, t + 1.0, e)
+        dy = tl.where(t > 0, 1.0, e) * sign
+    return y, dy
 
 
 @triton.jit
@@ -282,7 +315,7 @@ def _far_causal(out, av, q, eq, k, ek, ok, v_m, s, z, earlier, wf, eps, L: tl.co
 
 
 @triton.jit
-def _far_bwd_q(dq, dfar, q, eq, rq, do, y, wf, k, v, rows, N, SP, ZP, eps, DEN, DDEN, which,
+def _far_bwd_q(dq, dfar, q, eq, rq, do, y, wf, K, V, tile, v, rows, N, SP, ZP, eps, DEN, DDEN, which,
                CAUSAL: tl.constexpr, LOWP: tl.constexpr, DOT_PREC: tl.constexpr):
     """Far term l of dq for one query tile from the state at SP, ZP: the global one, or
     (causal) that of the keys before the tile, the masked intra-tile product adding the rest.
@@ -307,59 +340,85 @@ def _far_bwd_q(dq, dfar, q, eq, rq, do, y, wf, k, v, rows, N, SP, ZP, eps, DEN, 
         dden = -wf * fdo / den
         dfq = g * (wf / den)[:, None] + dden[:, None] * z[None, :]
     else:
-        eq, rq = _phi_prep(q)
-        fq = _phi(q, eq, rq, which)
-        ek, rk = _phi_prep(k)
-        fk_m = _mm(tl.where((rows < N)[:, None], _phi(k, ek, rk, which), 0.0), v, LOWP)
+        fq = _phi_one(q, which)
+        fqz = tl.sum(fq * z[None, :], 1)
+        fqg = tl.sum(fq * g, 1)
+        fq_m = _mm(fq, v, LOWP)
+        k = tl.load(K + tile, mask=(rows < N)[:, None], other=0.0)
+        fk_m = _mm(tl.where((rows < N)[:, None], _phi_one(k, which), 0.0), v, LOWP)
         causal = rows[None, :] <= rows[:, None]
         # [BLOCK_M, BLOCK_M]
-        a = tl.where(causal, _dot(_mm(fq, v, LOWP), tl.trans(fk_m), None, DOT_PREC), 0.0)
-        den = tl.sum(fq * z[None, :], 1) + tl.sum(a, 1) + eps
-        fdo = (tl.sum(fq * g, 1) + tl.sum(a * y, 1)) / den
+        a = tl.where(causal, _dot(fq_m, tl.trans(fk_m), None, DOT_PREC), 0.0)
+        den = fqz + tl.sum(a, 1) + eps
+        vv = tl.load(V + tile, mask=(rows < N)[:, None], other=0.0)
+        y = _dot(do, tl.trans(vv), None, DOT_PREC)
+        fdo = (fqg + tl.sum(a * y, 1)) / den
         dden = -wf * fdo / den
         scale = wf / den
         dfq = g * scale[:, None] + dden[:, None] * z[None, :]
-        # [BLOCK_M, BLOCK_M]: d(out_i)/d(a_ij) = dnum_i . v_j + dden_i, for j <= i
-        t = tl.where(causal, y * scale[:, None] + dden[:, None], 0.0)
-        dfq = _dot(_mm(t, v, LOWP), fk_m, dfq, DOT_PREC)
-        dphi = _phi_grad(q, eq, rq, which)[1]
+        dphi = _phi_one_grad(q, which)[1]
     tl.store(DEN + which * N + rows, den, mask=rows < N)
     tl.store(DDEN + which * N + rows, dden, mask=rows < N)
     return dq + dfq * dphi, dfar + fdo
 
 
 @triton.jit
-def _far_bwd_kv(dk, dv, k, ek, rk, v, cols, N, UP, UZP, q, do, yt, wf, DEN, DDEN, which,
-                CAUSAL: tl.constexpr, LOWP: tl.constexpr, DOT_PREC: tl.constexpr):
+def _far_bwd_q_intra(dq, q, K, V, tile, do, rows, N, wf, DEN, DDEN, which,
+                     LOWP: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Causal dq's intra-tile far term of map l, after `_far_bwd_q` stored den_l, dden_l:
+    dphi(q) * ((masked (w_far / den) Y + dden) phi(k)), Y = dO V^T."""
+    ok = rows < N
+    den = tl.load(DEN + which * N + rows, mask=ok, other=1.0)
+    dden = tl.load(DDEN + which * N + rows, mask=ok, other=0.0)
+    k = tl.load(K + tile, mask=ok[:, None], other=0.0)
+    fk_m = _mm(tl.where(ok[:, None], _phi_one(k, which), 0.0), k, LOWP)
+    v = tl.load(V + tile, mask=ok[:, None], other=0.0)
+    y = _dot(do, tl.trans(v), None, DOT_PREC)
+    causal = rows[None, :] <= rows[:, None]
+    t = tl.where(causal, y * (wf / den)[:, None] + dden[:, None], 0.0)
+    dfq = _dot(_mm(t, k, LOWP), fk_m, None, DOT_PREC)
+    return dq + dfq * _phi_one_grad(q, which)[1]
+
+
+@triton.jit
+def _far_bwd_kv(dk, dv, k, ek, rk, v, UP, UZP, which,
+                LOWP: tl.constexpr, DOT_PREC: tl.constexpr):
     """Far term l of dk, dv for one key tile from the dual state U = sum_i phi(q_i) dnum_i^T
-    and u = sum_i phi(q_i) dden_i. Causal: UP holds the queries after the tile; the masked
-    intra-tile product covers the rest, from the caller's map-free Yt = V dO^T (dnum_i . v_j =
-    (w_far / den_i) Yt_ji); exp(-|x|) of q is recomputed per map, not held across maps."""
-    u = tl.load(UP)
+    and u = sum_i phi(q_i) dden_i at UP, UZP: the global one, or (causal) that of the queries
+    after the tile (`_far_bwd_kv_intra` adds the tile's own)."""
+    u_m = _mm(tl.load(UP), v, LOWP)
     uz = tl.load(UZP)
     fk, dphi = _phi_grad(k, ek, rk, which)
-    fk_m = _mm(fk, v, LOWP)
-    v_m = _mm(v, v, LOWP)
-    u_m = _mm(u, v, LOWP)
     # [BLOCK_M, D]
-    dfk = _dot(v_m, tl.trans(u_m), None, DOT_PREC) + uz[None, :]
-    dv = _dot(fk_m, u_m, dv, DOT_PREC)
-    if CAUSAL:
-        # The tile's own queries i >= j: their rows are the key rows.
-        ok = cols < N
-        den = tl.load(DEN + which * N + cols, mask=ok, other=1.0)
-        dden = tl.load(DDEN + which * N + cols, mask=ok, other=0.0)
-        eq, rq = _phi_prep(q)
-        fq_m = _mm(tl.where(ok[:, None], _phi(q, eq, rq, which), 0.0), v, LOWP)
-        scale = wf / den
-        # [BLOCK_M (keys j), BLOCK_M (queries i)]
-        later = (cols[None, :] >= cols[:, None]) & ok[None, :]
-        t1 = tl.where(later, yt * scale[None, :] + dden[None, :], 0.0)
-        dfk = _dot(_mm(t1, v, LOWP), fq_m, dfk, DOT_PREC)
-        t2 = tl.where(later, _dot(fk_m, tl.trans(fq_m), None, DOT_PREC), 0.0)
-        dnum_m = _mm(do.to(tl.float32) * scale[:, None], v, LOWP)
-        dv = _dot(_mm(t2, v, LOWP), dnum_m, dv, DOT_PREC)
+    dfk = _dot(_mm(v, v, LOWP), tl.trans(u_m), None, DOT_PREC) + uz[None, :]
+    dv = _dot(_mm(fk, v, LOWP), u_m, dv, DOT_PREC)
     return dk + dfk * dphi, dv
+
+
+@triton.jit
+def _far_bwd_kv_intra(dk, dv, k, v, cols, N, Q, DO, tile, wf, DEN, DDEN, which,
+                      LOWP: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Causal: the masked intra-tile far term of map l for one key tile, whose queries i >= j
+    are the tile's own rows. With Yt = V dO^T, dnum_i . v_j = (w_far / den_i) Yt_ji. In a loop
+    of its own after `_far_bwd_kv`'s, with q, dO and every phi recomputed per map: one loop
+    doing both spilled (sm_90 build at 8 warps: 960 B per thread)."""
+    ok = cols < N
+    den = tl.load(DEN + which * N + cols, mask=ok, other=1.0)
+    dden = tl.load(DDEN + which * N + cols, mask=ok, other=0.0)
+    scale = wf / den
+    q = tl.load(Q + tile, mask=ok[:, None], other=0.0)
+    fq_m = _mm(tl.where(ok[:, None], _phi_one(q, which), 0.0), v, LOWP)
+    do = tl.load(DO + tile, mask=ok[:, None], other=0.0)
+    # [BLOCK_M (keys j), BLOCK_M (queries i)]
+    later = (cols[None, :] >= cols[:, None]) & ok[None, :]
+    yt = _dot(v, tl.trans(do), None, DOT_PREC)
+    t1_m = _mm(tl.where(later, yt * scale[None, :] + dden[None, :], 0.0), v, LOWP)
+    dnum_m = _mm(do.to(tl.float32) * scale[:, None], v, LOWP)
+    fk, dphi = _phi_one_grad(k, which)
+    dk += _dot(t1_m, fq_m, None, DOT_PREC) * dphi
+    t2 = tl.where(later, _dot(_mm(fk, v, LOWP), tl.trans(fq_m), None, DOT_PREC), 0.0)
+    dv = _dot(_mm(t2, v, LOWP), dnum_m, dv, DOT_PREC)
+    return dk, dv
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,8 +600,7 @@ def _fmmformer_tile_states_kernel(
         tsp, tzp = _state_ptrs(TS, TZ, bh, tile, n_tiles, which, R, D)
         tl.store(tsp, s.to(TS.dtype.element_ty))
         tl.store(tzp, z)
-        ea, ra = _phi_prep(a)
-        fa = tl.where(ok[:, None], _phi(a, ea, ra, which), 0.0)
+        fa = tl.where(ok[:, None], _phi_one(a, which), 0.0)
         if WEIGHTED:
             den = tl.load(WB + rows, mask=ok, other=1.0)
             dden = tl.load(WZ + rows, mask=ok, other=0.0)
@@ -715,20 +773,22 @@ def _fmmformer_bwd_dq_kernel(
         do = tl.load(DO + tile, mask=ok[:, None], other=0.0)
         dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
         if CAUSAL:
-            k = tl.load(K + tile, mask=ok[:, None], other=0.0)
-            v = tl.load(V + tile, mask=ok[:, None], other=0.0)
-            # [BLOCK_M, BLOCK_M]: dO . v_j, shared by every map's intra-tile term
-            y = _dot(do, tl.trans(v), None, DOT_PREC)
+            y = q
             eq, rq = q, q  # per map in `_far_bwd_q`
         else:  # the keys are never read here: q stands in
             eq, rq = _phi_prep(q)
-            k, v, y = q, q, q
+            y = q
         # [BLOCK_M]: sum_l dO . Far_l
         dfar = tl.zeros([BLOCK_M], dtype=tl.float32)
         for which in range(R):
             sp, zp = _state_ptrs(P, PZ, bh, slot, n_slots, which, R, D)
-            dq, dfar = _far_bwd_q(dq, dfar, q, eq, rq, do, y, wf, k, v, rows, N, sp, zp,
+            dq, dfar = _far_bwd_q(dq, dfar, q, eq, rq, do, y, wf, K, V, tile, q, rows, N, sp, zp,
                                   eps, DEN, DDEN, which, CAUSAL, LOWP, DOT_PREC)
+        if CAUSAL:
+            tl.debug_barrier()  # den_l, dden_l: stored above, read back by other threads
+            for which in range(R):
+                dq = _far_bwd_q_intra(dq, q, K, V, tile, do, rows, N, wf, DEN, DDEN, which,
+                                      LOWP, DOT_PREC)
         dwf += dfar
         o = tl.load(O + tile, mask=ok[:, None], other=0.0).to(tl.float32)
         # Softmax delta of the near field, rowsum(dNear * Near) with dNear = w_near dO.
@@ -819,17 +879,13 @@ def _fmmformer_bwd_dkdv_kernel(
         dv = dv * wn  # dNear = w_near dO
 
         ek, rk = _phi_prep(k)
-        if CAUSAL:
-            q = tl.load(Q + tile, mask=ok[:, None], other=0.0)
-            do = tl.load(DO + tile, mask=ok[:, None], other=0.0)
-            # [BLOCK_M (keys), BLOCK_M (queries)]: v_j . dO_i, shared by every map
-            yt = _dot(v, tl.trans(do), None, DOT_PREC)
-        else:  # the queries are never read here: k stands in
-            q, do, yt = k, k, k
         for which in range(R):
             up, uzp = _state_ptrs(PU, PUZ, bh, slot, n_slots, which, R, D)
-            dk, dv = _far_bwd_kv(dk, dv, k, ek, rk, v, cols, N, up, uzp, q, do, yt, wf,
-                                 DEN, DDEN, which, CAUSAL, LOWP, DOT_PREC)
+            dk, dv = _far_bwd_kv(dk, dv, k, ek, rk, v, up, uzp, which, LOWP, DOT_PREC)
+        if CAUSAL:
+            for which in range(R):
+                dk, dv = _far_bwd_kv_intra(dk, dv, k, v, cols, N, Q, DO, tile, wf, DEN, DDEN,
+                                           which, LOWP, DOT_PREC)
         tl.store(DK + tile, dk.to(DK.dtype.element_ty), mask=ok[:, None])
         tl.store(DV + tile, dv.to(DV.dtype.element_ty), mask=ok[:, None])
 
@@ -1183,8 +1239,10 @@ def fmmformer_bwd(
     # o): as many chunks as keep the GPU busy, at no extra memory, whatever N.
     dk = _empty(k.shape, k.dtype, dev)
     budget = dk.numel() * dk.element_size()
-    chunk_rows = saved.chunk_rows if causal else _state_chunk_rows(n, bh, r, d, budget, dev)
     if causal:
+        # The walk's chunks need not be the forward's: as many as fill the GPU with walks.
+        walks = WALK_PROGRAMS_PER_SM * _sm_count(dev) // r
+        chunk_rows = _chunk_rows(n, bh, r, d, rows_k, walks, budget)
         chunk_u, chunk_uz = _prefix_states(q, do, r, chunk_rows, reverse=True,
                                            weights=(den, dden, wf), scratch=dk)
         # The key states are spent: their buffers take the queries after each tile.
@@ -1192,6 +1250,7 @@ def fmmformer_bwd(
                                           reverse=True, weights=(den, dden, wf),
                                           out=(states, states_z))
     else:
+        chunk_rows = _state_chunk_rows(n, bh, r, d, budget, dev)
         ustates, ustates_z = _state_pass(q, do, r, False, chunk_rows, weights=(den, dden, wf),
                                          scratch=dk)
 
