@@ -146,6 +146,32 @@ def test_prefix_states_from_parts(poisoned, device, reverse, weighted):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,dtype,kernels,in_rows", [
+    (96, torch.float32, 3, True),  # whole tiles (interpreter 16 rows; GPU N=64*k below)
+    (96, torch.bfloat16, 2, True),
+    (90, torch.float32, 3, False),  # a partial last tile: a buffer of their own
+])
+def test_causal_tile_state_slots(poisoned, monkeypatch, device, n, dtype, kernels, in_rows):
+    """The causal backward keeps each tile's states in the gradients' unwritten rows where
+    they fit (whole tiles, D <= tile rows, the states' dtype), else in a buffer of its own;
+    either way every gradient matches. Checks which one was taken."""
+    taken = []
+    slots_in = fmt._slots_in
+
+    def spy(*args, **kwargs):
+        slots = slots_in(*args, **kwargs)
+        taken.append(slots.in_rows)
+        return slots
+
+    monkeypatch.setattr(fmt, "_slots_in", spy)
+    n = n if device == "cpu" else 4 * n  # GPU tiles are 64 rows
+    q, k, v, do, wn, wf = inputs(1, 2, n, 16, dtype, device, seed=n + kernels)
+    ref = reference(q, k, v, do, wn, wf, 9, kernels, True)
+    check_all(run_triton(q, k, v, do, wn, wf, 9, kernels, True), ref, TOL[dtype])
+    assert taken == [in_rows, in_rows]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_tiny_and_zero_near_weight(poisoned, device, causal):
     """The backward recovers the band's softmax delta from o (no saved Near): with w_near at 0

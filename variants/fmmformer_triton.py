@@ -16,18 +16,27 @@ chunks make whole waves) walks its tiles in order, carrying the three fp32 state
 and adding the masked intra-tile products (their weighted sum over maps takes one matmul with
 V).
 
-Backward (three kernels, a state pass and, causal, two scans): `dq` walks query tiles (far
-field, then band), storing each row's far normalizers `den_l` and `dL/d den_l`; a weighted
-state pass reduces the dual states `U_l = sum_i phi_l(q_i) (w_far dO_i / den_l,i)^T`; `dk, dv`
-walks key tiles (band, then the far field from `U_l`, backwards when causal so that `U_l` is a
-suffix sum). dL/dw_near and dL/dw_far come from per-program partial sums.
+Backward: `dq` takes query tiles (far field, then band), storing each row's far normalizers
+`den_l` and `dL/d den_l`; a weighted state pass reduces the dual states
+`U_l = sum_i phi_l(q_i) (w_far dO_i / den_l,i)^T`; `dk, dv` takes key tiles (band, then the far
+field from `U_l`). dL/dw_near and dL/dw_far come from per-program partial sums. Non-causal: the
+states are global. Causal: every tile needs its own (the keys before it for dq, the queries
+after it for dk/dv), so a walk per (map, chunk, head) writes them for every tile, from the
+forward's chunk prefixes and from chunk suffixes of the dual states (their own chunks, with
+parts and a scan as in the forward); dq and dk/dv then take one tile per program, each adding
+the masked intra-tile terms in a second loop over the maps. The tile states live in the
+gradients' rows while those are unwritten (a `[64, D]` tile of rows holds a `[D, D]` state at
+D <= 64; dk/dv needs one more `[N, D]` buffer at r = 3), else in a buffer of their own
+(H100, N = 2^16: backward alone 10.1 -> 7.2 ms against dq and dk/dv walking the chunks with
+their states in L2, both spilling).
 
 Memory: forward-only calls allocate `o` plus, causal, the chunk states (`chunks * B * H * r * D *
 (D+1)` floats, under 9% of `o` or 8 MiB, whichever is more). With grad, the forward also keeps
 the log-sum-exp and nothing else: the backward recovers the band's softmax delta from `o`
 (`w_near dO . Near = dO . o - w_far sum_l dO . Far_l`, whose far terms dq computes first
 anyway) and sums dL/dw_near from the band's P and dO V^T, so nothing is divided by w_near
-(H100: fwd_bwd 2.71 -> 2.61 ms non-causal: no Near is written).
+(H100: fwd_bwd 2.71 -> 2.61 ms non-causal: no Near is written). The causal backward takes one
+`[N, D]` buffer (r = 3) and per-tile z and chunk suffix states beyond the gradients.
 """
 from __future__ import annotations
 
@@ -84,7 +93,9 @@ class KernelConfig:
 # fwd, 8 warps 1.07), forward 64 x 64 tiles 4 warps 1 stage, capped at 128 registers (fwd
 # 0.655; uncapped 0.73: its 254 registers fit 2 programs per SM, 128 fit 4 despite spills;
 # 128-row tiles 0.97, 32 value columns 1.15), causal forward 8 warps 1 stage (3.26; 4 warps
-# 5.05; register caps 4.2 to 6.6), backward 4 warps (fwd_bwd 3.29; 8 warps 3.92; caps slower).
+# 5.05; register caps 4.2 to 6.6; 32-row tiles 4.6), backward 4 warps (fwd_bwd 3.29; 8 warps
+# 3.92; caps slower), causal dq and dk/dv 8 warps 1 stage (backward alone 7.23 ms; 4 warps
+# 7.59, 2 stages 7.73: `_ab` probe log in results/h100/fmmformer_triton_logs), tile walks 4 warps.
 # Other head dims keep the register-count choices of sm_90 builds. The causal chunk count targets
 # `CAUSAL_PROGRAMS_PER_SM` programs per SM, capped so the chunk states stay under
 # `STATE_MEMORY_FRACTION` of o (the forward's memory target) or `STATE_MEMORY_FLOOR` bytes,
@@ -98,8 +109,8 @@ CONFIGS: dict[str, dict[int, KernelConfig]] = {
     "fwd_causal": {16: _SMALL1, 32: _SMALL1, 64: _WIDE1, 128: _WIDE1},
     "bwd_dq": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
     "bwd_dkdv": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
-    "bwd_dq_causal": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
-    "bwd_dkdv_causal": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
+    "bwd_dq_causal": {16: _SMALL, 32: _SMALL, 64: _WIDE1, 128: _WIDE1},
+    "bwd_dkdv_causal": {16: _SMALL, 32: _SMALL, 64: _WIDE1, 128: _WIDE1},
     "tile_states": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
 }
 # bf16 inputs: far-field products (states, feature maps) in bf16 rather than tf32.
@@ -237,6 +248,21 @@ def _state_ptrs(P, PZ, bh, slot, n_slots, which, R: tl.constexpr, D: tl.constexp
         cols = v0 + tl.arange(0, BLOCK_V)
     sp, zp = _state_base(P, PZ, bh, slot, n_slots, which, R, D)
     return sp + offs[:, None] * D + cols[None, :], zp + offs
+
+
+@triton.jit
+def _slot_ptrs(S0, S1, S2, s_bh, s_slot, PZ, bh, slot, n_slots, which, R: tl.constexpr,
+               D: tl.constexpr):
+    """Pointers to the `[D, D]` state of map `which` in slot `slot` of head `bh` (at S_which +
+    bh * s_bh + slot * s_slot, row-major: see `_Slots`) and to its z (`[B*H, n_slots, R, D]`)."""
+    base = S0
+    if which == 1:
+        base = S1
+    if which == 2:
+        base = S2
+    offs = tl.arange(0, D)
+    sp = base + bh * s_bh + slot * s_slot + offs[:, None] * D + offs[None, :]
+    return sp, PZ + ((bh * n_slots + slot) * R + which) * D + offs
 
 
 @triton.jit
@@ -560,7 +586,7 @@ def _fmmformer_scan_kernel(SRC, SRCZ, DST, DSTZ, n_parts, parts_per_chunk, n_chu
 
 @triton.jit
 def _fmmformer_tile_states_kernel(
-    A, B, WB, WZ, WF, P, PZ, TS, TZ,
+    A, B, WB, WZ, WF, P, PZ, S0, S1, S2, s_bh, s_slot, TZ,
     N, H, rows_per_chunk, n_chunks, n_tiles,
     R: tl.constexpr, WEIGHTED: tl.constexpr, REVERSE: tl.constexpr, LOWP: tl.constexpr,
     BLOCK: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -569,9 +595,9 @@ def _fmmformer_tile_states_kernel(
     gradient kernels take one tile per program instead of walking chunks (H100, N = 2^16: a
     dq walker holding its states in L2 took 5.5 ms). Program = (map, chunk, head): one fp32
     `[D, D]` state in registers, carried from the chunk's state in P, PZ through its tiles
-    (last to first if REVERSE); each tile's slot of TS (`[B*H, tiles, R, D, D]`, the matmul
-    dtype) and TZ (fp32) gets the state before the tile's rows are added, so that it covers
-    the rows strictly before the tile (after it, if REVERSE). Plain (A=K, B=V) and weighted
+    (last to first if REVERSE); each tile's slot (`_Slots`: S0..S2 and strides, the matmul
+    dtype; TZ `[B*H, tiles, R, D]` fp32) gets the state before the tile's rows are added, so
+    that it covers the rows strictly before the tile (after it, if REVERSE). Plain (A=K, B=V) and weighted
     (A=Q, B=dO) as `_fmmformer_state_kernel`."""
     which = tl.program_id(0)
     c = tl.program_id(1)
@@ -597,8 +623,8 @@ def _fmmformer_tile_states_kernel(
         # [BLOCK, D]
         a = tl.load(A + rows[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
         b = tl.load(B + rows[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
-        tsp, tzp = _state_ptrs(TS, TZ, bh, tile, n_tiles, which, R, D)
-        tl.store(tsp, s.to(TS.dtype.element_ty))
+        tsp, tzp = _slot_ptrs(S0, S1, S2, s_bh, s_slot, TZ, bh, tile, n_tiles, which, R, D)
+        tl.store(tsp, s.to(S0.dtype.element_ty))
         tl.store(tzp, z)
         fa = tl.where(ok[:, None], _phi_one(a, which), 0.0)
         if WEIGHTED:
@@ -740,13 +766,14 @@ def _fmmformer_fwd_causal_kernel(
 
 @triton.jit
 def _fmmformer_bwd_dq_kernel(
-    Q, K, V, O, DO, LSE, DELTA, DEN, DDEN, DQ, DW, P, PZ, WN, WF,
+    Q, K, V, O, DO, LSE, DELTA, DEN, DDEN, DQ, DW, S0, S1, S2, s_bh, s_slot, PZ, WN, WF,
     N, H, bandwidth, rows_per_program, n_slots, qk_scale, sm_scale, eps,
     R: tl.constexpr, CAUSAL: tl.constexpr, LOWP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """dq (far field, then band), per-row far normalizers and their gradients, the softmax
-    delta, and per-program partial sums of dL/dw_near and dL/dw_far. States as the forward.
+    delta, and per-program partial sums of dL/dw_near and dL/dw_far. States (`_Slots`): the
+    global ones, or (causal) each tile's.
 
     The band's softmax delta is w_near dO . Near = dO . o - w_far sum_l dO . Far_l, from o and
     the far terms' dot products (so the forward keeps no Near); dL/dw_near = dO . Near is
@@ -781,11 +808,13 @@ def _fmmformer_bwd_dq_kernel(
         # [BLOCK_M]: sum_l dO . Far_l
         dfar = tl.zeros([BLOCK_M], dtype=tl.float32)
         for which in range(R):
-            sp, zp = _state_ptrs(P, PZ, bh, slot, n_slots, which, R, D)
+            sp, zp = _slot_ptrs(S0, S1, S2, s_bh, s_slot, PZ, bh, slot, n_slots, which, R, D)
             dq, dfar = _far_bwd_q(dq, dfar, q, eq, rq, do, y, wf, K, V, tile, q, rows, N, sp, zp,
                                   eps, DEN, DDEN, which, CAUSAL, LOWP, DOT_PREC)
         if CAUSAL:
-            tl.debug_barrier()  # den_l, dden_l: stored above, read back by other threads
+            # den_l, dden_l: stored above, read back by other threads; and the tile's states,
+            # read above, may live in its rows of dq.
+            tl.debug_barrier()
             for which in range(R):
                 dq = _far_bwd_q_intra(dq, q, K, V, tile, do, rows, N, wf, DEN, DDEN, which,
                                       LOWP, DOT_PREC)
@@ -827,13 +856,13 @@ def _fmmformer_bwd_dq_kernel(
 
 @triton.jit
 def _fmmformer_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DEN, DDEN, DK, DV, PU, PUZ, WN, WF,
+    Q, K, V, DO, LSE, DELTA, DEN, DDEN, DK, DV, U0, U1, U2, u_bh, u_slot, PUZ, WN, WF,
     N, H, bandwidth, rows_per_program, n_slots, qk_scale, sm_scale,
     R: tl.constexpr, CAUSAL: tl.constexpr, LOWP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """dk, dv: band (the queries whose window holds the key), then the far field from the
-    dual states PU, PUZ (global; or, causal, each chunk's suffix state walked backwards)."""
+    dual states (`_Slots`: global, or causal each tile's, the queries after it)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     Q, K, V, DO, DK, DV, LSE, DELTA, DEN, DDEN, wn, wf = _bwd_head(
@@ -880,12 +909,14 @@ def _fmmformer_bwd_dkdv_kernel(
 
         ek, rk = _phi_prep(k)
         for which in range(R):
-            up, uzp = _state_ptrs(PU, PUZ, bh, slot, n_slots, which, R, D)
+            up, uzp = _slot_ptrs(U0, U1, U2, u_bh, u_slot, PUZ, bh, slot, n_slots, which, R, D)
             dk, dv = _far_bwd_kv(dk, dv, k, ek, rk, v, up, uzp, which, LOWP, DOT_PREC)
         if CAUSAL:
             for which in range(R):
                 dk, dv = _far_bwd_kv_intra(dk, dv, k, v, cols, N, Q, DO, tile, wf, DEN, DDEN,
                                            which, LOWP, DOT_PREC)
+        if CAUSAL:
+            tl.debug_barrier()  # the tile's dual states may live in its rows of dk and dv
         tl.store(DK + tile, dk.to(DK.dtype.element_ty), mask=ok[:, None])
         tl.store(DV + tile, dv.to(DV.dtype.element_ty), mask=ok[:, None])
 
@@ -1074,29 +1105,68 @@ def _tile_states(
     chunk_rows: int,
     block: int,
     reverse: bool,
+    out: _Slots,
     weights: Weights | None = None,
-    out: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal backward: every map's state at every tile of `block` rows, from the chunks'
-    exclusive prefix states (suffix states if `reverse`; states as `_state_pass`):
-    `[B*H, tiles, r, D, D]` in the matmul dtype and `[B*H, tiles, r, D]` fp32, in `out` if
-    given (buffers of that shape and dtypes)."""
+) -> None:
+    """Causal backward: every map's state at every tile of `block` rows into `out`'s slots,
+    from the chunks' exclusive prefix states (suffix states if `reverse`; states as
+    `_state_pass`)."""
     bsz, h, n, d = a.shape
-    bh, dev = bsz * h, a.device
-    tiles = triton.cdiv(n, block)
-    if out is None:
-        dtype = a.dtype if _lowp(a.dtype) else torch.float32
-        out = (_empty((bh, tiles, r, d, d), dtype, dev),
-               _empty((bh, tiles, r, d), torch.float32, dev))
-    cfg = _config("tile_states", d, dev)
+    bh = bsz * h
+    cfg = _config("tile_states", d, a.device)
     den, dden, wf = weights if weights is not None else (a, a, a)
     _fmmformer_tile_states_kernel[(r, chunk_states.shape[1], bh)](
-        a, b, den, dden, wf, chunk_states, chunk_states_z, *out,
-        n, h, chunk_rows, chunk_states.shape[1], tiles,
+        a, b, den, dden, wf, chunk_states, chunk_states_z, *out.args(),
+        n, h, chunk_rows, chunk_states.shape[1], out.count,
         R=r, WEIGHTED=weights is not None, REVERSE=reverse, LOWP=_lowp(a.dtype),
         BLOCK=block, D=d, DOT_PREC=_dot_prec(a.dtype), **cfg.launch(),
     )
-    return out
+
+
+@dataclass
+class _Slots:
+    """Where the kernels find state `(head, slot, map l)`: a row-major `[D, D]` block at
+    element `head * stride_bh + slot * stride_slot` of `bases[l]`, and its z in `z`
+    (`[B*H, count, r, D]` fp32). Either one buffer `[B*H, count, r, D, D]` (`_buffer_slots`)
+    or rows of buffers not yet written (`_slots_in`)."""
+
+    bases: tuple[torch.Tensor, ...]
+    stride_bh: int
+    stride_slot: int
+    z: torch.Tensor
+    count: int
+    in_rows: bool = False  # in other buffers' rows
+
+    def args(self) -> tuple:
+        """Kernel arguments S0, S1, S2 (maps past r repeat the last), strides and z."""
+        b = self.bases
+        return (b[0], b[min(1, len(b) - 1)], b[min(2, len(b) - 1)], self.stride_bh,
+                self.stride_slot, self.z)
+
+
+def _buffer_slots(states: torch.Tensor, states_z: torch.Tensor) -> _Slots:
+    """Slots of a `[B*H, count, r, D, D]` state buffer (a view per map)."""
+    _, count, r, d, _ = states.shape
+    return _Slots(tuple(states[:, :, m] for m in range(r)), count * r * d * d, r * d * d,
+                  states_z, count)
+
+
+def _slots_in(x: torch.Tensor, r: int, buffers: tuple[torch.Tensor, ...], block: int,
+              z: torch.Tensor, reuse: _Slots | None = None) -> _Slots:
+    """Per-tile state slots (tiles of `block` rows of `x`'s `[B, H, N, D]` shape, states in
+    the matmul dtype) in the rows of `buffers` (`[B, H, N, D]`, unwritten): map l's state of
+    tile t in tile t's rows of buffers[l], which hold it when D <= block. Where they cannot
+    (N not a multiple of block, D > block, fewer buffers than maps, another dtype), a buffer
+    of their own: `reuse`'s if that is one, else a new one."""
+    b, h, n, d = x.shape
+    dtype = x.dtype if _lowp(x.dtype) else torch.float32
+    tiles = triton.cdiv(n, block)
+    if (n % block == 0 and d <= block and len(buffers) >= r
+            and all(t.dtype == dtype and t.is_contiguous() for t in buffers[:r])):
+        return _Slots(buffers[:r], n * d, block * d, z, tiles, in_rows=True)
+    if reuse is not None and not reuse.in_rows:
+        return reuse
+    return _buffer_slots(_empty((b * h, tiles, r, d, d), dtype, x.device), z)
 
 
 def _causal_chunk_rows(
@@ -1207,37 +1277,44 @@ def fmmformer_bwd(
     wf = w_far.detach().to(torch.float32).contiguous()
     qk_scale, sm_scale = d**-0.5 * LOG2E, d**-0.5
 
+    dq = _empty(q.shape, q.dtype, dev)
+    dk = _empty(k.shape, k.dtype, dev)
+    dv = _empty(v.shape, v.dtype, dev)
     if causal:
         # One tile per program, each from its own state: the keys before the tile.
         if cfg_q.block_m != cfg_k.block_m:
             raise ValueError("the causal dq and dk/dv kernels must share one tile height")
         rows_q = rows_k = cfg_q.block_m
-        states, states_z = _tile_states(k, v, r, saved.states, saved.states_z,
-                                        saved.chunk_rows, rows_q, reverse=False)
+        tiles = triton.cdiv(n, rows_q)
+        tiles_z = _empty((bh, tiles, r, d), torch.float32, dev)
+        # The tile states live in the gradients' rows while those are unwritten (map l's in
+        # buffer l): dq, dk, dv for the keys' states, which dq spends; dk, dv and one more
+        # buffer for the queries' (the dual states). Elsewhere, in a buffer of their own.
+        slots = _slots_in(q, r, (dq, dk, dv), rows_q, tiles_z)
+        _tile_states(k, v, r, saved.states, saved.states_z, saved.chunk_rows, rows_q,
+                     reverse=False, out=slots)
     else:
-        states, states_z = saved.states, saved.states_z
+        slots = _buffer_slots(saved.states, saved.states_z)
         rows_q = cfg_q.block_m * cfg_q.tiles_per_program
         rows_k = cfg_k.block_m * cfg_k.tiles_per_program
 
     delta = _empty((bh, n), torch.float32, dev)
     den = _empty((bh, r, n), torch.float32, dev)
     dden = _empty((bh, r, n), torch.float32, dev)
-    dq = _empty(q.shape, q.dtype, dev)
     grid_q = (triton.cdiv(n, rows_q), bh)
     # Per-program partial sums of dL/dw_near and dL/dw_far, reduced below in one launch.
     dw = _empty((2, bh, grid_q[0]), torch.float32, dev)
     _fmmformer_bwd_dq_kernel[grid_q](
-        q, k, v, saved.o, do, saved.lse, delta, den, dden, dq, dw, states, states_z,
-        wn, wf,
-        n, h, bandwidth, rows_q, states.shape[1], qk_scale, sm_scale, eps,
+        q, k, v, saved.o, do, saved.lse, delta, den, dden, dq, dw, *slots.args(), wn, wf,
+        n, h, bandwidth, rows_q, slots.count, qk_scale, sm_scale, eps,
         R=r, CAUSAL=causal, LOWP=lowp, BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, D=d,
         DOT_PREC=prec, **cfg_q.launch(),
     )
 
     # Dual states: U_l = sum_i phi_l(q_i) (w_far dO_i / den_i)^T, u_l = sum_i phi_l(q_i) dden_i.
-    # Non-causal: the chunk partials live in dk, written only afterwards (as the forward's in
-    # o): as many chunks as keep the GPU busy, at no extra memory, whatever N.
-    dk = _empty(k.shape, k.dtype, dev)
+    # Their chunk partials live in dk, written only afterwards (as the forward's in o): as
+    # many chunks as keep the GPU busy, at no extra memory, whatever N (the chunk states
+    # themselves never live in the scratch, see `_prefix_states`).
     budget = dk.numel() * dk.element_size()
     if causal:
         # The walk's chunks need not be the forward's: as many as fill the GPU with walks.
@@ -1245,20 +1322,19 @@ def fmmformer_bwd(
         chunk_rows = _chunk_rows(n, bh, r, d, rows_k, walks, budget)
         chunk_u, chunk_uz = _prefix_states(q, do, r, chunk_rows, reverse=True,
                                            weights=(den, dden, wf), scratch=dk)
-        # The key states are spent: their buffers take the queries after each tile.
-        ustates, ustates_z = _tile_states(q, do, r, chunk_u, chunk_uz, chunk_rows, rows_k,
-                                          reverse=True, weights=(den, dden, wf),
-                                          out=(states, states_z))
+        spare = (dk, dv) + ((_empty(q.shape, q.dtype, dev),) if r > 2 else ())
+        uslots = _slots_in(q, r, spare, rows_k, tiles_z, reuse=slots)
+        _tile_states(q, do, r, chunk_u, chunk_uz, chunk_rows, rows_k, reverse=True,
+                     weights=(den, dden, wf), out=uslots)
     else:
         chunk_rows = _state_chunk_rows(n, bh, r, d, budget, dev)
-        ustates, ustates_z = _state_pass(q, do, r, False, chunk_rows, weights=(den, dden, wf),
-                                         scratch=dk)
+        uslots = _buffer_slots(*_state_pass(q, do, r, False, chunk_rows,
+                                            weights=(den, dden, wf), scratch=dk))
 
-    dv = _empty(v.shape, v.dtype, dev)
     grid_k = (triton.cdiv(n, rows_k), bh)
     _fmmformer_bwd_dkdv_kernel[grid_k](
-        q, k, v, do, saved.lse, delta, den, dden, dk, dv, ustates, ustates_z, wn, wf,
-        n, h, bandwidth, rows_k, ustates.shape[1], qk_scale, sm_scale,
+        q, k, v, do, saved.lse, delta, den, dden, dk, dv, *uslots.args(), wn, wf,
+        n, h, bandwidth, rows_k, uslots.count, qk_scale, sm_scale,
         R=r, CAUSAL=causal, LOWP=lowp, BLOCK_M=cfg_k.block_m, BLOCK_N=cfg_k.block_n, D=d,
         DOT_PREC=prec, **cfg_k.launch(),
     )
