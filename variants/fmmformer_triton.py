@@ -357,15 +357,17 @@ def _far_bwd_q(dq, dfar, q, eq, rq, do, y, wf, K, V, tile, v, rows, N, SP, ZP, e
     across maps: fewer live tiles in a kernel that spills."""
     s_m = _mm(tl.load(SP), v, LOWP)
     z = tl.load(ZP)
-    # [BLOCK_M, D]
-    g = _dot(_mm(do, v, LOWP), tl.trans(s_m), None, DOT_PREC)
+    # G = dO S^T, [BLOCK_M, D]: after phi_l' in non-causal tiles (before it, their backward
+    # took 2.00 ms instead of 1.90 on the H100)
     if not CAUSAL:
         fq, dphi = _phi_grad(q, eq, rq, which)
         den = tl.sum(fq * z[None, :], 1) + eps
+        g = _dot(_mm(do, v, LOWP), tl.trans(s_m), None, DOT_PREC)
         fdo = tl.sum(fq * g, 1) / den
         dden = -wf * fdo / den
         dfq = g * (wf / den)[:, None] + dden[:, None] * z[None, :]
     else:
+        g = _dot(_mm(do, v, LOWP), tl.trans(s_m), None, DOT_PREC)
         fq = _phi_one(q, which)
         fqz = tl.sum(fq * z[None, :], 1)
         fqg = tl.sum(fq * g, 1)
