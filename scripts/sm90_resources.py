@@ -56,12 +56,15 @@ def main() -> None:
     bwd_base = dict(R=3, CAUSAL=True, LOWP=True, BLOCK_M=64, BLOCK_N=64, D=64, DOT_PREC="tf32")
     bwd_scalars = {**scalars, "rows_per_program": "i32", "n_slots": "i32"}
     dq_sig = dict(Q=BF16, K=BF16, V=BF16, O=BF16, DO=BF16, LSE=F32, DELTA=F32, DEN=F32, DDEN=F32,
-                  DQ=BF16, DW=F32, P=BF16, PZ=F32, WN=F32, WF=F32, **bwd_scalars,
+                  DQ=BF16, DW=F32, S0=BF16, S1=BF16, S2=BF16, s_bh="i32", s_slot="i32", PZ=F32,
+                  WN=F32, WF=F32, **bwd_scalars,
                   qk_scale="fp32", sm_scale="fp32", eps="fp32", **consts)
     dkdv_sig = dict(Q=BF16, K=BF16, V=BF16, DO=BF16, LSE=F32, DELTA=F32, DEN=F32, DDEN=F32,
-                    DK=BF16, DV=BF16, PU=BF16, PUZ=F32, WN=F32, WF=F32, **bwd_scalars,
+                    DK=BF16, DV=BF16, U0=BF16, U1=BF16, U2=BF16, u_bh="i32", u_slot="i32",
+                    PUZ=F32, WN=F32, WF=F32, **bwd_scalars,
                     qk_scale="fp32", sm_scale="fp32", **consts)
-    tile_sig = dict(A=BF16, B=BF16, WB=F32, WZ=F32, WF=F32, P=F32, PZ=F32, TS=BF16, TZ=F32,
+    tile_sig = dict(A=BF16, B=BF16, WB=F32, WZ=F32, WF=F32, P=F32, PZ=F32, S0=BF16, S1=BF16, S2=BF16,
+                    s_bh="i32", s_slot="i32", TZ=F32,
                     N="i32", H="i32", rows_per_chunk="i32", n_chunks="i32", n_tiles="i32",
                     R=C, WEIGHTED=C, REVERSE=C, LOWP=C, BLOCK=C, D=C, DOT_PREC=C)
     runs += [
