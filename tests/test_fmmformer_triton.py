@@ -8,6 +8,7 @@ checks the benchmark shape and times it against its targets (bf16, B=1, H=16, N=
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -121,6 +122,31 @@ def test_tilings_and_chunkings(poisoned, monkeypatch, causal, sms, tiles_per_pro
     assert chunk_rows == (112 if sms == 1 else 16)
     ref = reference(q, k, v, do, wn, wf, 7, 3, causal)
     check_all(run_triton(q, k, v, do, wn, wf, 7, 3, causal), ref, 1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
+def test_state_pass_value_column_splits(poisoned, monkeypatch, device, weighted):
+    """The state pass with its value columns split across programs (BLOCK_V < D) gives the
+    sums of one program for all columns, in bf16 as the GPU runs it (on the H100, b scaled in
+    registers at 32 or 16 columns gave wrong weighted sums or an illegal address)."""
+    n, d, r = 300, 64, 3
+    a, b, _, _, _, wf = inputs(1, 2, n, d, torch.bfloat16, device, seed=31)
+    weights = None
+    if weighted:
+        gen = torch.Generator().manual_seed(4)
+        den = (torch.rand(2, r, n, generator=gen) + 0.5).to(device)
+        weights = (den, torch.randn(2, r, n, generator=gen).to(device), wf)
+    base = fmt.INTERPRET_CONFIG if device == "cpu" else fmt.CONFIGS["state"][d]
+    sums = {}
+    for block_v in (64, 32, 16):
+        config = dataclasses.replace(base, block_v=block_v)
+        monkeypatch.setattr(fmt, "INTERPRET_CONFIG", config)
+        monkeypatch.setitem(fmt.CONFIGS["state"], d, config)
+        sums[block_v] = fmt._state_pass(a, b, r, True, 128, weights)
+    for block_v in (32, 16):
+        for got, want in zip(sums[block_v], sums[64]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)

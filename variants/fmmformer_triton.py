@@ -465,7 +465,12 @@ def _state_add(s, z, a, ea, ok, b, WB, WZ, rows, N, wf, L: tl.constexpr,
         den = tl.load(WB + L * N + rows, mask=ok, other=1.0)
         dden = tl.load(WZ + L * N + rows, mask=ok, other=0.0)
         z = _dot(fa_t, _columns16(dden, fa_t.dtype), z, DOT_PREC)
-        b_m = _mm(b.to(tl.float32) * (wf / den)[:, None], b, LOWP)
+        # The rows' weights scale phi(a), not b: with b scaled in registers, a split of the
+        # value columns (BLOCK_V 32 or 16 at D = 64) gave wrong sums or an illegal address on
+        # the H100 (Triton 3.6; compute-sanitizer saw no bad access), the same sums as all
+        # columns at once this way, in the same time (fmmformer_triton_logs/fault32.log).
+        fa_t = tl.trans(_mm(fa * (wf / den)[:, None], b, LOWP))
+        b_m = _mm(b, b, LOWP)
     else:
         z = _dot(fa_t, tl.full([fa.shape[0], 16], 1.0, dtype=fa_t.dtype), z, DOT_PREC)
         b_m = _mm(b, b, LOWP)
