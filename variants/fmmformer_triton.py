@@ -112,6 +112,8 @@ CONFIGS: dict[str, dict[int, KernelConfig]] = {
     "bwd_dq_causal": {16: _SMALL, 32: _SMALL, 64: _WIDE1, 128: _WIDE1},
     "bwd_dkdv_causal": {16: _SMALL, 32: _SMALL, 64: _WIDE1, 128: _WIDE1},
     "tile_states": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
+    "band_causal": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
+    "far_causal": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
 }
 # bf16 inputs: far-field products (states, feature maps) in bf16 rather than tf32.
 FAR_BF16 = True
@@ -122,6 +124,10 @@ CAUSAL_PROGRAMS_PER_SM = 1
 STATE_PROGRAMS_PER_SM = 4
 # The causal backward's tile-state walks (one map each) fit several per SM.
 WALK_PROGRAMS_PER_SM = 4
+# Causal inference: one pass per far-field map (one state a program) after a band pass, o
+# accumulated in its own dtype; False: the fused walk of band and every map (o rounded once).
+CAUSAL_MAP_PASSES = True
+FAR_PROGRAMS_PER_SM = 4
 STATE_MEMORY_FRACTION = 0.09
 STATE_MEMORY_FLOOR = 8 * 2**20  # below 9% of o from N = 2^16 on at B*H = 16, D = 64
 # The interpreter runs numpy per program: small tiles keep CPU tests fast and walk many tiles.
@@ -505,9 +511,11 @@ def _fmmformer_state_kernel(
     N, H, rows_per_chunk,
     R: tl.constexpr, WEIGHTED: tl.constexpr, LOWP: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_V: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
+    MAP0: tl.constexpr = 0,
 ):
-    """Chunk states of every map l < R: sum_i phi_l(a_i) b_i^T and sum_i phi_l(a_i), one
-    program per (chunk, head, BLOCK_V columns of b), so a row tile is read once for all maps
+    """Chunk states of maps MAP0 + l, l < R (stored as map l): sum_i phi(a_i) b_i^T and
+    sum_i phi(a_i), one program per (chunk, head, BLOCK_V columns of b), so a row tile is read
+    once for all maps
     (splitting the columns trades re-reads of a for fewer registers per program).
 
     Plain (A=K, B=V): the forward states S_l, z_l. Weighted (A=Q, B=dO): rows of B scaled by
@@ -542,13 +550,13 @@ def _fmmformer_state_kernel(
         a = tl.load(A + rows[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
         b = tl.load(B + rows[:, None] * D + offs_v[None, :], mask=ok[:, None], other=0.0)
         ea = _exp_neg_abs(a)
-        s0, z0 = _state_add(s0, z0, a, ea, ok, b, WB, WZ, rows, N, wf, 0,
+        s0, z0 = _state_add(s0, z0, a, ea, ok, b, WB, WZ, rows, N, wf, MAP0 + 0,
                             WEIGHTED, LOWP, DOT_PREC)
         if R > 1:
-            s1, z1 = _state_add(s1, z1, a, ea, ok, b, WB, WZ, rows, N, wf, 1,
+            s1, z1 = _state_add(s1, z1, a, ea, ok, b, WB, WZ, rows, N, wf, MAP0 + 1,
                                 WEIGHTED, LOWP, DOT_PREC)
         if R > 2:
-            s2, z2 = _state_add(s2, z2, a, ea, ok, b, WB, WZ, rows, N, wf, 2,
+            s2, z2 = _state_add(s2, z2, a, ea, ok, b, WB, WZ, rows, N, wf, MAP0 + 2,
                                 WEIGHTED, LOWP, DOT_PREC)
     _store_state(P, PZ, bh, c, n_chunks, s0, tl.max(z0, 1), v0, 0, R, D)
     if R > 1:
@@ -769,6 +777,69 @@ def _fmmformer_fwd_causal_kernel(
                                           wf, eps, 2, LOWP, DOT_PREC)
         out = _dot(_mm(av, v_m, LOWP), v_m, out, DOT_PREC)
         tl.store(O + tile, out.to(O.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit(do_not_specialize=["N", "bandwidth"])
+def _fmmformer_band_kernel(
+    Q, K, V, O, WN, N, H, bandwidth, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Causal inference, first pass: o = w_near * Near, one query tile per program."""
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    Q, K, V, O, _, wn, _ = _fwd_head(Q, K, V, O, O, WN, WN, bh, 0, N, H, D)
+    rows = m0 + tl.arange(0, BLOCK_M)
+    ok = rows < N
+    tile = rows[:, None] * D + tl.arange(0, D)[None, :]
+    q = tl.load(Q + tile, mask=ok[:, None], other=0.0)
+    out = _near_fwd(q, K, V, m0, rows, ok, N, bandwidth, 0, qk_scale, wn, O, False,
+                    BLOCK_M, BLOCK_N, D, D, DOT_PREC)
+    tl.store(O + tile, out.to(O.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit(do_not_specialize=["N"])
+def _fmmformer_far_causal_kernel(
+    Q, K, V, O, P, PZ, WF, N, H, rows_per_chunk, eps,
+    MAP: tl.constexpr, LOWP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Causal inference, one far-field map per pass: o += w_far Far_MAP. Program = (chunk,
+    head), walking the chunk's tiles from its prefix state (P, PZ: `[B*H, chunks, 1, D, D]`
+    fp32) with one state in registers: the masked intra-tile product and the carried state
+    applied, normalized, added to o's tile."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    n_chunks = tl.num_programs(0)
+    Q, K, V, O, _, _, wf = _fwd_head(Q, K, V, O, O, WF, WF, bh, 0, N, H, D)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    s, z = _load_state(P, PZ, bh, c, n_chunks, 0, 0, 1, D, D)
+    row_lo = c * rows_per_chunk
+    row_hi = tl.minimum(row_lo + rows_per_chunk, N)
+    for m0 in range(row_lo, row_hi, BLOCK_M):
+        rows = m0 + offs_m
+        ok = rows < N
+        tile = rows[:, None] * D + offs_d[None, :]
+        # [BLOCK_M, D]
+        q = tl.load(Q + tile, mask=ok[:, None], other=0.0)
+        k = tl.load(K + tile, mask=ok[:, None], other=0.0)
+        v = tl.load(V + tile, mask=ok[:, None], other=0.0)
+        fq = _phi_map(q, _exp_neg_abs(q), MAP)
+        fk = tl.where(ok[:, None], _phi_map(k, _exp_neg_abs(k), MAP), 0.0)
+        fq_m = _mm(fq, v, LOWP)
+        fk_m = _mm(fk, v, LOWP)
+        v_m = _mm(v, v, LOWP)
+        # [BLOCK_M, BLOCK_M]
+        a = tl.where(rows[None, :] <= rows[:, None],
+                     _dot(fq_m, tl.trans(fk_m), None, DOT_PREC), 0.0)
+        den = tl.sum(fq * z[None, :], 1) + tl.sum(a, 1) + eps
+        num = _dot(_mm(a, v, LOWP), v_m, _dot(fq_m, _mm(s, v, LOWP), None, DOT_PREC),
+                   DOT_PREC)
+        out = tl.load(O + tile, mask=ok[:, None], other=0.0).to(tl.float32)
+        out += num * (wf / den)[:, None]
+        tl.store(O + tile, out.to(O.dtype.element_ty), mask=ok[:, None])
+        s = _dot(tl.trans(fk_m), v_m, s, DOT_PREC)
+        z += tl.sum(fk, 0)
 
 
 @triton.jit
@@ -1005,8 +1076,10 @@ def _state_pass(
     chunk_rows: int,
     weights: Weights | None = None,
     scratch: torch.Tensor | None = None,
+    map0: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """States sum_i phi_l(a_i) b_i^T and sum_i phi_l(a_i) per chunk of `chunk_rows` rows.
+    """States sum_i phi_l(a_i) b_i^T and sum_i phi_l(a_i) per chunk of `chunk_rows` rows, for
+    the maps map0 .. map0 + r - 1 (stored as 0 .. r - 1).
 
     `weights` = (den, dden, w_far) gives the backward's dual states instead (module docstring).
     Causal: the chunk partials, `[B*H, chunks, r, D, D]` and `[B*H, chunks, r, D]`, fp32.
@@ -1034,7 +1107,7 @@ def _state_pass(
         n, h, chunk_rows,
         R=r, WEIGHTED=weights is not None, LOWP=lowp, BLOCK=min(cfg.block_m, chunk_rows),
         BLOCK_V=block_v, D=d,
-        DOT_PREC=_dot_prec(a.dtype), **cfg.launch(),
+        DOT_PREC=_dot_prec(a.dtype), MAP0=map0, **cfg.launch(),
     )
     if causal:
         return states, states_z
@@ -1065,6 +1138,7 @@ def _prefix_states(
     weights: Weights | None = None,
     scratch: torch.Tensor | None = None,
     parts_per_chunk: int | None = None,
+    map0: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal: every chunk's exclusive prefix states (suffix states if `reverse`),
     `[B*H, chunks, r, D, D]` and `[B*H, chunks, r, D]` fp32 (states as `_state_pass`).
@@ -1089,7 +1163,7 @@ def _prefix_states(
         ):
             parts_per_chunk //= 2
     parts, parts_z = _state_pass(a, b, r, True, chunk_rows // parts_per_chunk, weights,
-                                 scratch if parts_per_chunk > 1 else None)
+                                 scratch if parts_per_chunk > 1 else None, map0)
     if parts_per_chunk == 1:  # in place
         states, states_z = parts, parts_z
     else:
@@ -1198,6 +1272,34 @@ def _state_chunk_rows(
     return _chunk_rows(n, bh, r, d, block, programs, budget)
 
 
+def _causal_map_passes(q, k, v, o, wn, wf, bandwidth: int, r: int, eps: float,
+                       o_bytes: float) -> None:
+    """Causal inference forward into o: the band pass, then per far-field map its chunk prefix
+    states (chunks for `FAR_PROGRAMS_PER_SM` programs per SM, one map's states at a time)
+    and its pass adding w_far Far_l to o."""
+    b, h, n, d = q.shape
+    bh, dev = b * h, q.device
+    cfg = _config("band_causal", d, dev)
+    _fmmformer_band_kernel[(triton.cdiv(n, cfg.block_m), bh)](
+        q, k, v, o, wn, n, h, bandwidth, d**-0.5 * LOG2E,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D=d, DOT_PREC=_dot_prec(q.dtype),
+        **cfg.launch(),
+    )
+    cfg = _config("far_causal", d, dev)
+    budget = max(STATE_MEMORY_FRACTION * o_bytes, STATE_MEMORY_FLOOR)
+    chunk_rows = _chunk_rows(n, bh, 1, d, cfg.block_m, FAR_PROGRAMS_PER_SM * _sm_count(dev),
+                             budget)
+    for m in range(r):
+        states, states_z = _prefix_states(k, v, 1, chunk_rows, reverse=False,
+                                          parts_per_chunk=1, map0=m)
+        _fmmformer_far_causal_kernel[(states.shape[1], bh)](
+            q, k, v, o, states, states_z, wf, n, h, chunk_rows, eps,
+            MAP=m, LOWP=_lowp(q.dtype), BLOCK_M=cfg.block_m, D=d,
+            DOT_PREC=_dot_prec(q.dtype), **cfg.launch(),
+        )
+        del states, states_z
+
+
 def fmmformer_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1236,6 +1338,9 @@ def fmmformer_fwd(
                   BLOCK_N=cfg.block_n, D=d, DOT_PREC=_dot_prec(q.dtype),
                   **cfg.launch())
     qk_scale = d**-0.5 * LOG2E
+    if causal and not save and CAUSAL_MAP_PASSES:
+        _causal_map_passes(q, k, v, o, wn, wf, bandwidth, r, eps, o_bytes)
+        return o, None
     if causal:
         chunk_rows = _causal_chunk_rows(n, bh, r, d, o_bytes, dev)
         # The parts' partials live in o, written only afterwards.
