@@ -8,7 +8,7 @@ kernel. fwd: the non-causal forward under register caps and stages. prof: the ti
 of the forward and the backward (torch.profiler). bwd: warps and stages of the non-causal
 backward kernels. wstate: the backward's weighted (dual) state pass alone per config. cbwd:
 the causal backward's kernels: a profile, then warps and stages of each. cfwd: the causal
-forward's tile heights, warps and stages.
+forward's tile heights, warps and stages. cinf: causal inference, map passes against the fused walk.
 Results go to $OUT/probe.log.
 """
 
@@ -169,3 +169,27 @@ if "cfwd" in modes:
             say(f"cfwd block_m={block_m} block_n={block_n} warps={warps} stages={stages}: "
                 f"failed {type(e).__name__}: {e}")
     fmt.CONFIGS["fwd_causal"][d] = default
+
+if "cinf" in modes:
+    # Causal inference: the band pass and one pass per far-field map against the fused walk;
+    # a profile, configs of the two passes, programs per SM, and the two outputs' difference.
+    for passes in (True, False):
+        fmt.CAUSAL_MAP_PASSES = passes
+        say(f"cinf map_passes={passes}: causal fwd {bench(lambda: fwd(3, True)):.4f} ms")
+    fmt.CAUSAL_MAP_PASSES = True
+    kernel_times(lambda: fwd(3, True), "cinf map passes", say)
+    o_fused = fmt.fmmformer_fwd(q, kk, v, wn, wf, k, 3, True, save=True)[0]
+    o_pass = fwd(3, True)[0]
+    diff = ((o_pass.float() - o_fused.float()).norm() / o_fused.float().norm()).item()
+    say(f"cinf rel diff map passes vs fused walk (bf16 o): {diff:.2e}")
+    for kind, trials in (("far_causal", ((4, 1), (4, 2), (4, 3), (8, 2))),
+                         ("band_causal", ((4, 1), (4, 3), (8, 2)))):
+        default = fmt.CONFIGS[kind][d]
+        for warps, stages in trials:
+            fmt.CONFIGS[kind][d] = dataclasses.replace(default, num_warps=warps, num_stages=stages)
+            say(f"cinf {kind} warps={warps} stages={stages}: {bench(lambda: fwd(3, True)):.4f} ms")
+        fmt.CONFIGS[kind][d] = default
+    for per_sm in (2, 8, 16):
+        fmt.FAR_PROGRAMS_PER_SM, default = per_sm, fmt.FAR_PROGRAMS_PER_SM
+        say(f"cinf far programs per SM {per_sm}: {bench(lambda: fwd(3, True)):.4f} ms")
+        fmt.FAR_PROGRAMS_PER_SM = default
