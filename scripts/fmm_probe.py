@@ -1,6 +1,7 @@
 """Pieces of the FMMformer kernels on the GPU (bf16, H=16, N=65536, D=64, k=30), in isolation.
 
-    python scripts/fmm_probe.py [maps] [state] [regs] [fwd] [prof] [bwd] [wstate] [cbwd]
+    python scripts/fmm_probe.py [maps] [state] [regs] [fwd] [prof] [bwd] [wstate] [cbwd] [cfwd]
+        [cinf]
 
 maps: marginal cost of each far-field map (state pass and main kernel at r = 1, 2, 3).
 state: state-pass configs (rows per tile, warps, stages). regs: register caps (`maxnreg`) per
@@ -8,7 +9,8 @@ kernel. fwd: the non-causal forward under register caps and stages. prof: the ti
 of the forward and the backward (torch.profiler). bwd: warps and stages of the non-causal
 backward kernels. wstate: the backward's weighted (dual) state pass alone per config. cbwd:
 the causal backward's kernels: a profile, then warps and stages of each. cfwd: the causal
-forward's tile heights, warps and stages. cinf: causal inference, map passes against the fused walk.
+forward's tile heights, warps and stages. cinf: causal inference, map passes against the fused
+walk.
 Results go to $OUT/probe.log.
 """
 

@@ -14,7 +14,11 @@ that fits four programs per SM. Causal: the state pass runs over parts of each c
 in `o`) and a scan sums them into each chunk's prefix; one program per chunk (one per SM: the
 chunks make whole waves) walks its tiles in order, carrying the three fp32 states in registers
 and adding the masked intra-tile products (their weighted sum over maps takes one matmul with
-V).
+V). That fused walk serves the forward that keeps what the backward needs; causal inference
+instead runs a band pass writing w_near * Near into o, then per map its chunk prefix states
+and a walk with that one state (four programs per SM) adding w_far Far_l to o: o is rounded
+to its dtype four times instead of once (bf16 at N = 2^16: 4e-3 apart from the fused walk),
+and the forward takes 1.76 ms instead of 2.57 on the H100 (`CAUSAL_MAP_PASSES`).
 
 Backward: `dq` takes query tiles (far field, then band), storing each row's far normalizers
 `den_l` and `dL/d den_l`; a weighted state pass reduces the dual states
@@ -30,8 +34,9 @@ D <= 64; dk/dv needs one more `[N, D]` buffer at r = 3), else in a buffer of the
 (H100, N = 2^16: backward alone 10.1 -> 7.2 ms against dq and dk/dv walking the chunks with
 their states in L2, both spilling).
 
-Memory: forward-only calls allocate `o` plus, causal, the chunk states (`chunks * B * H * r * D *
-(D+1)` floats, under 9% of `o` or 8 MiB, whichever is more). With grad, the forward also keeps
+Memory: forward-only calls allocate `o` plus, causal, one map's chunk states at a time
+(`chunks * B * H * D * (D+1)` floats, under 9% of `o` or 8 MiB, whichever is more; the fused
+walk's hold every map's under the same cap). With grad, the forward also keeps
 the log-sum-exp and nothing else: the backward recovers the band's softmax delta from `o`
 (`w_near dO . Near = dO . o - w_far sum_l dO . Far_l`, whose far terms dq computes first
 anyway) and sums dL/dw_near from the band's P and dO V^T, so nothing is divided by w_near
@@ -95,7 +100,10 @@ class KernelConfig:
 # 128-row tiles 0.97, 32 value columns 1.15), causal forward 8 warps 1 stage (3.26; 4 warps
 # 5.05; register caps 4.2 to 6.6; 32-row tiles 4.6), backward 4 warps (fwd_bwd 3.29; 8 warps
 # 3.92; caps slower), causal dq and dk/dv 8 warps 1 stage (backward alone 7.23 ms; 4 warps
-# 7.59, 2 stages 7.73: `_ab` probe log in results/h100/fmmformer_triton_logs), tile walks 4 warps.
+# 7.59, 2 stages 7.73: `_ab` probe log in results/h100/fmmformer_triton_logs), tile walks 4 warps,
+# causal inference passes (`fmm_probe.py cinf`, causal fwd ms): far-field walks 4 warps 2 stages
+# (1.76; 1 stage 2.47, 3 stages 1.88, 8 warps 2.59), band 4 warps 2 stages (1 stage 1.75,
+# 3 stages 1.96, 8 warps 1.89).
 # Other head dims keep the register-count choices of sm_90 builds. The causal chunk count targets
 # `CAUSAL_PROGRAMS_PER_SM` programs per SM, capped so the chunk states stay under
 # `STATE_MEMORY_FRACTION` of o (the forward's memory target) or `STATE_MEMORY_FLOOR` bytes,
@@ -127,6 +135,7 @@ WALK_PROGRAMS_PER_SM = 4
 # Causal inference: one pass per far-field map (one state a program) after a band pass, o
 # accumulated in its own dtype; False: the fused walk of band and every map (o rounded once).
 CAUSAL_MAP_PASSES = True
+# Their far-field walks: chunks for 4 programs per SM (H100 causal fwd 1.76 ms; 2: 1.81, 8: 2.07).
 FAR_PROGRAMS_PER_SM = 4
 STATE_MEMORY_FRACTION = 0.09
 STATE_MEMORY_FLOOR = 8 * 2**20  # below 9% of o from N = 2^16 on at B*H = 16, D = 64
