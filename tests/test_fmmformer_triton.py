@@ -107,19 +107,27 @@ def test_matches_reference(poisoned, device, case, causal):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="tile configs are patched for the interpreter")
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("causal,map_passes", [(False, True), (True, True), (True, False)],
+                         ids=["full", "causal-map-passes", "causal-fused"])
 @pytest.mark.parametrize("sms,tiles_per_program,block_v", [(1, 3, 16), (64, 2, 8)])
-def test_tilings_and_chunkings(poisoned, monkeypatch, causal, sms, tiles_per_program, block_v):
+def test_tilings_and_chunkings(poisoned, monkeypatch, causal, map_passes, sms,
+                               tiles_per_program, block_v):
     """Unequal query and key tiles, several tiles per program, value columns split across
-    programs, and causal chunk counts from one chunk per head (1 SM) to one tile per chunk
-    (64 SMs): all give the reference."""
+    programs, and causal chunk counts from few chunks per head (1 SM) to one tile per chunk
+    (64 SMs), in the causal map passes and the fused walk: all give the reference."""
     config = KernelConfig(16, 32, 4, 1, tiles_per_program, block_v)
     monkeypatch.setattr(fmt, "INTERPRET_CONFIG", config)
     monkeypatch.setattr(fmt, "_sm_count", lambda device: sms)
     monkeypatch.setattr(fmt, "STATE_MEMORY_FRACTION", 1.0)
+    monkeypatch.setattr(fmt, "CAUSAL_MAP_PASSES", map_passes)
     q, k, v, do, wn, wf = inputs(2, 1, 101, 16, torch.float32, "cpu", seed=5 + causal)
-    chunk_rows = fmt._causal_chunk_rows(101, 2, 3, 16, 1e9, torch.device("cpu"))
-    assert chunk_rows == (112 if sms == 1 else 16)
+    if map_passes:  # chunks for 4 programs per SM: 2 per head on 1 SM
+        programs = fmt.FAR_PROGRAMS_PER_SM * sms
+        chunk_rows = fmt._chunk_rows(101, 2, 1, 16, 16, programs, 1e9)
+        assert chunk_rows == (64 if sms == 1 else 16)
+    else:
+        chunk_rows = fmt._causal_chunk_rows(101, 2, 3, 16, 1e9, torch.device("cpu"))
+        assert chunk_rows == (112 if sms == 1 else 16)
     ref = reference(q, k, v, do, wn, wf, 7, 3, causal)
     check_all(run_triton(q, k, v, do, wn, wf, 7, 3, causal), ref, 1e-4)
 
@@ -297,16 +305,18 @@ def test_inference_allocates_little_more_than_o(monkeypatch, device, causal):
 @pytest.mark.parametrize("n,d,bandwidth,kernels,dtype", [
     (77, 16, 5, 3, torch.float32), (131, 32, 0, 1, torch.float32), (300, 16, 30, 2, torch.bfloat16),
 ])
-def test_causal_inference_paths(poisoned, monkeypatch, device, map_passes, n, d, bandwidth,
-                                kernels, dtype):
-    """Causal inference (no grad) runs a band pass and one pass per far-field map, o summed in
-    its own dtype (or, switched off, the fused walk): both give the reference output."""
+def test_causal_forward_paths(poisoned, monkeypatch, device, map_passes, n, d, bandwidth,
+                              kernels, dtype):
+    """The causal forward runs a band pass and one pass per far-field map, o summed in its own
+    dtype (or, switched off, the fused walk): both give the reference output, without grad
+    and with it, and the backward from either gives every gradient."""
     monkeypatch.setattr(fmt, "CAUSAL_MAP_PASSES", map_passes)
     q, k, v, do, wn, wf = inputs(1, 2, n, d, dtype, device, seed=n + kernels)
-    ref = reference(q, k, v, do, wn, wf, bandwidth, kernels, True)[0]
+    ref = reference(q, k, v, do, wn, wf, bandwidth, kernels, True)
     with torch.no_grad():
         o = fmmformer_triton(q, k, v, wn, wf, bandwidth=bandwidth, kernels=kernels, causal=True)
-    assert rel_err(o, ref) < TOL[dtype]
+    assert rel_err(o, ref[0]) < TOL[dtype]
+    check_all(run_triton(q, k, v, do, wn, wf, bandwidth, kernels, True), ref, TOL[dtype])
 
 
 def test_bad_inputs_raise():

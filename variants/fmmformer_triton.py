@@ -14,11 +14,11 @@ that fits four programs per SM. Causal: the state pass runs over parts of each c
 in `o`) and a scan sums them into each chunk's prefix; one program per chunk (one per SM: the
 chunks make whole waves) walks its tiles in order, carrying the three fp32 states in registers
 and adding the masked intra-tile products (their weighted sum over maps takes one matmul with
-V). That fused walk serves the forward that keeps what the backward needs; causal inference
-instead runs a band pass writing w_near * Near into o, then per map its chunk prefix states
-and a walk with that one state (four programs per SM) adding w_far Far_l to o: o is rounded
-to its dtype four times instead of once (bf16 at N = 2^16: 4e-3 apart from the fused walk),
-and the forward takes 1.76 ms instead of 2.57 on the H100 (`CAUSAL_MAP_PASSES`).
+V). By default (`CAUSAL_MAP_PASSES`) the causal forward instead runs a band pass writing
+w_near * Near into o, then per map its chunk prefix states and a walk with that one state (four
+programs per SM) adding w_far Far_l to o: o is rounded to its dtype four times instead of
+once (bf16 at N = 2^16: 4e-3 apart from the fused walk; 3.9e-3 from the float64 reference
+against 2.1e-3 non-causal), and the forward takes 1.76 ms instead of 2.57 on the H100.
 
 Backward: `dq` takes query tiles (far field, then band), storing each row's far normalizers
 `den_l` and `dL/d den_l`; a weighted state pass reduces the dual states
@@ -36,8 +36,9 @@ their states in L2, both spilling).
 
 Memory: forward-only calls allocate `o` plus, causal, one map's chunk states at a time
 (`chunks * B * H * D * (D+1)` floats, under 9% of `o` or 8 MiB, whichever is more; the fused
-walk's hold every map's under the same cap). With grad, the forward also keeps
-the log-sum-exp and nothing else: the backward recovers the band's softmax delta from `o`
+walk's hold every map's under the same cap). With grad, the forward also keeps the
+log-sum-exp and, causal, every map's chunk states (the backward starts from them), and nothing
+else: the backward recovers the band's softmax delta from `o`
 (`w_near dO . Near = dO . o - w_far sum_l dO . Far_l`, whose far terms dq computes first
 anyway) and sums dL/dw_near from the band's P and dO V^T, so nothing is divided by w_near
 (H100: fwd_bwd 2.71 -> 2.61 ms non-causal: no Near is written). The causal backward takes one
@@ -790,18 +791,20 @@ def _fmmformer_fwd_causal_kernel(
 
 @triton.jit(do_not_specialize=["N", "bandwidth"])
 def _fmmformer_band_kernel(
-    Q, K, V, O, WN, N, H, bandwidth, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
+    Q, K, V, O, LSE, WN, N, H, bandwidth, qk_scale,
+    SAVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
-    """Causal inference, first pass: o = w_near * Near, one query tile per program."""
+    """Causal map passes, first pass: o = w_near * Near, one query tile per program (SAVE:
+    and the log-sum-exp)."""
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
-    Q, K, V, O, _, wn, _ = _fwd_head(Q, K, V, O, O, WN, WN, bh, 0, N, H, D)
+    Q, K, V, O, LSE, wn, _ = _fwd_head(Q, K, V, O, LSE, WN, WN, bh, 0, N, H, D)
     rows = m0 + tl.arange(0, BLOCK_M)
     ok = rows < N
     tile = rows[:, None] * D + tl.arange(0, D)[None, :]
     q = tl.load(Q + tile, mask=ok[:, None], other=0.0)
-    out = _near_fwd(q, K, V, m0, rows, ok, N, bandwidth, 0, qk_scale, wn, O, False,
+    out = _near_fwd(q, K, V, m0, rows, ok, N, bandwidth, 0, qk_scale, wn, LSE, SAVE,
                     BLOCK_M, BLOCK_N, D, D, DOT_PREC)
     tl.store(O + tile, out.to(O.dtype.element_ty), mask=ok[:, None])
 
@@ -812,7 +815,7 @@ def _fmmformer_far_causal_kernel(
     MAP: tl.constexpr, LOWP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """Causal inference, one far-field map per pass: o += w_far Far_MAP. Program = (chunk,
+    """Causal map passes, one far-field map per pass: o += w_far Far_MAP. Program = (chunk,
     head), walking the chunk's tiles from its prefix state (P, PZ: `[B*H, chunks, 1, D, D]`
     fp32) with one state in registers: the masked intra-tile product and the carried state
     applied, normalized, added to o's tile."""
@@ -1281,32 +1284,44 @@ def _state_chunk_rows(
     return _chunk_rows(n, bh, r, d, block, programs, budget)
 
 
-def _causal_map_passes(q, k, v, o, wn, wf, bandwidth: int, r: int, eps: float,
-                       o_bytes: float) -> None:
-    """Causal inference forward into o: the band pass, then per far-field map its chunk prefix
-    states (chunks for `FAR_PROGRAMS_PER_SM` programs per SM, one map's states at a time)
-    and its pass adding w_far Far_l to o."""
+def _causal_map_passes(q, k, v, o, lse, wn, wf, bandwidth: int, r: int, eps: float,
+                       o_bytes: float, save: bool) -> tuple | None:
+    """Causal forward into o: the band pass, then per far-field map its chunk prefix states
+    (chunks for `FAR_PROGRAMS_PER_SM` programs per SM) and its pass adding w_far Far_l to o.
+    Without `save` one map's states live at a time; with it every map's are kept for the
+    backward and returned with their chunk rows (and the band pass stores the log-sum-exp)."""
     b, h, n, d = q.shape
     bh, dev = b * h, q.device
     cfg = _config("band_causal", d, dev)
     _fmmformer_band_kernel[(triton.cdiv(n, cfg.block_m), bh)](
-        q, k, v, o, wn, n, h, bandwidth, d**-0.5 * LOG2E,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D=d, DOT_PREC=_dot_prec(q.dtype),
+        q, k, v, o, lse, wn, n, h, bandwidth, d**-0.5 * LOG2E,
+        SAVE=save, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D=d, DOT_PREC=_dot_prec(q.dtype),
         **cfg.launch(),
     )
     cfg = _config("far_causal", d, dev)
+    # Rows a multiple of every causal tile (the backward walks these chunks when saved).
+    block = max(cfg.block_m, *(_config(kind, d, dev).block_m
+                               for kind in ("bwd_dq_causal", "bwd_dkdv_causal")))
     budget = max(STATE_MEMORY_FRACTION * o_bytes, STATE_MEMORY_FLOOR)
-    chunk_rows = _chunk_rows(n, bh, 1, d, cfg.block_m, FAR_PROGRAMS_PER_SM * _sm_count(dev),
-                             budget)
+    chunk_rows = _chunk_rows(n, bh, 1, d, block, FAR_PROGRAMS_PER_SM * _sm_count(dev), budget)
+    chunks = triton.cdiv(n, chunk_rows)
+    kept = None
+    if save:
+        kept = (_empty((bh, chunks, r, d, d), torch.float32, dev),
+                _empty((bh, chunks, r, d), torch.float32, dev))
     for m in range(r):
         states, states_z = _prefix_states(k, v, 1, chunk_rows, reverse=False,
                                           parts_per_chunk=1, map0=m)
-        _fmmformer_far_causal_kernel[(states.shape[1], bh)](
+        _fmmformer_far_causal_kernel[(chunks, bh)](
             q, k, v, o, states, states_z, wf, n, h, chunk_rows, eps,
             MAP=m, LOWP=_lowp(q.dtype), BLOCK_M=cfg.block_m, D=d,
             DOT_PREC=_dot_prec(q.dtype), **cfg.launch(),
         )
+        if kept is not None:
+            kept[0][:, :, m] = states[:, :, 0]
+            kept[1][:, :, m] = states_z[:, :, 0]
         del states, states_z
+    return (*kept, chunk_rows) if kept is not None else None
 
 
 def fmmformer_fwd(
@@ -1347,9 +1362,9 @@ def fmmformer_fwd(
                   BLOCK_N=cfg.block_n, D=d, DOT_PREC=_dot_prec(q.dtype),
                   **cfg.launch())
     qk_scale = d**-0.5 * LOG2E
-    if causal and not save and CAUSAL_MAP_PASSES:
-        _causal_map_passes(q, k, v, o, wn, wf, bandwidth, r, eps, o_bytes)
-        return o, None
+    if causal and CAUSAL_MAP_PASSES:
+        kept = _causal_map_passes(q, k, v, o, lse, wn, wf, bandwidth, r, eps, o_bytes, save)
+        return o, (_Saved(lse, o, *kept) if save else None)
     if causal:
         chunk_rows = _causal_chunk_rows(n, bh, r, d, o_bytes, dev)
         # The parts' partials live in o, written only afterwards.
