@@ -740,6 +740,18 @@ def _fmmformer_fwd_kernel(
         tl.store(O + tile, out.to(O.dtype.element_ty), mask=ok[:, None])
 
 
+@triton.jit
+def _qkv_tile(Q, K, V, m0, N, BLOCK_M: tl.constexpr, D: tl.constexpr):
+    """Rows m0.. of one tile (`[BLOCK_M, D]` offsets and the in-range mask) and its q, k, v."""
+    rows = m0 + tl.arange(0, BLOCK_M)
+    ok = rows < N
+    tile = rows[:, None] * D + tl.arange(0, D)[None, :]
+    q = tl.load(Q + tile, mask=ok[:, None], other=0.0)
+    k = tl.load(K + tile, mask=ok[:, None], other=0.0)
+    v = tl.load(V + tile, mask=ok[:, None], other=0.0)
+    return rows, ok, tile, q, k, v
+
+
 @triton.jit(do_not_specialize=["N", "bandwidth"])
 def _fmmformer_fwd_causal_kernel(
     Q, K, V, O, LSE, P, PZ, WN, WF,
@@ -756,19 +768,12 @@ def _fmmformer_fwd_causal_kernel(
     bh = tl.program_id(1).to(tl.int64)
     n_chunks = tl.num_programs(0)
     Q, K, V, O, LSE, wn, wf = _fwd_head(Q, K, V, O, LSE, WN, WF, bh, 0, N, H, D)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
     s0, z0, s1, z1, s2, z2 = _load_states(P, PZ, bh, c, n_chunks, 0, R, D, D)
     row_lo = c * rows_per_program
     row_hi = tl.minimum(row_lo + rows_per_program, N)
     for m0 in range(row_lo, row_hi, BLOCK_M):
-        rows = m0 + offs_m
-        ok = rows < N
-        tile = rows[:, None] * D + offs_d[None, :]
         # [BLOCK_M, D]
-        q = tl.load(Q + tile, mask=ok[:, None], other=0.0)
-        k = tl.load(K + tile, mask=ok[:, None], other=0.0)
-        v = tl.load(V + tile, mask=ok[:, None], other=0.0)
+        rows, ok, tile, q, k, v = _qkv_tile(Q, K, V, m0, N, BLOCK_M, D)
         out = _near_fwd(q, K, V, m0, rows, ok, N, bandwidth, 0, qk_scale, wn, LSE,
                         SAVE, BLOCK_M, BLOCK_N, D, D, DOT_PREC)
         eq = _exp_neg_abs(q)
@@ -823,19 +828,12 @@ def _fmmformer_far_causal_kernel(
     bh = tl.program_id(1).to(tl.int64)
     n_chunks = tl.num_programs(0)
     Q, K, V, O, _, _, wf = _fwd_head(Q, K, V, O, O, WF, WF, bh, 0, N, H, D)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
     s, z = _load_state(P, PZ, bh, c, n_chunks, 0, 0, 1, D, D)
     row_lo = c * rows_per_chunk
     row_hi = tl.minimum(row_lo + rows_per_chunk, N)
     for m0 in range(row_lo, row_hi, BLOCK_M):
-        rows = m0 + offs_m
-        ok = rows < N
-        tile = rows[:, None] * D + offs_d[None, :]
         # [BLOCK_M, D]
-        q = tl.load(Q + tile, mask=ok[:, None], other=0.0)
-        k = tl.load(K + tile, mask=ok[:, None], other=0.0)
-        v = tl.load(V + tile, mask=ok[:, None], other=0.0)
+        rows, ok, tile, q, k, v = _qkv_tile(Q, K, V, m0, N, BLOCK_M, D)
         fq = _phi_map(q, _exp_neg_abs(q), MAP)
         fk = tl.where(ok[:, None], _phi_map(k, _exp_neg_abs(k), MAP), 0.0)
         fq_m = _mm(fq, v, LOWP)
