@@ -63,8 +63,8 @@ def main() -> None:
                     DK=BF16, DV=BF16, U0=BF16, U1=BF16, U2=BF16, u_bh="i32", u_slot="i32",
                     PUZ=F32, WN=F32, WF=F32, **bwd_scalars,
                     qk_scale="fp32", sm_scale="fp32", **consts)
-    tile_sig = dict(A=BF16, B=BF16, WB=F32, WZ=F32, WF=F32, P=F32, PZ=F32, S0=BF16, S1=BF16, S2=BF16,
-                    s_bh="i32", s_slot="i32", TZ=F32,
+    tile_sig = dict(A=BF16, B=BF16, WB=F32, WZ=F32, WF=F32, P=F32, PZ=F32, S0=BF16, S1=BF16,
+                    S2=BF16, s_bh="i32", s_slot="i32", TZ=F32,
                     N="i32", H="i32", rows_per_chunk="i32", n_chunks="i32", n_tiles="i32",
                     R=C, WEIGHTED=C, REVERSE=C, LOWP=C, BLOCK=C, D=C, DOT_PREC=C)
     runs += [

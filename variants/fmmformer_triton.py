@@ -357,7 +357,7 @@ def _far_causal(out, av, q, eq, k, ek, ok, v_m, s, z, earlier, wf, eps, L: tl.co
 
 
 @triton.jit
-def _far_bwd_q(dq, dfar, q, eq, rq, do, y, wf, K, V, tile, v, rows, N, SP, ZP, eps, DEN, DDEN, which,
+def _far_bwd_q(dq, dfar, q, eq, rq, do, wf, K, V, tile, rows, N, SP, ZP, eps, DEN, DDEN, which,
                CAUSAL: tl.constexpr, LOWP: tl.constexpr, DOT_PREC: tl.constexpr):
     """Far term l of dq for one query tile from the state at SP, ZP: the global one, or
     (causal) that of the keys before the tile, the masked intra-tile product adding the rest.
@@ -366,36 +366,36 @@ def _far_bwd_q(dq, dfar, q, eq, rq, do, y, wf, K, V, tile, v, rows, N, SP, ZP, e
 
     With Far_l = num / den: dnum = w_far dO / den and dden = -w_far (dO . Far_l) / den.
     num = phi(q) S (+ A V causal, A the masked phi(q) phi(k)^T), so with G = dO S^T:
-    dO . num = phi(q) . G (+ rowsum(A * Y), Y = dO V^T, the caller's map-free product) and
-    dphi(q) = (w_far / den) G + dden z (+ (masked (w_far / den) Y + dden) phi(k)): num itself
-    is never formed (H100, non-causal dq kernel: 1.24 ms with the products num and dnum S^T).
-    Causal tiles recompute exp(-|x|) of q and k per map (eq, rq unused) rather than hold them
-    across maps: fewer live tiles in a kernel that spills."""
-    s_m = _mm(tl.load(SP), v, LOWP)
+    dO . num = phi(q) . G (+ rowsum(A * Y), Y = dO V^T) and dphi(q) = (w_far / den) G + dden z
+    (+ the intra-tile term, `_far_bwd_q_intra`): num itself is never formed (H100, non-causal
+    dq kernel: 1.24 ms with the products num and dnum S^T). Causal tiles load k, v and
+    recompute phi per map (eq, rq unused) rather than hold them across maps: fewer live tiles
+    in a kernel that spills."""
+    s_m = _mm(tl.load(SP), q, LOWP)
     z = tl.load(ZP)
     # G = dO S^T, [BLOCK_M, D]: after phi_l' in non-causal tiles (before it, their backward
     # took 2.00 ms instead of 1.90 on the H100)
     if not CAUSAL:
         fq, dphi = _phi_grad(q, eq, rq, which)
         den = tl.sum(fq * z[None, :], 1) + eps
-        g = _dot(_mm(do, v, LOWP), tl.trans(s_m), None, DOT_PREC)
+        g = _dot(_mm(do, q, LOWP), tl.trans(s_m), None, DOT_PREC)
         fdo = tl.sum(fq * g, 1) / den
         dden = -wf * fdo / den
         dfq = g * (wf / den)[:, None] + dden[:, None] * z[None, :]
     else:
-        g = _dot(_mm(do, v, LOWP), tl.trans(s_m), None, DOT_PREC)
+        g = _dot(_mm(do, q, LOWP), tl.trans(s_m), None, DOT_PREC)
         fq = _phi_one(q, which)
         fqz = tl.sum(fq * z[None, :], 1)
         fqg = tl.sum(fq * g, 1)
-        fq_m = _mm(fq, v, LOWP)
+        fq_m = _mm(fq, q, LOWP)
         k = tl.load(K + tile, mask=(rows < N)[:, None], other=0.0)
-        fk_m = _mm(tl.where((rows < N)[:, None], _phi_one(k, which), 0.0), v, LOWP)
+        fk_m = _mm(tl.where((rows < N)[:, None], _phi_one(k, which), 0.0), q, LOWP)
         causal = rows[None, :] <= rows[:, None]
         # [BLOCK_M, BLOCK_M]
         a = tl.where(causal, _dot(fq_m, tl.trans(fk_m), None, DOT_PREC), 0.0)
         den = fqz + tl.sum(a, 1) + eps
-        vv = tl.load(V + tile, mask=(rows < N)[:, None], other=0.0)
-        y = _dot(do, tl.trans(vv), None, DOT_PREC)
+        v = tl.load(V + tile, mask=(rows < N)[:, None], other=0.0)
+        y = _dot(do, tl.trans(v), None, DOT_PREC)
         fdo = (fqg + tl.sum(a * y, 1)) / den
         dden = -wf * fdo / den
         scale = wf / den
@@ -525,8 +525,8 @@ def _fmmformer_state_kernel(
 ):
     """Chunk states of maps MAP0 + l, l < R (stored as map l): sum_i phi(a_i) b_i^T and
     sum_i phi(a_i), one program per (chunk, head, BLOCK_V columns of b), so a row tile is read
-    once for all maps
-    (splitting the columns trades re-reads of a for fewer registers per program).
+    once for all maps (splitting the columns trades re-reads of a for fewer registers per
+    program).
 
     Plain (A=K, B=V): the forward states S_l, z_l. Weighted (A=Q, B=dO): rows of B scaled by
     w_far / den_l and the vector sum weighted by dL/d den_l: the backward dual states U_l, u_l."""
@@ -622,8 +622,8 @@ def _fmmformer_tile_states_kernel(
     `[D, D]` state in registers, carried from the chunk's state in P, PZ through its tiles
     (last to first if REVERSE); each tile's slot (`_Slots`: S0..S2 and strides, the matmul
     dtype; TZ `[B*H, tiles, R, D]` fp32) gets the state before the tile's rows are added, so
-    that it covers the rows strictly before the tile (after it, if REVERSE). Plain (A=K, B=V) and weighted
-    (A=Q, B=dO) as `_fmmformer_state_kernel`."""
+    that it covers the rows strictly before the tile (after it, if REVERSE). Plain (A=K, B=V)
+    and weighted (A=Q, B=dO) as `_fmmformer_state_kernel`."""
     which = tl.program_id(0)
     c = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
@@ -888,16 +888,14 @@ def _fmmformer_bwd_dq_kernel(
         do = tl.load(DO + tile, mask=ok[:, None], other=0.0)
         dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
         if CAUSAL:
-            y = q
             eq, rq = q, q  # per map in `_far_bwd_q`
-        else:  # the keys are never read here: q stands in
+        else:
             eq, rq = _phi_prep(q)
-            y = q
         # [BLOCK_M]: sum_l dO . Far_l
         dfar = tl.zeros([BLOCK_M], dtype=tl.float32)
         for which in range(R):
             sp, zp = _slot_ptrs(S0, S1, S2, s_bh, s_slot, PZ, bh, slot, n_slots, which, R, D)
-            dq, dfar = _far_bwd_q(dq, dfar, q, eq, rq, do, y, wf, K, V, tile, q, rows, N, sp, zp,
+            dq, dfar = _far_bwd_q(dq, dfar, q, eq, rq, do, wf, K, V, tile, rows, N, sp, zp,
                                   eps, DEN, DDEN, which, CAUSAL, LOWP, DOT_PREC)
         if CAUSAL:
             # den_l, dden_l: stored above, read back by other threads; and the tile's states,
@@ -1003,7 +1001,6 @@ def _fmmformer_bwd_dkdv_kernel(
             for which in range(R):
                 dk, dv = _far_bwd_kv_intra(dk, dv, k, v, cols, N, Q, DO, tile, wf, DEN, DDEN,
                                            which, LOWP, DOT_PREC)
-        if CAUSAL:
             tl.debug_barrier()  # the tile's dual states may live in its rows of dk and dv
         tl.store(DK + tile, dk.to(DK.dtype.element_ty), mask=ok[:, None])
         tl.store(DV + tile, dv.to(DV.dtype.element_ty), mask=ok[:, None])
@@ -1282,8 +1279,11 @@ def _state_chunk_rows(
     return _chunk_rows(n, bh, r, d, block, programs, budget)
 
 
-def _causal_map_passes(q, k, v, o, lse, wn, wf, bandwidth: int, r: int, eps: float,
-                       o_bytes: float, save: bool) -> tuple | None:
+def _causal_map_passes(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    wn: torch.Tensor, wf: torch.Tensor, bandwidth: int, r: int, eps: float, o_bytes: float,
+    save: bool,
+) -> tuple[torch.Tensor, torch.Tensor, int] | None:
     """Causal forward into o: the band pass, then per far-field map its chunk prefix states
     (chunks for `FAR_PROGRAMS_PER_SM` programs per SM) and its pass adding w_far Far_l to o.
     Without `save` one map's states live at a time; with it every map's are kept for the
