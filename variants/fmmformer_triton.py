@@ -175,21 +175,10 @@ def _phi_prep(x):
 
 
 @triton.jit
-def _phi(x, e, r, which):
-    """phi_l(x), fp32, for a run-time l, branch-free from x, e and r (`_phi_prep`):
-    elu(x) + 1, elu(-x) + 1, and tanh(x) + 1 = 2r for x >= 0, 2 - 2r below. Loops over l then
-    keep one map's temporaries live at a time and no map pays another's transcendentals."""
-    x = x.to(tl.float32)
-    t = tl.where(which == 1, -x, x)
-    y12 = tl.where(t > 0, 1.0 + t, e.to(tl.float32))
-    r = r.to(tl.float32)
-    y3 = tl.where(x >= 0, 2.0 * r, 2.0 - 2.0 * r)
-    return tl.where(which == 2, y3, y12)
-
-
-@triton.jit
 def _phi_grad(x, e, r, which):
-    """phi_l(x) and phi_l'(x), fp32 (see `_phi`)."""
+    """phi_l(x) and phi_l'(x), fp32, for a run-time l, branch-free from x, e and r
+    (`_phi_prep`): elu(x) + 1, elu(-x) + 1, and tanh(x) + 1 = 2r for x >= 0, 2 - 2r below.
+    The map loop of a non-causal tile then pays no map's transcendentals twice."""
     x = x.to(tl.float32)
     e = e.to(tl.float32)
     sign = tl.where(which == 1, -1.0, 1.0)
@@ -206,7 +195,7 @@ def _phi_grad(x, e, r, which):
 def _phi_one(x, which):
     """phi_l(x), fp32, for a run-time l, from x alone: one exp per element, the maps'
     formulas behind a scalar branch (tanh(x) + 1 as 2 / (1 + exp(-2x))), so that a tile holds
-    one map's temporaries. `_phi`'s branch-free blend holds every map's: in the causal
+    one map's temporaries. `_phi_grad`'s branch-free blend holds every map's: in the causal
     backward's sm_90 builds those made most of the spills."""
     x = x.to(tl.float32)
     if which == 2:
@@ -1257,13 +1246,17 @@ def _slots_in(x: torch.Tensor, r: int, buffers: tuple[torch.Tensor, ...], block:
     return _buffer_slots(_empty((b * h, tiles, r, d, d), dtype, x.device), z)
 
 
+def _tile_multiple(d: int, device: torch.device, *kinds: str) -> int:
+    """The tile height of the kernels `kinds` that walk the same chunks: their largest."""
+    return max(_config(kind, d, device).block_m for kind in kinds)
+
+
 def _causal_chunk_rows(
     n: int, bh: int, r: int, d: int, o_bytes: float, device: torch.device
 ) -> int:
     # Causal chunks are the forward kernel's programs and the backward's tile-state walks: a
     # multiple of every causal kernel's tile height.
-    kinds = ("fwd_causal", "bwd_dq_causal", "bwd_dkdv_causal")
-    block = max(_config(kind, d, device).block_m for kind in kinds)
+    block = _tile_multiple(d, device, "fwd_causal", "bwd_dq_causal", "bwd_dkdv_causal")
     programs = CAUSAL_PROGRAMS_PER_SM * _sm_count(device)
     budget = max(STATE_MEMORY_FRACTION * o_bytes, STATE_MEMORY_FLOOR)
     return _chunk_rows(n, bh, r, d, block, programs, budget)
@@ -1298,8 +1291,7 @@ def _causal_map_passes(
     )
     cfg = _config("far_causal", d, dev)
     # Rows a multiple of every causal tile (the backward walks these chunks when saved).
-    block = max(cfg.block_m, *(_config(kind, d, dev).block_m
-                               for kind in ("bwd_dq_causal", "bwd_dkdv_causal")))
+    block = _tile_multiple(d, dev, "far_causal", "bwd_dq_causal", "bwd_dkdv_causal")
     budget = max(STATE_MEMORY_FRACTION * o_bytes, STATE_MEMORY_FLOOR)
     chunk_rows = _chunk_rows(n, bh, 1, d, block, FAR_PROGRAMS_PER_SM * _sm_count(dev), budget)
     chunks = triton.cdiv(n, chunk_rows)
