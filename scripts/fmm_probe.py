@@ -1,7 +1,7 @@
 """Pieces of the FMMformer kernels on the GPU (bf16, H=16, N=65536, D=64, k=30), in isolation.
 
     python scripts/fmm_probe.py [maps] [state] [regs] [fwd] [prof] [bwd] [wstate] [cbwd] [cfwd]
-        [cinf]
+        [cinf] [cpass]
 
 maps: marginal cost of each far-field map (state pass and main kernel at r = 1, 2, 3).
 state: state-pass configs (rows per tile, warps, stages). regs: register caps (`maxnreg`) per
@@ -10,7 +10,8 @@ of the forward and the backward (torch.profiler). bwd: warps and stages of the n
 backward kernels. wstate: the backward's weighted (dual) state pass alone per config. cbwd:
 the causal backward's kernels: a profile, then warps and stages of each. cfwd: the causal
 forward's tile heights, warps and stages. cinf: causal inference, map passes against the fused
-walk.
+walk. cpass: the causal backward in map passes against the per-tile one (time, profile,
+gradient difference), then configs of its walks and band kernels.
 Results go to $OUT/probe.log.
 """
 
@@ -194,4 +195,38 @@ if "cinf" in modes:
     for per_sm in (2, 8, 16):
         fmt.FAR_PROGRAMS_PER_SM, default = per_sm, fmt.FAR_PROGRAMS_PER_SM
         say(f"cinf far programs per SM {per_sm}: {bench(lambda: fwd(3, True)):.4f} ms")
+        fmt.FAR_PROGRAMS_PER_SM = default
+
+if "cpass" in modes:
+    # Causal backward: map passes (a query-side and a key-side walk per map, then the band)
+    # against per-tile states; their gradients' difference; configs of the passes' kernels.
+    saved = fwd(3, True, save=True)[1]
+    grads = {}
+    for passes in (False, True):
+        fmt.CAUSAL_BWD_MAP_PASSES = passes
+        say(f"cpass map_passes={passes}: causal backward alone "
+            f"{bench(lambda: bwd(saved, 3, True)):.4f} ms")
+        grads[passes] = bwd(saved, 3, True)
+        kernel_times(lambda: bwd(saved, 3, True), f"cpass map_passes={passes}", say)
+    for name, a, b in zip(("dq", "dk", "dv", "dwn", "dwf"), grads[False], grads[True]):
+        diff = ((a.float() - b.float()).norm() / a.float().norm()).item()
+        say(f"cpass rel diff {name} map passes vs per-tile: {diff:.2e}")
+    say(f"cpass fwd_bwd: {bench(lambda: bwd(fwd(3, True, save=True)[1], 3, True)):.4f} ms")
+    for kind, trials in (("far_bwd_q", ((4, 1), (4, 3), (8, 2), (8, 1))),
+                         ("far_bwd_kv", ((4, 1), (4, 3), (8, 2), (8, 1))),
+                         ("band_bwd_q", ((4, 1), (8, 2))), ("band_bwd_kv", ((4, 1), (8, 2)))):
+        default = fmt.CONFIGS[kind][d]
+        for warps, stages in trials:
+            fmt.CONFIGS[kind][d] = dataclasses.replace(default, num_warps=warps, num_stages=stages)
+            try:
+                t = bench(lambda: bwd(saved, 3, True))
+                say(f"cpass {kind} warps={warps} stages={stages}: backward alone {t:.4f} ms")
+            except Exception as e:  # a config that fails to compile or to run
+                say(f"cpass {kind} warps={warps} stages={stages}: failed {type(e).__name__}: {e}")
+        fmt.CONFIGS[kind][d] = default
+    for per_sm in (2, 8):
+        fmt.FAR_PROGRAMS_PER_SM, default = per_sm, fmt.FAR_PROGRAMS_PER_SM
+        s2 = fwd(3, True, save=True)[1]
+        say(f"cpass chunks for {per_sm} programs per SM: backward alone "
+            f"{bench(lambda: bwd(s2, 3, True)):.4f} ms")
         fmt.FAR_PROGRAMS_PER_SM = default

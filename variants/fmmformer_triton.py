@@ -123,6 +123,10 @@ CONFIGS: dict[str, dict[int, KernelConfig]] = {
     "tile_states": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
     "band_causal": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
     "far_causal": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
+    "far_bwd_q": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
+    "far_bwd_kv": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
+    "band_bwd_q": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
+    "band_bwd_kv": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
 }
 # bf16 inputs: far-field products (states, feature maps) in bf16 rather than tf32.
 FAR_BF16 = True
@@ -138,6 +142,10 @@ WALK_PROGRAMS_PER_SM = 4
 CAUSAL_MAP_PASSES = True
 # Their far-field walks: chunks for 4 programs per SM (H100 causal fwd 1.76 ms; 2: 1.81, 8: 2.07).
 FAR_PROGRAMS_PER_SM = 4
+# Causal backward: one pass per far-field map (a query-side walk, then a key-side walk, one
+# state each, over the forward's chunks), then the band's dq and dk/dv added; False: per-tile
+# states and one dq and one dk/dv kernel for band and every map.
+CAUSAL_BWD_MAP_PASSES = True
 STATE_MEMORY_FRACTION = 0.09
 STATE_MEMORY_FLOOR = 8 * 2**20  # below 9% of o from N = 2^16 on at B*H = 16, D = 64
 # The interpreter runs numpy per program: small tiles keep CPU tests fast and walk many tiles.
@@ -452,6 +460,68 @@ def _far_bwd_kv_intra(dk, dv, k, v, cols, N, Q, DO, tile, wf, DEN, DDEN, which,
     t2 = tl.where(later, _dot(_mm(fk, v, LOWP), tl.trans(fq_m), None, DOT_PREC), 0.0)
     dv = _dot(_mm(t2, v, LOWP), dnum_m, dv, DOT_PREC)
     return dk, dv
+
+
+@triton.jit
+def _near_bwd_q(dq, q, do, delta, lse, K, V, m0, rows, ok, N, bandwidth, right, qk_scale,
+                sm_scale, wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                DOT_PREC: tl.constexpr):
+    """The band's share of dq for one query tile, added to dq: dS = P * (w_near dP - delta)
+    over the key tiles that meet the band (P recomputed from the log2-domain log-sum-exp).
+    Also returns dO . Near per row (for dL/dw_near)."""
+    offs_d = tl.arange(0, D)
+    # [BLOCK_M]: dO . Near, summed over the band's keys
+    dnear = tl.zeros([BLOCK_M], dtype=tl.float32)
+    lo = tl.maximum(m0 - bandwidth, 0)
+    hi = tl.minimum(m0 + BLOCK_M + right, N)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        # [BLOCK_N, D]
+        band = cols[:, None] * D + offs_d[None, :]
+        kb = tl.load(K + band, mask=cols[:, None] < hi, other=0.0)
+        vb = tl.load(V + band, mask=cols[:, None] < hi, other=0.0)
+        # [BLOCK_M, BLOCK_N]
+        sc = _dot(q, tl.trans(kb), None, DOT_PREC) * qk_scale
+        rel = cols[None, :] - rows[:, None]
+        keep = (rel >= -bandwidth) & (rel <= right) & (cols < hi)[None, :] & ok[:, None]
+        p = tl.exp2(tl.where(keep, sc - lse[:, None], float("-inf")))
+        # [BLOCK_M, BLOCK_N]: dO . v_j
+        dov = _dot(do, tl.trans(vb), None, DOT_PREC)
+        dnear += tl.sum(p * dov, 1)
+        ds = p * (dov * wn - delta[:, None]) * sm_scale
+        dq = _dot(ds.to(kb.dtype), kb, dq, DOT_PREC)
+    return dq, dnear
+
+
+@triton.jit
+def _near_bwd_kv(k, v, Q, DO, LSE, DELTA, n0, cols, ok, N, bandwidth, right, qk_scale,
+                 sm_scale, wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
+    """The band's dk, dv of one key tile (fp32): the queries i with i - k <= j <= i + right,
+    their P recomputed from the log-sum-exp and dS from the softmax delta."""
+    offs_d = tl.arange(0, D)
+    dk = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    lo = tl.maximum(n0 - right, 0)
+    hi = tl.minimum(n0 + BLOCK_M + bandwidth, N)
+    for start in range(lo, hi, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        rok = rows < hi
+        # [BLOCK_N, D]
+        qb = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=rok[:, None], other=0.0)
+        dob = tl.load(DO + rows[:, None] * D + offs_d[None, :], mask=rok[:, None], other=0.0)
+        lse = tl.load(LSE + rows, mask=rok, other=0.0)
+        delta = tl.load(DELTA + rows, mask=rok, other=0.0)
+        # [BLOCK_M (keys), BLOCK_N (queries)]
+        st = _dot(k, tl.trans(qb), None, DOT_PREC) * qk_scale
+        rel = cols[:, None] - rows[None, :]
+        keep = (rel >= -bandwidth) & (rel <= right) & rok[None, :] & ok[:, None]
+        pt = tl.exp2(tl.where(keep, st - lse[None, :], float("-inf")))
+        dv = _dot(pt.to(dob.dtype), dob, dv, DOT_PREC)
+        dpt = _dot(v, tl.trans(dob), None, DOT_PREC) * wn
+        dst = pt * (dpt - delta[None, :]) * sm_scale
+        dk = _dot(dst.to(qb.dtype), qb, dk, DOT_PREC)
+    return dk, dv * wn  # dNear = w_near dO
 
 
 # ---------------------------------------------------------------------------------------------
@@ -842,6 +912,195 @@ def _fmmformer_far_causal_kernel(
 
 
 @triton.jit
+def _far_walk_head(Q, K, V, DO, X, Y, DEN, DDEN, WF, bh, N, H, D: tl.constexpr):
+    """A causal far-field backward walk's pointers moved to its (batch, head): q, k, v, dO, its
+    two `[N, D]` outputs X, Y, the map's per-row den and dL/d den (`[B*H, N]`); and w_far."""
+    off = bh * N * D
+    wf = tl.load(WF + bh % H).to(tl.float32)
+    return (Q + off, K + off, V + off, DO + off, X + off, Y + off, DEN + bh * N, DDEN + bh * N,
+            wf)
+
+
+@triton.jit(do_not_specialize=["N"])
+def _fmmformer_far_bwd_q_kernel(
+    Q, K, V, DO, DQ, DFAR, DEN, DDEN, P, PZ, U, UZ, WF, N, H, rows_per_chunk, eps,
+    MAP: tl.constexpr, R: tl.constexpr, FIRST: tl.constexpr, LOWP: tl.constexpr,
+    BLOCK_M: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Causal backward map passes, query side of map MAP: dq += the gradient through
+    w_far Far_MAP (FIRST: dq =). Program = (chunk, head), walking the chunk's tiles in order
+    from the forward's kept prefix state (P, PZ: `[B*H, chunks, R, D, D]` fp32) with one state
+    in registers, as the forward's pass did. Per tile, with A the masked phi(q) phi(k)^T,
+    Y = dO V^T and G = dO S^T: den = phi(q) . z + rowsum(A), dO . Far = (phi(q) . G +
+    rowsum(A * Y)) / den (num is never formed), dden = -w_far (dO . Far) / den, and
+    dphi(q) = (w_far / den) G + dden z + (masked (w_far / den) Y + dden) phi(k).
+    Stores den and dden per row (DEN, DDEN `[B*H, N]`, for the key side), adds dO . Far_MAP
+    to DFAR (`[B*H, N]`: the band's softmax delta and dL/dw_far take the sum over maps), and
+    stores the chunk's dual sums U = sum_i (w_far / den_i) phi(q_i) dO_i^T,
+    u = sum_i dden_i phi(q_i) (U, UZ: `[B*H, chunks, 1, D, D]`, `[B*H, chunks, 1, D]`)."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    n_chunks = tl.num_programs(0)
+    Q, K, V, DO, DQ, _, DEN, DDEN, wf = _far_walk_head(Q, K, V, DO, DQ, DQ, DEN, DDEN, WF,
+                                                      bh, N, H, D)
+    DFAR += bh * N
+    # [D, D], [D] fp32: the keys before the tile; the chunk's dual sums
+    s, z = _load_state(P, PZ, bh, c, n_chunks, 0, MAP, R, D, D)
+    u = tl.zeros([D, D], dtype=tl.float32)
+    uz = tl.zeros([D], dtype=tl.float32)
+    row_lo = c * rows_per_chunk
+    row_hi = tl.minimum(row_lo + rows_per_chunk, N)
+    for m0 in range(row_lo, row_hi, BLOCK_M):
+        # [BLOCK_M, D]
+        rows, ok, tile, q, k, v = _qkv_tile(Q, K, V, m0, N, BLOCK_M, D)
+        do = tl.load(DO + tile, mask=ok[:, None], other=0.0)
+        fq, dphi = _phi_one_grad(q, MAP)
+        fq = tl.where(ok[:, None], fq, 0.0)
+        fk = tl.where(ok[:, None], _phi_one(k, MAP), 0.0)
+        fk_m = _mm(fk, q, LOWP)
+        earlier = rows[None, :] <= rows[:, None]
+        # [BLOCK_M, BLOCK_M]
+        a = tl.where(earlier, _dot(_mm(fq, q, LOWP), tl.trans(fk_m), None, DOT_PREC), 0.0)
+        y = _dot(do, tl.trans(v), None, DOT_PREC)
+        # [BLOCK_M, D]
+        g = _dot(_mm(do, q, LOWP), tl.trans(_mm(s, q, LOWP)), None, DOT_PREC)
+        den = tl.sum(fq * z[None, :], 1) + tl.sum(a, 1) + eps
+        fdo = (tl.sum(fq * g, 1) + tl.sum(a * y, 1)) / den
+        scale = wf / den
+        dden = -scale * fdo
+        t = tl.where(earlier, y * scale[:, None] + dden[:, None], 0.0)
+        dfq = _dot(_mm(t, q, LOWP), fk_m, g * scale[:, None] + dden[:, None] * z[None, :],
+                   DOT_PREC)
+        dq = dfq * dphi
+        if not FIRST:
+            dq += tl.load(DQ + tile, mask=ok[:, None], other=0.0).to(tl.float32)
+            fdo += tl.load(DFAR + rows, mask=ok, other=0.0)
+        tl.store(DQ + tile, dq.to(DQ.dtype.element_ty), mask=ok[:, None])
+        tl.store(DFAR + rows, fdo, mask=ok)
+        tl.store(DEN + rows, den, mask=ok)
+        tl.store(DDEN + rows, dden, mask=ok)
+        # The weights scale phi(q), not dO (see `_state_add`).
+        u = _dot(tl.trans(_mm(fq * scale[:, None], q, LOWP)), _mm(do, q, LOWP), u, DOT_PREC)
+        uz += tl.sum(fq * dden[:, None], 0)
+        s = _dot(tl.trans(fk_m), _mm(v, q, LOWP), s, DOT_PREC)
+        z += tl.sum(fk, 0)
+    _store_state(U, UZ, bh, c, n_chunks, u, uz, 0, 0, 1, D)
+
+
+@triton.jit(do_not_specialize=["N"])
+def _fmmformer_far_bwd_kv_kernel(
+    Q, K, V, DO, DK, DV, DEN, DDEN, U, UZ, WF, N, H, rows_per_chunk,
+    MAP: tl.constexpr, FIRST: tl.constexpr, LOWP: tl.constexpr,
+    BLOCK_M: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Causal backward map passes, key side of map MAP: dk, dv += the gradients through
+    w_far Far_MAP (FIRST: =). Program = (chunk, head), walking the chunk's tiles last to first
+    from the dual state of the queries after the chunk (U, UZ: suffix sums of the query side's
+    chunk sums), with dnum_i = (w_far / den_i) dO_i: dphi(k_j) = U v_j + u + the tile's own
+    queries i >= j, sum_i (dnum_i . v_j + dden_i) phi(q_i); dv_j = phi(k_j) U + sum_i
+    (phi(k_j) . phi(q_i)) dnum_i. Each tile's queries then join the state."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    n_chunks = tl.num_programs(0)
+    Q, K, V, DO, DK, DV, DEN, DDEN, wf = _far_walk_head(Q, K, V, DO, DK, DV, DEN, DDEN, WF,
+                                                       bh, N, H, D)
+    # [D, D], [D] fp32: the queries after the tile
+    u, uz = _load_state(U, UZ, bh, c, n_chunks, 0, 0, 1, D, D)
+    row_lo = c * rows_per_chunk
+    steps = tl.cdiv(tl.minimum(row_lo + rows_per_chunk, N) - row_lo, BLOCK_M)
+    for it in range(0, steps):
+        # [BLOCK_M, D]
+        cols, ok, tile, q, k, v = _qkv_tile(Q, K, V, row_lo + (steps - 1 - it) * BLOCK_M, N,
+                                            BLOCK_M, D)
+        do = tl.load(DO + tile, mask=ok[:, None], other=0.0)
+        den = tl.load(DEN + cols, mask=ok, other=1.0)
+        dden = tl.load(DDEN + cols, mask=ok, other=0.0)
+        scale = wf / den
+        fq = tl.where(ok[:, None], _phi_one(q, MAP), 0.0)
+        fq_m = _mm(fq, k, LOWP)
+        fk, dphi = _phi_one_grad(k, MAP)
+        fk_m = _mm(tl.where(ok[:, None], fk, 0.0), k, LOWP)
+        u_m = _mm(u, k, LOWP)
+        # [BLOCK_M keys j, BLOCK_M queries i]: i >= j
+        later = cols[None, :] >= cols[:, None]
+        yt = _dot(v, tl.trans(do), None, DOT_PREC)
+        t1 = tl.where(later, yt * scale[None, :] + dden[None, :], 0.0)
+        dfk = _dot(_mm(t1, k, LOWP), fq_m, _dot(_mm(v, k, LOWP), tl.trans(u_m), None, DOT_PREC),
+                   DOT_PREC)
+        dk = (dfk + uz[None, :]) * dphi
+        t2 = tl.where(later, _dot(fk_m, tl.trans(fq_m), None, DOT_PREC), 0.0)
+        dnum_m = _mm(do.to(tl.float32) * scale[:, None], k, LOWP)
+        dv = _dot(_mm(t2, k, LOWP), dnum_m, _dot(fk_m, u_m, None, DOT_PREC), DOT_PREC)
+        if not FIRST:
+            dk += tl.load(DK + tile, mask=ok[:, None], other=0.0).to(tl.float32)
+            dv += tl.load(DV + tile, mask=ok[:, None], other=0.0).to(tl.float32)
+        tl.store(DK + tile, dk.to(DK.dtype.element_ty), mask=ok[:, None])
+        tl.store(DV + tile, dv.to(DV.dtype.element_ty), mask=ok[:, None])
+        u = _dot(tl.trans(fq_m), dnum_m, u, DOT_PREC)
+        uz += tl.sum(fq * dden[:, None], 0)
+
+
+@triton.jit(do_not_specialize=["N", "bandwidth"])
+def _fmmformer_band_bwd_q_kernel(
+    Q, K, V, O, DO, LSE, DELTA, DFAR, DQ, DW, WN, WF, N, H, bandwidth, qk_scale, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Causal backward map passes, after the far-field maps': the band's share added to dq,
+    one query tile per program. Stores the band's softmax delta (w_near dO . Near = dO . o -
+    w_far sum_l dO . Far_l, the sum in DFAR) and per-program partial sums of dL/dw_near and
+    dL/dw_far (DW `[2, B*H, programs]`)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    Q, K, V, DO, O, DQ, LSE, DELTA, DFAR, _, wn, wf = _bwd_head(
+        Q, K, V, DO, O, DQ, LSE, DELTA, DFAR, DFAR, WN, WF, bh, N, H, 1, D)
+    m0 = pid * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
+    ok = rows < N
+    tile = rows[:, None] * D + tl.arange(0, D)[None, :]
+    # [BLOCK_M, D]
+    q = tl.load(Q + tile, mask=ok[:, None], other=0.0)
+    do = tl.load(DO + tile, mask=ok[:, None], other=0.0)
+    o = tl.load(O + tile, mask=ok[:, None], other=0.0).to(tl.float32)
+    dfar = tl.load(DFAR + rows, mask=ok, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o, 1) - wf * dfar
+    tl.store(DELTA + rows, delta, mask=ok)
+    lse = tl.load(LSE + rows, mask=ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    dq, dnear = _near_bwd_q(dq, q, do, delta, lse, K, V, m0, rows, ok, N, bandwidth, 0,
+                            qk_scale, sm_scale, wn, BLOCK_M, BLOCK_N, D, DOT_PREC)
+    dq += tl.load(DQ + tile, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DQ + tile, dq.to(DQ.dtype.element_ty), mask=ok[:, None])
+    part = bh * tl.num_programs(0) + pid
+    tl.store(DW + part, tl.sum(dnear, 0))
+    tl.store(DW + tl.num_programs(1) * tl.num_programs(0) + part, tl.sum(dfar, 0))
+
+
+@triton.jit(do_not_specialize=["N", "bandwidth"])
+def _fmmformer_band_bwd_kv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, WN, N, H, bandwidth, qk_scale, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Causal backward map passes, last: the band's dk, dv added to the far field's, one key
+    tile per program."""
+    n0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    Q, K, V, DO, DK, DV, LSE, DELTA, _, _, wn, _ = _bwd_head(
+        Q, K, V, DO, DK, DV, LSE, DELTA, LSE, LSE, WN, WN, bh, N, H, 1, D)
+    cols = n0 + tl.arange(0, BLOCK_M)
+    ok = cols < N
+    tile = cols[:, None] * D + tl.arange(0, D)[None, :]
+    # [BLOCK_M, D]
+    k = tl.load(K + tile, mask=ok[:, None], other=0.0)
+    v = tl.load(V + tile, mask=ok[:, None], other=0.0)
+    dk, dv = _near_bwd_kv(k, v, Q, DO, LSE, DELTA, n0, cols, ok, N, bandwidth, 0, qk_scale,
+                          sm_scale, wn, BLOCK_M, BLOCK_N, D, DOT_PREC)
+    dk += tl.load(DK + tile, mask=ok[:, None], other=0.0).to(tl.float32)
+    dv += tl.load(DV + tile, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DK + tile, dk.to(DK.dtype.element_ty), mask=ok[:, None])
+    tl.store(DV + tile, dv.to(DV.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit
 def _fmmformer_bwd_dq_kernel(
     Q, K, V, O, DO, LSE, DELTA, DEN, DDEN, DQ, DW, S0, S1, S2, s_bh, s_slot, PZ, WN, WF,
     N, H, bandwidth, rows_per_program, n_slots, qk_scale, sm_scale, eps,
@@ -898,29 +1157,9 @@ def _fmmformer_bwd_dq_kernel(
         # Softmax delta of the near field, rowsum(dNear * Near) with dNear = w_near dO.
         delta = tl.sum(do.to(tl.float32) * o, 1) - wf * dfar
         tl.store(DELTA + rows, delta, mask=ok)
-        # [BLOCK_M]: dO . Near, summed over the band's keys below
-        dnear = tl.zeros([BLOCK_M], dtype=tl.float32)
         lse = tl.load(LSE + rows, mask=ok, other=0.0)
-
-        # Near field: dS = P * (dP - delta) over the keys of the band.
-        lo = tl.maximum(m0 - bandwidth, 0)
-        hi = tl.minimum(m0 + BLOCK_M + right, N)
-        for start in range(lo, hi, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            # [BLOCK_N, D]
-            band = cols[:, None] * D + offs_d[None, :]
-            kb = tl.load(K + band, mask=cols[:, None] < hi, other=0.0)
-            vb = tl.load(V + band, mask=cols[:, None] < hi, other=0.0)
-            # [BLOCK_M, BLOCK_N]
-            sc = _dot(q, tl.trans(kb), None, DOT_PREC) * qk_scale
-            rel = cols[None, :] - rows[:, None]
-            keep = (rel >= -bandwidth) & (rel <= right) & (cols < hi)[None, :] & ok[:, None]
-            p = tl.exp2(tl.where(keep, sc - lse[:, None], float("-inf")))
-            # [BLOCK_M, BLOCK_N]: dO . v_j
-            dov = _dot(do, tl.trans(vb), None, DOT_PREC)
-            dnear += tl.sum(p * dov, 1)
-            ds = p * (dov * wn - delta[:, None]) * sm_scale
-            dq = _dot(ds.to(kb.dtype), kb, dq, DOT_PREC)
+        dq, dnear = _near_bwd_q(dq, q, do, delta, lse, K, V, m0, rows, ok, N, bandwidth, right,
+                                qk_scale, sm_scale, wn, BLOCK_M, BLOCK_N, D, DOT_PREC)
         dwn += dnear
         tl.store(DQ + tile, dq.to(DQ.dtype.element_ty), mask=ok[:, None])
     # DW: [2, B*H, programs], dL/dw_near partials then dL/dw_far partials
@@ -957,30 +1196,8 @@ def _fmmformer_bwd_dkdv_kernel(
         # [BLOCK_M, D]
         k = tl.load(K + tile, mask=ok[:, None], other=0.0)
         v = tl.load(V + tile, mask=ok[:, None], other=0.0)
-        dk = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-
-        # Near field: queries i with i - k <= j <= i + right.
-        lo = tl.maximum(n0 - right, 0)
-        hi = tl.minimum(n0 + BLOCK_M + bandwidth, N)
-        for start in range(lo, hi, BLOCK_N):
-            rows = start + tl.arange(0, BLOCK_N)
-            rok = rows < hi
-            # [BLOCK_N, D]
-            qb = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=rok[:, None], other=0.0)
-            dob = tl.load(DO + rows[:, None] * D + offs_d[None, :], mask=rok[:, None], other=0.0)
-            lse = tl.load(LSE + rows, mask=rok, other=0.0)
-            delta = tl.load(DELTA + rows, mask=rok, other=0.0)
-            # [BLOCK_M (keys), BLOCK_N (queries)]
-            st = _dot(k, tl.trans(qb), None, DOT_PREC) * qk_scale
-            rel = cols[:, None] - rows[None, :]
-            keep = (rel >= -bandwidth) & (rel <= right) & rok[None, :] & ok[:, None]
-            pt = tl.exp2(tl.where(keep, st - lse[None, :], float("-inf")))
-            dv = _dot(pt.to(dob.dtype), dob, dv, DOT_PREC)
-            dpt = _dot(v, tl.trans(dob), None, DOT_PREC) * wn
-            dst = pt * (dpt - delta[None, :]) * sm_scale
-            dk = _dot(dst.to(qb.dtype), qb, dk, DOT_PREC)
-        dv = dv * wn  # dNear = w_near dO
+        dk, dv = _near_bwd_kv(k, v, Q, DO, LSE, DELTA, n0, cols, ok, N, bandwidth, right,
+                              qk_scale, sm_scale, wn, BLOCK_M, BLOCK_N, D, DOT_PREC)
 
         ek, rk = _phi_prep(k)
         for which in range(R):
@@ -1256,7 +1473,8 @@ def _causal_chunk_rows(
 ) -> int:
     # Causal chunks are the forward kernel's programs and the backward's tile-state walks: a
     # multiple of every causal kernel's tile height.
-    block = _tile_multiple(d, device, "fwd_causal", "bwd_dq_causal", "bwd_dkdv_causal")
+    block = _tile_multiple(d, device, "fwd_causal", "bwd_dq_causal", "bwd_dkdv_causal",
+                           "far_bwd_q", "far_bwd_kv")
     programs = CAUSAL_PROGRAMS_PER_SM * _sm_count(device)
     budget = max(STATE_MEMORY_FRACTION * o_bytes, STATE_MEMORY_FLOOR)
     return _chunk_rows(n, bh, r, d, block, programs, budget)
@@ -1291,7 +1509,8 @@ def _causal_map_passes(
     )
     cfg = _config("far_causal", d, dev)
     # Rows a multiple of every causal tile (the backward walks these chunks when saved).
-    block = _tile_multiple(d, dev, "far_causal", "bwd_dq_causal", "bwd_dkdv_causal")
+    block = _tile_multiple(d, dev, "far_causal", "bwd_dq_causal", "bwd_dkdv_causal",
+                           "far_bwd_q", "far_bwd_kv")
     budget = max(STATE_MEMORY_FRACTION * o_bytes, STATE_MEMORY_FLOOR)
     chunk_rows = _chunk_rows(n, bh, 1, d, block, FAR_PROGRAMS_PER_SM * _sm_count(dev), budget)
     chunks = triton.cdiv(n, chunk_rows)
@@ -1312,6 +1531,58 @@ def _causal_map_passes(
             kept[1][:, :, m] = states_z[:, :, 0]
         del states, states_z
     return (*kept, chunk_rows) if kept is not None else None
+
+
+def _causal_bwd_map_passes(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, saved: _Saved, do: torch.Tensor,
+    wn: torch.Tensor, wf: torch.Tensor, bandwidth: int, r: int, eps: float,
+) -> tuple[torch.Tensor, ...]:
+    """Causal backward in passes, as the forward's: per far-field map a query-side walk
+    (dq, den, dL/d den, dO . Far_l and the chunks' dual sums), a suffix scan of those sums,
+    and a key-side walk (dk, dv), each over the forward's chunks with one state in registers;
+    then the band's dq (with the softmax delta, from the maps' dO . Far_l) and dk, dv, added.
+    Gradients are accumulated in their own dtype (bf16: rounded four times)."""
+    b, h, n, d = q.shape
+    bh, dev = b * h, q.device
+    lowp, prec = _lowp(q.dtype), _dot_prec(q.dtype)
+    chunks, chunk_rows = saved.states.shape[1], saved.chunk_rows
+    dq, dk, dv = (_empty(q.shape, q.dtype, dev) for _ in range(3))
+    den, dden, dfar, delta = (_empty((bh, n), torch.float32, dev) for _ in range(4))
+    u = _empty((bh, chunks, 1, d, d), torch.float32, dev)
+    uz = _empty((bh, chunks, 1, d), torch.float32, dev)
+    cfg_q, cfg_k = _config("far_bwd_q", d, dev), _config("far_bwd_kv", d, dev)
+    for m in range(r):
+        _fmmformer_far_bwd_q_kernel[(chunks, bh)](
+            q, k, v, do, dq, dfar, den, dden, saved.states, saved.states_z, u, uz, wf,
+            n, h, chunk_rows, eps, MAP=m, R=r, FIRST=m == 0, LOWP=lowp,
+            BLOCK_M=cfg_q.block_m, D=d, DOT_PREC=prec, **cfg_q.launch(),
+        )
+        rows = min(16, d)  # in place: each chunk's sum over the chunks after it
+        _fmmformer_scan_kernel[(bh, 1, d // rows)](
+            u, uz, u, uz, chunks, 1, chunks, R=1, D=d, ROWS=rows, REVERSE=True,
+        )
+        _fmmformer_far_bwd_kv_kernel[(chunks, bh)](
+            q, k, v, do, dk, dv, den, dden, u, uz, wf, n, h, chunk_rows,
+            MAP=m, FIRST=m == 0, LOWP=lowp, BLOCK_M=cfg_k.block_m, D=d, DOT_PREC=prec,
+            **cfg_k.launch(),
+        )
+    qk_scale, sm_scale = d**-0.5 * LOG2E, d**-0.5
+    cfg = _config("band_bwd_q", d, dev)
+    tiles = triton.cdiv(n, cfg.block_m)
+    # Per-program partial sums of dL/dw_near and dL/dw_far, reduced below in one launch.
+    dw = _empty((2, bh, tiles), torch.float32, dev)
+    _fmmformer_band_bwd_q_kernel[(tiles, bh)](
+        q, k, v, saved.o, do, saved.lse, delta, dfar, dq, dw, wn, wf,
+        n, h, bandwidth, qk_scale, sm_scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D=d, DOT_PREC=prec, **cfg.launch(),
+    )
+    cfg = _config("band_bwd_kv", d, dev)
+    _fmmformer_band_bwd_kv_kernel[(triton.cdiv(n, cfg.block_m), bh)](
+        q, k, v, do, saved.lse, delta, dk, dv, wn, n, h, bandwidth, qk_scale, sm_scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D=d, DOT_PREC=prec, **cfg.launch(),
+    )
+    dwn, dwf = dw.view(2, b, h, -1).sum((1, 3))
+    return dq, dk, dv, dwn, dwf
 
 
 def fmmformer_fwd(
@@ -1403,6 +1674,8 @@ def fmmformer_bwd(
     wf = w_far.detach().to(torch.float32).contiguous()
     qk_scale, sm_scale = d**-0.5 * LOG2E, d**-0.5
 
+    if causal and CAUSAL_BWD_MAP_PASSES:
+        return _causal_bwd_map_passes(q, k, v, saved, do, wn, wf, bandwidth, r, eps)
     dq = _empty(q.shape, q.dtype, dev)
     dk = _empty(k.shape, k.dtype, dev)
     dv = _empty(v.shape, v.dtype, dev)
