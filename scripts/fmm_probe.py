@@ -1,17 +1,17 @@
 """Pieces of the FMMformer kernels on the GPU (bf16, H=16, N=65536, D=64, k=30), in isolation.
 
-    python scripts/fmm_probe.py [maps] [state] [regs] [fwd] [prof] [bwd] [wstate] [cbwd] [cfwd]
-        [cinf] [cpass]
+    python scripts/fmm_probe.py [maps] [state] [regs] [fwd] [prof] [bwd] [wstate] [cfwd] [cinf]
+        [cpass]
 
 maps: marginal cost of each far-field map (state pass and main kernel at r = 1, 2, 3).
 state: state-pass configs (rows per tile, warps, stages). regs: register caps (`maxnreg`) per
 kernel. fwd: the non-causal forward under register caps and stages. prof: the time of each kernel
 of the forward and the backward (torch.profiler). bwd: warps and stages of the non-causal
-backward kernels. wstate: the backward's weighted (dual) state pass alone per config. cbwd:
-the causal backward's kernels: a profile, then warps and stages of each. cfwd: the causal
+backward kernels. wstate: the backward's weighted (dual) state pass alone per config. cfwd: the causal
 forward's tile heights, warps and stages. cinf: causal inference, map passes against the fused
-walk. cpass: the causal backward in map passes against the per-tile one (time, profile,
-gradient difference), then configs of its walks and band kernels.
+walk. cpass: the causal backward's passes (time, profile, fwd_bwd), then configs of its walks
+and band kernels, and the forward's chunk count they walk. (The per-tile causal backward this
+replaced was compared here at 200bd83: `cpass` in fmmformer_triton_logs.)
 Results go to $OUT/probe.log.
 """
 
@@ -141,22 +141,6 @@ if "wstate" in modes:
             f"{t:.4f} ms")
     fmt.CONFIGS["state"][d] = default
 
-if "cbwd" in modes:
-    # The causal backward's kernels (tile-state walks, then one tile per dq and dk/dv program):
-    # a profile, then warps and stages of each, timed as the backward alone.
-    saved = fwd(3, True, save=True)[1]
-    kernel_times(lambda: bwd(saved, 3, True), "causal bwd", say)
-    for kind in ("tile_states", "bwd_dq_causal", "bwd_dkdv_causal"):
-        default = fmt.CONFIGS[kind][d]
-        for warps, stages in ((4, 2), (8, 2), (4, 1), (4, 3), (8, 1)):
-            fmt.CONFIGS[kind][d] = dataclasses.replace(default, num_warps=warps, num_stages=stages)
-            try:
-                t = bench(lambda: bwd(saved, 3, True))
-                say(f"cbwd {kind} warps={warps} stages={stages}: backward alone {t:.4f} ms")
-            except Exception as e:  # a config that fails to compile or to run
-                say(f"cbwd {kind} warps={warps} stages={stages}: failed {type(e).__name__}: {e}")
-        fmt.CONFIGS[kind][d] = default
-
 if "cfwd" in modes:
     # The causal forward walker's tile heights, warps and stages (32-row tiles halve every
     # tile a thread holds but the three states; twice the steps).
@@ -198,19 +182,11 @@ if "cinf" in modes:
         fmt.FAR_PROGRAMS_PER_SM = default
 
 if "cpass" in modes:
-    # Causal backward: map passes (a query-side and a key-side walk per map, then the band)
-    # against per-tile states; their gradients' difference; configs of the passes' kernels.
+    # Causal backward in passes (a query-side and a key-side walk per map, then the band):
+    # time, profile, configs of its kernels, and the forward's chunks it walks.
     saved = fwd(3, True, save=True)[1]
-    grads = {}
-    for passes in (False, True):
-        fmt.CAUSAL_BWD_MAP_PASSES = passes
-        say(f"cpass map_passes={passes}: causal backward alone "
-            f"{bench(lambda: bwd(saved, 3, True)):.4f} ms")
-        grads[passes] = bwd(saved, 3, True)
-        kernel_times(lambda: bwd(saved, 3, True), f"cpass map_passes={passes}", say)
-    for name, a, b in zip(("dq", "dk", "dv", "dwn", "dwf"), grads[False], grads[True]):
-        diff = ((a.float() - b.float()).norm() / a.float().norm()).item()
-        say(f"cpass rel diff {name} map passes vs per-tile: {diff:.2e}")
+    say(f"cpass: causal backward alone {bench(lambda: bwd(saved, 3, True)):.4f} ms")
+    kernel_times(lambda: bwd(saved, 3, True), "cpass", say)
     say(f"cpass fwd_bwd: {bench(lambda: bwd(fwd(3, True, save=True)[1], 3, True)):.4f} ms")
     for kind, trials in (("far_bwd_q", ((4, 1), (4, 3), (8, 2), (8, 1))),
                          ("far_bwd_kv", ((4, 1), (4, 3), (8, 2), (8, 1))),

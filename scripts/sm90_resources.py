@@ -2,7 +2,7 @@
 
 Triton compiles for an H100 target without a GPU; cuobjdump (shipped with Triton) reads the
 cubin's resource usage. A spill shows up as STACK > 0.
-    python scripts/sm90_resources.py [kernel names, e.g. fwd bwd_dq_causal]
+    python scripts/sm90_resources.py [kernel names, e.g. fwd far_bwd_q]
 """
 from __future__ import annotations
 
@@ -52,8 +52,8 @@ def main() -> None:
         ("fwd", fmt._fmmformer_fwd_kernel, fwd_sig, {**base, "TILES": 1, "BLOCK_V": 64}),
         ("fwd_causal", fmt._fmmformer_fwd_causal_kernel, causal_sig, base),
     ]
-    consts = dict(R=C, CAUSAL=C, LOWP=C, BLOCK_M=C, BLOCK_N=C, D=C, DOT_PREC=C)
-    bwd_base = dict(R=3, CAUSAL=True, LOWP=True, BLOCK_M=64, BLOCK_N=64, D=64, DOT_PREC="tf32")
+    consts = dict(R=C, LOWP=C, BLOCK_M=C, BLOCK_N=C, D=C, DOT_PREC=C)
+    bwd_base = dict(R=3, LOWP=True, BLOCK_M=64, BLOCK_N=64, D=64, DOT_PREC="tf32")
     bwd_scalars = {**scalars, "rows_per_program": "i32", "n_slots": "i32"}
     dq_sig = dict(Q=BF16, K=BF16, V=BF16, O=BF16, DO=BF16, LSE=F32, DELTA=F32, DEN=F32, DDEN=F32,
                   DQ=BF16, DW=F32, S0=BF16, S1=BF16, S2=BF16, s_bh="i32", s_slot="i32", PZ=F32,
@@ -63,15 +63,19 @@ def main() -> None:
                     DK=BF16, DV=BF16, U0=BF16, U1=BF16, U2=BF16, u_bh="i32", u_slot="i32",
                     PUZ=F32, WN=F32, WF=F32, **bwd_scalars,
                     qk_scale="fp32", sm_scale="fp32", **consts)
-    tile_sig = dict(A=BF16, B=BF16, WB=F32, WZ=F32, WF=F32, P=F32, PZ=F32, S0=BF16, S1=BF16,
-                    S2=BF16, s_bh="i32", s_slot="i32", TZ=F32,
-                    N="i32", H="i32", rows_per_chunk="i32", n_chunks="i32", n_tiles="i32",
-                    R=C, WEIGHTED=C, REVERSE=C, LOWP=C, BLOCK=C, D=C, DOT_PREC=C)
+    walk = dict(N="i32", H="i32", rows_per_chunk="i32")
+    walk_consts = dict(MAP=C, FIRST=C, LOWP=C, BLOCK_M=C, D=C, DOT_PREC=C)
+    far_q_sig = dict(Q=BF16, K=BF16, V=BF16, DO=BF16, DQ=BF16, DFAR=F32, DEN=F32, DDEN=F32,
+                     P=F32, PZ=F32, U=F32, UZ=F32, WF=F32, **walk, eps="fp32", R=C,
+                     **walk_consts)
+    far_kv_sig = dict(Q=BF16, K=BF16, V=BF16, DO=BF16, DK=BF16, DV=BF16, DEN=F32, DDEN=F32,
+                      U=F32, UZ=F32, WF=F32, **walk, **walk_consts)
+    walk_base = dict(MAP=2, FIRST=False, LOWP=True, BLOCK_M=64, D=64, DOT_PREC="tf32")
     runs += [
-        ("bwd_dq_causal", fmt._fmmformer_bwd_dq_kernel, dq_sig, bwd_base),
-        ("bwd_dkdv_causal", fmt._fmmformer_bwd_dkdv_kernel, dkdv_sig, bwd_base),
-        ("tile_states", fmt._fmmformer_tile_states_kernel, tile_sig,
-         dict(R=3, WEIGHTED=True, REVERSE=True, LOWP=True, BLOCK=64, D=64, DOT_PREC="tf32")),
+        ("bwd_dq", fmt._fmmformer_bwd_dq_kernel, dq_sig, bwd_base),
+        ("bwd_dkdv", fmt._fmmformer_bwd_dkdv_kernel, dkdv_sig, bwd_base),
+        ("far_bwd_q", fmt._fmmformer_far_bwd_q_kernel, far_q_sig, {**walk_base, "R": 3}),
+        ("far_bwd_kv", fmt._fmmformer_far_bwd_kv_kernel, far_kv_sig, walk_base),
     ]
     only = set(sys.argv[1:])
     for name, fn, signature, constants in runs:

@@ -158,51 +158,18 @@ def test_state_pass_value_column_splits(poisoned, monkeypatch, device, weighted)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("reverse", [False, True], ids=["prefix", "suffix"])
-@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
-def test_prefix_states_from_parts(poisoned, device, reverse, weighted):
-    """Chunk prefix (suffix) states summed from 2 or 4 parts per chunk, the parts' partials in
-    a scratch buffer, equal those of one part per chunk; the last chunk is short."""
+def test_prefix_states_from_parts(poisoned, device):
+    """Chunk prefix states summed from 2 or 4 parts per chunk, the parts' partials in a
+    scratch buffer, equal those of one part per chunk; the last chunk is short."""
     n, d, r, chunk_rows = 200, 16, 3, 64
-    a, b, _, _, _, wf = inputs(1, 2, n, d, torch.float32, device, seed=21 + reverse)
-    weights = None
-    if weighted:
-        gen = torch.Generator().manual_seed(3)
-        den = (torch.rand(2, r, n, generator=gen) + 0.5).to(device)
-        weights = (den, torch.randn(2, r, n, generator=gen).to(device), wf)
-    want = fmt._prefix_states(a, b, r, chunk_rows, reverse, weights, parts_per_chunk=1)
+    a, b, *_ = inputs(1, 2, n, d, torch.float32, device, seed=21)
+    want = fmt._prefix_states(a, b, r, chunk_rows, parts_per_chunk=1)
     for parts in (2, 4):
         scratch = nan_empty((2, n, d), torch.float32, device)
-        got = fmt._prefix_states(a, b, r, chunk_rows, reverse, weights, scratch, parts)
+        got = fmt._prefix_states(a, b, r, chunk_rows, scratch, parts)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     assert want[0].shape == (2, 4, r, d, d)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("n,dtype,kernels,in_rows", [
-    (96, torch.float32, 3, True),  # whole tiles (interpreter 16 rows; GPU N=64*k below)
-    (96, torch.bfloat16, 2, True),
-    (90, torch.float32, 3, False),  # a partial last tile: a buffer of their own
-])
-def test_causal_tile_state_slots(poisoned, monkeypatch, device, n, dtype, kernels, in_rows):
-    """The causal backward keeps each tile's states in the gradients' unwritten rows where
-    they fit (whole tiles, D <= tile rows, the states' dtype), else in a buffer of its own;
-    either way every gradient matches. Checks which one was taken."""
-    taken = []
-    slots_in = fmt._slots_in
-
-    def spy(*args, **kwargs):
-        slots = slots_in(*args, **kwargs)
-        taken.append(slots.in_rows)
-        return slots
-
-    monkeypatch.setattr(fmt, "_slots_in", spy)
-    n = n if device == "cpu" else 4 * n  # GPU tiles are 64 rows
-    q, k, v, do, wn, wf = inputs(1, 2, n, 16, dtype, device, seed=n + kernels)
-    ref = reference(q, k, v, do, wn, wf, 9, kernels, True)
-    check_all(run_triton(q, k, v, do, wn, wf, 9, kernels, True), ref, TOL[dtype])
-    assert taken == [in_rows, in_rows]
 
 
 @pytest.mark.parametrize("device", DEVICES)

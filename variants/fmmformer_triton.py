@@ -20,29 +20,27 @@ programs per SM) adding w_far Far_l to o: o is rounded to its dtype four times i
 once (bf16 at N = 2^16: 4e-3 apart from the fused walk; 3.9e-3 from the float64 reference
 against 2.1e-3 non-causal), and the forward takes 1.76 ms instead of 2.57 on the H100.
 
-Backward: `dq` takes query tiles (far field, then band), storing each row's far normalizers
-`den_l` and `dL/d den_l`; a weighted state pass reduces the dual states
+Backward, non-causal: `dq` takes query tiles (far field, then band), storing each row's far
+normalizers `den_l` and `dL/d den_l`; a weighted state pass reduces the dual states
 `U_l = sum_i phi_l(q_i) (w_far dO_i / den_l,i)^T`; `dk, dv` takes key tiles (band, then the far
-field from `U_l`). dL/dw_near and dL/dw_far come from per-program partial sums. Non-causal: the
-states are global. Causal: every tile needs its own (the keys before it for dq, the queries
-after it for dk/dv), so a walk per (map, chunk, head) writes them for every tile, from the
-forward's chunk prefixes and from chunk suffixes of the dual states (their own chunks, with
-parts and a scan as in the forward); dq and dk/dv then take one tile per program, each adding
-the masked intra-tile terms in a second loop over the maps. The tile states live in the
-gradients' rows while those are unwritten (a `[64, D]` tile of rows holds a `[D, D]` state at
-D <= 64; dk/dv needs one more `[N, D]` buffer at r = 3), else in a buffer of their own
-(H100, N = 2^16: backward alone 10.1 -> 7.2 ms against dq and dk/dv walking the chunks with
-their states in L2, both spilling).
+field from `U_l`). dL/dw_near and dL/dw_far come from per-program partial sums. Causal, in
+passes as the forward: per far-field map a query-side walk over the forward's chunks from their
+kept prefix states (dq, den_l, dL/d den_l, dO . Far_l, and each chunk's sum of U_l), an in-place
+suffix scan of those sums, and a key-side walk last to first (dk, dv); then the band's dq and
+dk, dv. Each walk holds one fp32 state; the gradients are accumulated in their own dtype
+across the passes (bf16: rounded four times). H100, N = 2^16: backward alone 7.3 -> 4.8 ms
+against one dq and one dk/dv kernel per tile for band and every map from per-tile states
+(255 registers, one program per SM).
 
 Memory: forward-only calls allocate `o` plus, causal, one map's chunk states at a time
 (`chunks * B * H * D * (D+1)` floats, under 9% of `o` or 8 MiB, whichever is more; the fused
 walk's hold every map's under the same cap). With grad, the forward also keeps the
 log-sum-exp and, causal, every map's chunk states (the backward starts from them), and nothing
 else: the backward recovers the band's softmax delta from `o`
-(`w_near dO . Near = dO . o - w_far sum_l dO . Far_l`, whose far terms dq computes first
-anyway) and sums dL/dw_near from the band's P and dO V^T, so nothing is divided by w_near
-(H100: fwd_bwd 2.71 -> 2.61 ms non-causal: no Near is written). The causal backward takes one
-`[N, D]` buffer (r = 3) and per-tile z and chunk suffix states beyond the gradients.
+(`w_near dO . Near = dO . o - w_far sum_l dO . Far_l`, whose far terms come first anyway)
+and sums dL/dw_near from the band's P and dO V^T, so nothing is divided by w_near (H100:
+fwd_bwd 2.71 -> 2.61 ms non-causal: no Near is written). Beyond the gradients the backward
+takes `O(N)` row statistics and, causal, one map's chunk dual sums.
 """
 from __future__ import annotations
 
@@ -100,11 +98,12 @@ class KernelConfig:
 # 0.655; uncapped 0.73: its 254 registers fit 2 programs per SM, 128 fit 4 despite spills;
 # 128-row tiles 0.97, 32 value columns 1.15), causal forward 8 warps 1 stage (3.26; 4 warps
 # 5.05; register caps 4.2 to 6.6; 32-row tiles 4.6), backward 4 warps (fwd_bwd 3.29; 8 warps
-# 3.92; caps slower), causal dq and dk/dv 8 warps 1 stage (backward alone 7.23 ms; 4 warps
-# 7.59, 2 stages 7.73: `_ab` probe log in results/h100/fmmformer_triton_logs), tile walks 4 warps,
-# causal inference passes (`fmm_probe.py cinf`, causal fwd ms): far-field walks 4 warps 2 stages
-# (1.76; 1 stage 2.47, 3 stages 1.88, 8 warps 2.59), band 4 warps 2 stages (1 stage 1.75,
-# 3 stages 1.96, 8 warps 1.89).
+# 3.92; caps slower), causal inference passes (`fmm_probe.py cinf`, causal fwd ms): far-field
+# walks 4 warps 2 stages (1.76; 1 stage 2.47, 3 stages 1.88, 8 warps 2.59), band 4 warps
+# 2 stages (1 stage 1.75, 3 stages 1.96, 8 warps 1.89), causal backward passes (`fmm_probe.py
+# cpass`, backward alone 4.77 ms): query-side walks 4 warps 2 stages (1 stage 5.59, 3 stages
+# 4.77, 8 warps 6.24), key-side walks 4 warps 2 stages (1 stage 5.08, 3 stages 4.75, 8 warps
+# 5.69), band dq and dk/dv 4 warps 2 stages (1 stage 4.74 / 4.76, 8 warps 4.92 / 5.20).
 # Other head dims keep the register-count choices of sm_90 builds. The causal chunk count targets
 # `CAUSAL_PROGRAMS_PER_SM` programs per SM, capped so the chunk states stay under
 # `STATE_MEMORY_FRACTION` of o (the forward's memory target) or `STATE_MEMORY_FLOOR` bytes,
@@ -118,9 +117,6 @@ CONFIGS: dict[str, dict[int, KernelConfig]] = {
     "fwd_causal": {16: _SMALL1, 32: _SMALL1, 64: _WIDE1, 128: _WIDE1},
     "bwd_dq": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
     "bwd_dkdv": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
-    "bwd_dq_causal": {16: _SMALL, 32: _SMALL, 64: _WIDE1, 128: _WIDE1},
-    "bwd_dkdv_causal": {16: _SMALL, 32: _SMALL, 64: _WIDE1, 128: _WIDE1},
-    "tile_states": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
     "band_causal": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
     "far_causal": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
     "far_bwd_q": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
@@ -135,17 +131,11 @@ FAR_BF16 = True
 # 240 programs, took two waves of 69).
 CAUSAL_PROGRAMS_PER_SM = 1
 STATE_PROGRAMS_PER_SM = 4
-# The causal backward's tile-state walks (one map each) fit several per SM.
-WALK_PROGRAMS_PER_SM = 4
 # Causal inference: one pass per far-field map (one state a program) after a band pass, o
 # accumulated in its own dtype; False: the fused walk of band and every map (o rounded once).
 CAUSAL_MAP_PASSES = True
 # Their far-field walks: chunks for 4 programs per SM (H100 causal fwd 1.76 ms; 2: 1.81, 8: 2.07).
 FAR_PROGRAMS_PER_SM = 4
-# Causal backward: one pass per far-field map (a query-side walk, then a key-side walk, one
-# state each, over the forward's chunks), then the band's dq and dk/dv added; False: per-tile
-# states and one dq and one dk/dv kernel for band and every map.
-CAUSAL_BWD_MAP_PASSES = True
 STATE_MEMORY_FRACTION = 0.09
 STATE_MEMORY_FLOOR = 8 * 2**20  # below 9% of o from N = 2^16 on at B*H = 16, D = 64
 # The interpreter runs numpy per program: small tiles keep CPU tests fast and walk many tiles.
@@ -354,79 +344,36 @@ def _far_causal(out, av, q, eq, k, ek, ok, v_m, s, z, earlier, wf, eps, L: tl.co
 
 
 @triton.jit
-def _far_bwd_q(dq, dfar, q, eq, rq, do, wf, K, V, tile, rows, N, SP, ZP, eps, DEN, DDEN, which,
-               CAUSAL: tl.constexpr, LOWP: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Far term l of dq for one query tile from the state at SP, ZP: the global one, or
-    (causal) that of the keys before the tile, the masked intra-tile product adding the rest.
-    Also adds dO . Far_l to the rows' `dfar` (their share of dL/dw_far) and stores den_l and
+def _far_bwd_q(dq, dfar, q, eq, rq, do, wf, rows, N, SP, ZP, eps, DEN, DDEN, which,
+               LOWP: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Non-causal far term l of dq for one query tile from the global state at SP, ZP. Also
+    adds dO . Far_l to the rows' `dfar` (their share of dL/dw_far) and stores den_l and
     dL/d den_l per row.
 
     With Far_l = num / den: dnum = w_far dO / den and dden = -w_far (dO . Far_l) / den.
-    num = phi(q) S (+ A V causal, A the masked phi(q) phi(k)^T), so with G = dO S^T:
-    dO . num = phi(q) . G (+ rowsum(A * Y), Y = dO V^T) and dphi(q) = (w_far / den) G + dden z
-    (+ the intra-tile term, `_far_bwd_q_intra`): num itself is never formed (H100, non-causal
-    dq kernel: 1.24 ms with the products num and dnum S^T). Causal tiles load k, v and
-    recompute phi per map (eq, rq unused) rather than hold them across maps: fewer live tiles
-    in a kernel that spills."""
+    num = phi(q) S, so with G = dO S^T: dO . num = phi(q) . G and dphi(q) = (w_far / den) G +
+    dden z: num itself is never formed (H100 dq kernel: 1.24 ms with the products num and
+    dnum S^T)."""
     s_m = _mm(tl.load(SP), q, LOWP)
     z = tl.load(ZP)
-    # G = dO S^T, [BLOCK_M, D]: after phi_l' in non-causal tiles (before it, their backward
-    # took 2.00 ms instead of 1.90 on the H100)
-    if not CAUSAL:
-        fq, dphi = _phi_grad(q, eq, rq, which)
-        den = tl.sum(fq * z[None, :], 1) + eps
-        g = _dot(_mm(do, q, LOWP), tl.trans(s_m), None, DOT_PREC)
-        fdo = tl.sum(fq * g, 1) / den
-        dden = -wf * fdo / den
-        dfq = g * (wf / den)[:, None] + dden[:, None] * z[None, :]
-    else:
-        g = _dot(_mm(do, q, LOWP), tl.trans(s_m), None, DOT_PREC)
-        fq = _phi_one(q, which)
-        fqz = tl.sum(fq * z[None, :], 1)
-        fqg = tl.sum(fq * g, 1)
-        fq_m = _mm(fq, q, LOWP)
-        k = tl.load(K + tile, mask=(rows < N)[:, None], other=0.0)
-        fk_m = _mm(tl.where((rows < N)[:, None], _phi_one(k, which), 0.0), q, LOWP)
-        causal = rows[None, :] <= rows[:, None]
-        # [BLOCK_M, BLOCK_M]
-        a = tl.where(causal, _dot(fq_m, tl.trans(fk_m), None, DOT_PREC), 0.0)
-        den = fqz + tl.sum(a, 1) + eps
-        v = tl.load(V + tile, mask=(rows < N)[:, None], other=0.0)
-        y = _dot(do, tl.trans(v), None, DOT_PREC)
-        fdo = (fqg + tl.sum(a * y, 1)) / den
-        dden = -wf * fdo / den
-        scale = wf / den
-        dfq = g * scale[:, None] + dden[:, None] * z[None, :]
-        dphi = _phi_one_grad(q, which)[1]
+    # G = dO S^T, [BLOCK_M, D]: after phi_l' (before it, the backward took 2.00 ms instead of
+    # 1.90 on the H100)
+    fq, dphi = _phi_grad(q, eq, rq, which)
+    den = tl.sum(fq * z[None, :], 1) + eps
+    g = _dot(_mm(do, q, LOWP), tl.trans(s_m), None, DOT_PREC)
+    fdo = tl.sum(fq * g, 1) / den
+    dden = -wf * fdo / den
+    dfq = g * (wf / den)[:, None] + dden[:, None] * z[None, :]
     tl.store(DEN + which * N + rows, den, mask=rows < N)
     tl.store(DDEN + which * N + rows, dden, mask=rows < N)
     return dq + dfq * dphi, dfar + fdo
 
 
 @triton.jit
-def _far_bwd_q_intra(dq, q, K, V, tile, do, rows, N, wf, DEN, DDEN, which,
-                     LOWP: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Causal dq's intra-tile far term of map l, after `_far_bwd_q` stored den_l, dden_l:
-    dphi(q) * ((masked (w_far / den) Y + dden) phi(k)), Y = dO V^T."""
-    ok = rows < N
-    den = tl.load(DEN + which * N + rows, mask=ok, other=1.0)
-    dden = tl.load(DDEN + which * N + rows, mask=ok, other=0.0)
-    k = tl.load(K + tile, mask=ok[:, None], other=0.0)
-    fk_m = _mm(tl.where(ok[:, None], _phi_one(k, which), 0.0), k, LOWP)
-    v = tl.load(V + tile, mask=ok[:, None], other=0.0)
-    y = _dot(do, tl.trans(v), None, DOT_PREC)
-    causal = rows[None, :] <= rows[:, None]
-    t = tl.where(causal, y * (wf / den)[:, None] + dden[:, None], 0.0)
-    dfq = _dot(_mm(t, k, LOWP), fk_m, None, DOT_PREC)
-    return dq + dfq * _phi_one_grad(q, which)[1]
-
-
-@triton.jit
 def _far_bwd_kv(dk, dv, k, ek, rk, v, UP, UZP, which,
                 LOWP: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Far term l of dk, dv for one key tile from the dual state U = sum_i phi(q_i) dnum_i^T
-    and u = sum_i phi(q_i) dden_i at UP, UZP: the global one, or (causal) that of the queries
-    after the tile (`_far_bwd_kv_intra` adds the tile's own)."""
+    """Non-causal far term l of dk, dv for one key tile from the global dual state
+    U = sum_i phi(q_i) dnum_i^T and u = sum_i phi(q_i) dden_i at UP, UZP."""
     u_m = _mm(tl.load(UP), v, LOWP)
     uz = tl.load(UZP)
     fk, dphi = _phi_grad(k, ek, rk, which)
@@ -434,32 +381,6 @@ def _far_bwd_kv(dk, dv, k, ek, rk, v, UP, UZP, which,
     dfk = _dot(_mm(v, v, LOWP), tl.trans(u_m), None, DOT_PREC) + uz[None, :]
     dv = _dot(_mm(fk, v, LOWP), u_m, dv, DOT_PREC)
     return dk + dfk * dphi, dv
-
-
-@triton.jit
-def _far_bwd_kv_intra(dk, dv, k, v, cols, N, Q, DO, tile, wf, DEN, DDEN, which,
-                      LOWP: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Causal: the masked intra-tile far term of map l for one key tile, whose queries i >= j
-    are the tile's own rows. With Yt = V dO^T, dnum_i . v_j = (w_far / den_i) Yt_ji. In a loop
-    of its own after `_far_bwd_kv`'s, with q, dO and every phi recomputed per map: one loop
-    doing both spilled (sm_90 build at 8 warps: 960 B per thread)."""
-    ok = cols < N
-    den = tl.load(DEN + which * N + cols, mask=ok, other=1.0)
-    dden = tl.load(DDEN + which * N + cols, mask=ok, other=0.0)
-    scale = wf / den
-    q = tl.load(Q + tile, mask=ok[:, None], other=0.0)
-    fq_m = _mm(tl.where(ok[:, None], _phi_one(q, which), 0.0), v, LOWP)
-    do = tl.load(DO + tile, mask=ok[:, None], other=0.0)
-    # [BLOCK_M (keys j), BLOCK_M (queries i)]
-    later = (cols[None, :] >= cols[:, None]) & ok[None, :]
-    yt = _dot(v, tl.trans(do), None, DOT_PREC)
-    t1_m = _mm(tl.where(later, yt * scale[None, :] + dden[None, :], 0.0), v, LOWP)
-    dnum_m = _mm(do.to(tl.float32) * scale[:, None], v, LOWP)
-    fk, dphi = _phi_one_grad(k, which)
-    dk += _dot(t1_m, fq_m, None, DOT_PREC) * dphi
-    t2 = tl.where(later, _dot(_mm(fk, v, LOWP), tl.trans(fq_m), None, DOT_PREC), 0.0)
-    dv = _dot(_mm(t2, v, LOWP), dnum_m, dv, DOT_PREC)
-    return dk, dv
 
 
 @triton.jit
@@ -666,60 +587,6 @@ def _fmmformer_scan_kernel(SRC, SRCZ, DST, DSTZ, n_parts, parts_per_chunk, n_chu
             tl.store(dzp + offs_r, z)
         s += x
         z += xz
-
-
-@triton.jit
-def _fmmformer_tile_states_kernel(
-    A, B, WB, WZ, WF, P, PZ, S0, S1, S2, s_bh, s_slot, TZ,
-    N, H, rows_per_chunk, n_chunks, n_tiles,
-    R: tl.constexpr, WEIGHTED: tl.constexpr, REVERSE: tl.constexpr, LOWP: tl.constexpr,
-    BLOCK: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    """Causal backward: the state of map l at every row tile of one chunk, so that the
-    gradient kernels take one tile per program instead of walking chunks (H100, N = 2^16: a
-    dq walker holding its states in L2 took 5.5 ms). Program = (map, chunk, head): one fp32
-    `[D, D]` state in registers, carried from the chunk's state in P, PZ through its tiles
-    (last to first if REVERSE); each tile's slot (`_Slots`: S0..S2 and strides, the matmul
-    dtype; TZ `[B*H, tiles, R, D]` fp32) gets the state before the tile's rows are added, so
-    that it covers the rows strictly before the tile (after it, if REVERSE). Plain (A=K, B=V)
-    and weighted (A=Q, B=dO) as `_fmmformer_state_kernel`."""
-    which = tl.program_id(0)
-    c = tl.program_id(1)
-    bh = tl.program_id(2).to(tl.int64)
-    A += bh * N * D
-    B += bh * N * D
-    offs_d = tl.arange(0, D)
-    wf = 1.0
-    if WEIGHTED:
-        wf = tl.load(WF + bh % H).to(tl.float32)
-        WB += (bh * R + which) * N
-        WZ += (bh * R + which) * N
-    sp, zp = _state_ptrs(P, PZ, bh, c, n_chunks, which, R, D)
-    # [D, D], [D]
-    s = tl.load(sp)
-    z = tl.load(zp)
-    lo = c * rows_per_chunk
-    steps = tl.cdiv(tl.minimum(lo + rows_per_chunk, N) - lo, BLOCK)
-    for it in range(0, steps):
-        tile = lo // BLOCK + (steps - 1 - it if REVERSE else it)
-        rows = tile * BLOCK + tl.arange(0, BLOCK)
-        ok = rows < N
-        # [BLOCK, D]
-        a = tl.load(A + rows[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
-        b = tl.load(B + rows[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
-        tsp, tzp = _slot_ptrs(S0, S1, S2, s_bh, s_slot, TZ, bh, tile, n_tiles, which, R, D)
-        tl.store(tsp, s.to(S0.dtype.element_ty))
-        tl.store(tzp, z)
-        fa = tl.where(ok[:, None], _phi_one(a, which), 0.0)
-        if WEIGHTED:
-            den = tl.load(WB + rows, mask=ok, other=1.0)
-            dden = tl.load(WZ + rows, mask=ok, other=0.0)
-            b_m = _mm(b.to(tl.float32) * (wf / den)[:, None], b, LOWP)
-            z += tl.sum(fa * dden[:, None], 0)
-        else:
-            b_m = _mm(b, b, LOWP)
-            z += tl.sum(fa, 0)
-        s = _dot(tl.trans(_mm(fa, b, LOWP)), b_m, s, DOT_PREC)
 
 
 @triton.jit
@@ -1104,12 +971,12 @@ def _fmmformer_band_bwd_kv_kernel(
 def _fmmformer_bwd_dq_kernel(
     Q, K, V, O, DO, LSE, DELTA, DEN, DDEN, DQ, DW, S0, S1, S2, s_bh, s_slot, PZ, WN, WF,
     N, H, bandwidth, rows_per_program, n_slots, qk_scale, sm_scale, eps,
-    R: tl.constexpr, CAUSAL: tl.constexpr, LOWP: tl.constexpr,
+    R: tl.constexpr, LOWP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """dq (far field, then band), per-row far normalizers and their gradients, the softmax
-    delta, and per-program partial sums of dL/dw_near and dL/dw_far. States (`_Slots`): the
-    global ones, or (causal) each tile's.
+    """Non-causal dq (far field, then band), per-row far normalizers and their gradients, the
+    softmax delta, and per-program partial sums of dL/dw_near and dL/dw_far, from the global
+    states (`_Slots`).
 
     The band's softmax delta is w_near dO . Near = dO . o - w_far sum_l dO . Far_l, from o and
     the far terms' dot products (so the forward keeps no Near); dL/dw_near = dO . Near is
@@ -1120,8 +987,6 @@ def _fmmformer_bwd_dq_kernel(
         Q, K, V, DO, O, DQ, LSE, DELTA, DEN, DDEN, WN, WF, bh, N, H, R, D)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    slot = pid if CAUSAL else 0
-    right = 0 if CAUSAL else bandwidth
 
     dwn = tl.zeros([BLOCK_M], dtype=tl.float32)
     dwf = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -1135,31 +1000,21 @@ def _fmmformer_bwd_dq_kernel(
         q = tl.load(Q + tile, mask=ok[:, None], other=0.0)
         do = tl.load(DO + tile, mask=ok[:, None], other=0.0)
         dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-        if CAUSAL:
-            eq, rq = q, q  # per map in `_far_bwd_q`
-        else:
-            eq, rq = _phi_prep(q)
+        eq, rq = _phi_prep(q)
         # [BLOCK_M]: sum_l dO . Far_l
         dfar = tl.zeros([BLOCK_M], dtype=tl.float32)
         for which in range(R):
-            sp, zp = _slot_ptrs(S0, S1, S2, s_bh, s_slot, PZ, bh, slot, n_slots, which, R, D)
-            dq, dfar = _far_bwd_q(dq, dfar, q, eq, rq, do, wf, K, V, tile, rows, N, sp, zp,
-                                  eps, DEN, DDEN, which, CAUSAL, LOWP, DOT_PREC)
-        if CAUSAL:
-            # den_l, dden_l: stored above, read back by other threads; and the tile's states,
-            # read above, may live in its rows of dq.
-            tl.debug_barrier()
-            for which in range(R):
-                dq = _far_bwd_q_intra(dq, q, K, V, tile, do, rows, N, wf, DEN, DDEN, which,
-                                      LOWP, DOT_PREC)
+            sp, zp = _slot_ptrs(S0, S1, S2, s_bh, s_slot, PZ, bh, 0, n_slots, which, R, D)
+            dq, dfar = _far_bwd_q(dq, dfar, q, eq, rq, do, wf, rows, N, sp, zp, eps, DEN, DDEN,
+                                  which, LOWP, DOT_PREC)
         dwf += dfar
         o = tl.load(O + tile, mask=ok[:, None], other=0.0).to(tl.float32)
         # Softmax delta of the near field, rowsum(dNear * Near) with dNear = w_near dO.
         delta = tl.sum(do.to(tl.float32) * o, 1) - wf * dfar
         tl.store(DELTA + rows, delta, mask=ok)
         lse = tl.load(LSE + rows, mask=ok, other=0.0)
-        dq, dnear = _near_bwd_q(dq, q, do, delta, lse, K, V, m0, rows, ok, N, bandwidth, right,
-                                qk_scale, sm_scale, wn, BLOCK_M, BLOCK_N, D, DOT_PREC)
+        dq, dnear = _near_bwd_q(dq, q, do, delta, lse, K, V, m0, rows, ok, N, bandwidth,
+                                bandwidth, qk_scale, sm_scale, wn, BLOCK_M, BLOCK_N, D, DOT_PREC)
         dwn += dnear
         tl.store(DQ + tile, dq.to(DQ.dtype.element_ty), mask=ok[:, None])
     # DW: [2, B*H, programs], dL/dw_near partials then dL/dw_far partials
@@ -1172,19 +1027,17 @@ def _fmmformer_bwd_dq_kernel(
 def _fmmformer_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DEN, DDEN, DK, DV, U0, U1, U2, u_bh, u_slot, PUZ, WN, WF,
     N, H, bandwidth, rows_per_program, n_slots, qk_scale, sm_scale,
-    R: tl.constexpr, CAUSAL: tl.constexpr, LOWP: tl.constexpr,
+    R: tl.constexpr, LOWP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """dk, dv: band (the queries whose window holds the key), then the far field from the
-    dual states (`_Slots`: global, or causal each tile's, the queries after it)."""
+    """Non-causal dk, dv: band (the queries whose window holds the key), then the far field
+    from the global dual states (`_Slots`)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    Q, K, V, DO, DK, DV, LSE, DELTA, DEN, DDEN, wn, wf = _bwd_head(
+    Q, K, V, DO, DK, DV, LSE, DELTA, DEN, DDEN, wn, _ = _bwd_head(
         Q, K, V, DO, DK, DV, LSE, DELTA, DEN, DDEN, WN, WF, bh, N, H, R, D)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    slot = pid if CAUSAL else 0
-    right = 0 if CAUSAL else bandwidth
 
     row_lo = pid * rows_per_program
     n_tiles = tl.cdiv(tl.minimum(row_lo + rows_per_program, N) - row_lo, BLOCK_M)
@@ -1196,18 +1049,13 @@ def _fmmformer_bwd_dkdv_kernel(
         # [BLOCK_M, D]
         k = tl.load(K + tile, mask=ok[:, None], other=0.0)
         v = tl.load(V + tile, mask=ok[:, None], other=0.0)
-        dk, dv = _near_bwd_kv(k, v, Q, DO, LSE, DELTA, n0, cols, ok, N, bandwidth, right,
+        dk, dv = _near_bwd_kv(k, v, Q, DO, LSE, DELTA, n0, cols, ok, N, bandwidth, bandwidth,
                               qk_scale, sm_scale, wn, BLOCK_M, BLOCK_N, D, DOT_PREC)
 
         ek, rk = _phi_prep(k)
         for which in range(R):
-            up, uzp = _slot_ptrs(U0, U1, U2, u_bh, u_slot, PUZ, bh, slot, n_slots, which, R, D)
+            up, uzp = _slot_ptrs(U0, U1, U2, u_bh, u_slot, PUZ, bh, 0, n_slots, which, R, D)
             dk, dv = _far_bwd_kv(dk, dv, k, ek, rk, v, up, uzp, which, LOWP, DOT_PREC)
-        if CAUSAL:
-            for which in range(R):
-                dk, dv = _far_bwd_kv_intra(dk, dv, k, v, cols, N, Q, DO, tile, wf, DEN, DDEN,
-                                           which, LOWP, DOT_PREC)
-            tl.debug_barrier()  # the tile's dual states may live in its rows of dk and dv
         tl.store(DK + tile, dk.to(DK.dtype.element_ty), mask=ok[:, None])
         tl.store(DV + tile, dv.to(DV.dtype.element_ty), mask=ok[:, None])
 
@@ -1347,13 +1195,11 @@ def _prefix_states(
     b: torch.Tensor,
     r: int,
     chunk_rows: int,
-    reverse: bool,
-    weights: Weights | None = None,
     scratch: torch.Tensor | None = None,
     parts_per_chunk: int | None = None,
     map0: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal: every chunk's exclusive prefix states (suffix states if `reverse`),
+    """Causal: every chunk's exclusive prefix states of the keys before it,
     `[B*H, chunks, r, D, D]` and `[B*H, chunks, r, D]` fp32 (states as `_state_pass`).
 
     The state pass runs over `parts_per_chunk` parts of each chunk (default: enough programs
@@ -1375,7 +1221,7 @@ def _prefix_states(
             and _fits(scratch, _state_floats(bh, chunks * parts_per_chunk, r, d))
         ):
             parts_per_chunk //= 2
-    parts, parts_z = _state_pass(a, b, r, True, chunk_rows // parts_per_chunk, weights,
+    parts, parts_z = _state_pass(a, b, r, True, chunk_rows // parts_per_chunk, None,
                                  scratch if parts_per_chunk > 1 else None, map0)
     if parts_per_chunk == 1:  # in place
         states, states_z = parts, parts_z
@@ -1385,51 +1231,23 @@ def _prefix_states(
     rows = min(16, d)
     _fmmformer_scan_kernel[(bh, r, d // rows)](
         parts, parts_z, states, states_z, parts.shape[1], parts_per_chunk, chunks,
-        R=r, D=d, ROWS=rows, REVERSE=reverse,
+        R=r, D=d, ROWS=rows, REVERSE=False,
     )
     return states, states_z
-
-
-def _tile_states(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    r: int,
-    chunk_states: torch.Tensor,
-    chunk_states_z: torch.Tensor,
-    chunk_rows: int,
-    block: int,
-    reverse: bool,
-    out: _Slots,
-    weights: Weights | None = None,
-) -> None:
-    """Causal backward: every map's state at every tile of `block` rows into `out`'s slots,
-    from the chunks' exclusive prefix states (suffix states if `reverse`; states as
-    `_state_pass`)."""
-    bsz, h, n, d = a.shape
-    bh = bsz * h
-    cfg = _config("tile_states", d, a.device)
-    den, dden, wf = weights if weights is not None else (a, a, a)
-    _fmmformer_tile_states_kernel[(r, chunk_states.shape[1], bh)](
-        a, b, den, dden, wf, chunk_states, chunk_states_z, *out.args(),
-        n, h, chunk_rows, chunk_states.shape[1], out.count,
-        R=r, WEIGHTED=weights is not None, REVERSE=reverse, LOWP=_lowp(a.dtype),
-        BLOCK=block, D=d, DOT_PREC=_dot_prec(a.dtype), **cfg.launch(),
-    )
 
 
 @dataclass
 class _Slots:
     """Where the kernels find state `(head, slot, map l)`: a row-major `[D, D]` block at
     element `head * stride_bh + slot * stride_slot` of `bases[l]`, and its z in `z`
-    (`[B*H, count, r, D]` fp32). Either one buffer `[B*H, count, r, D, D]` (`_buffer_slots`)
-    or rows of buffers not yet written (`_slots_in`)."""
+    (`[B*H, count, r, D]` fp32): the views of one buffer `[B*H, count, r, D, D]` per map
+    (`_buffer_slots`)."""
 
     bases: tuple[torch.Tensor, ...]
     stride_bh: int
     stride_slot: int
     z: torch.Tensor
     count: int
-    in_rows: bool = False  # in other buffers' rows
 
     def args(self) -> tuple:
         """Kernel arguments S0, S1, S2 (maps past r repeat the last), strides and z."""
@@ -1445,24 +1263,6 @@ def _buffer_slots(states: torch.Tensor, states_z: torch.Tensor) -> _Slots:
                   states_z, count)
 
 
-def _slots_in(x: torch.Tensor, r: int, buffers: tuple[torch.Tensor, ...], block: int,
-              z: torch.Tensor, reuse: _Slots | None = None) -> _Slots:
-    """Per-tile state slots (tiles of `block` rows of `x`'s `[B, H, N, D]` shape, states in
-    the matmul dtype) in the rows of `buffers` (`[B, H, N, D]`, unwritten): map l's state of
-    tile t in tile t's rows of buffers[l], which hold it when D <= block. Where they cannot
-    (N not a multiple of block, D > block, fewer buffers than maps, another dtype), a buffer
-    of their own: `reuse`'s if that is one, else a new one."""
-    b, h, n, d = x.shape
-    dtype = x.dtype if _lowp(x.dtype) else torch.float32
-    tiles = triton.cdiv(n, block)
-    if (n % block == 0 and d <= block and len(buffers) >= r
-            and all(t.dtype == dtype and t.is_contiguous() for t in buffers[:r])):
-        return _Slots(buffers[:r], n * d, block * d, z, tiles, in_rows=True)
-    if reuse is not None and not reuse.in_rows:
-        return reuse
-    return _buffer_slots(_empty((b * h, tiles, r, d, d), dtype, x.device), z)
-
-
 def _tile_multiple(d: int, device: torch.device, *kinds: str) -> int:
     """The tile height of the kernels `kinds` that walk the same chunks: their largest."""
     return max(_config(kind, d, device).block_m for kind in kinds)
@@ -1471,10 +1271,9 @@ def _tile_multiple(d: int, device: torch.device, *kinds: str) -> int:
 def _causal_chunk_rows(
     n: int, bh: int, r: int, d: int, o_bytes: float, device: torch.device
 ) -> int:
-    # Causal chunks are the forward kernel's programs and the backward's tile-state walks: a
-    # multiple of every causal kernel's tile height.
-    block = _tile_multiple(d, device, "fwd_causal", "bwd_dq_causal", "bwd_dkdv_causal",
-                           "far_bwd_q", "far_bwd_kv")
+    # Causal chunks are the fused forward walk's programs and the backward's walks: a multiple
+    # of every causal kernel's tile height.
+    block = _tile_multiple(d, device, "fwd_causal", "far_bwd_q", "far_bwd_kv")
     programs = CAUSAL_PROGRAMS_PER_SM * _sm_count(device)
     budget = max(STATE_MEMORY_FRACTION * o_bytes, STATE_MEMORY_FLOOR)
     return _chunk_rows(n, bh, r, d, block, programs, budget)
@@ -1509,8 +1308,7 @@ def _causal_map_passes(
     )
     cfg = _config("far_causal", d, dev)
     # Rows a multiple of every causal tile (the backward walks these chunks when saved).
-    block = _tile_multiple(d, dev, "far_causal", "bwd_dq_causal", "bwd_dkdv_causal",
-                           "far_bwd_q", "far_bwd_kv")
+    block = _tile_multiple(d, dev, "far_causal", "far_bwd_q", "far_bwd_kv")
     budget = max(STATE_MEMORY_FRACTION * o_bytes, STATE_MEMORY_FLOOR)
     chunk_rows = _chunk_rows(n, bh, 1, d, block, FAR_PROGRAMS_PER_SM * _sm_count(dev), budget)
     chunks = triton.cdiv(n, chunk_rows)
@@ -1519,8 +1317,7 @@ def _causal_map_passes(
         kept = (_empty((bh, chunks, r, d, d), torch.float32, dev),
                 _empty((bh, chunks, r, d), torch.float32, dev))
     for m in range(r):
-        states, states_z = _prefix_states(k, v, 1, chunk_rows, reverse=False,
-                                          parts_per_chunk=1, map0=m)
+        states, states_z = _prefix_states(k, v, 1, chunk_rows, parts_per_chunk=1, map0=m)
         _fmmformer_far_causal_kernel[(chunks, bh)](
             q, k, v, o, states, states_z, wf, n, h, chunk_rows, eps,
             MAP=m, LOWP=_lowp(q.dtype), BLOCK_M=cfg.block_m, D=d,
@@ -1629,7 +1426,7 @@ def fmmformer_fwd(
     if causal:
         chunk_rows = _causal_chunk_rows(n, bh, r, d, o_bytes, dev)
         # The parts' partials live in o, written only afterwards.
-        states, states_z = _prefix_states(k, v, r, chunk_rows, reverse=False, scratch=o)
+        states, states_z = _prefix_states(k, v, r, chunk_rows, scratch=o)
         _fmmformer_fwd_causal_kernel[(states.shape[1], bh)](
             q, k, v, o, lse, states, states_z, wn, wf,
             n, h, bandwidth, chunk_rows, qk_scale, eps, **common,
@@ -1667,35 +1464,19 @@ def fmmformer_bwd(
     b, h, n, d = q.shape
     dev, r, bh = q.device, kernels, b * h
     do = do.contiguous()
-    lowp, prec = _lowp(q.dtype), _dot_prec(q.dtype)
-    suffix = "_causal" if causal else ""
-    cfg_q, cfg_k = _config("bwd_dq" + suffix, d, dev), _config("bwd_dkdv" + suffix, d, dev)
     wn = w_near.detach().to(torch.float32).contiguous()
     wf = w_far.detach().to(torch.float32).contiguous()
-    qk_scale, sm_scale = d**-0.5 * LOG2E, d**-0.5
-
-    if causal and CAUSAL_BWD_MAP_PASSES:
+    if causal:
         return _causal_bwd_map_passes(q, k, v, saved, do, wn, wf, bandwidth, r, eps)
+    lowp, prec = _lowp(q.dtype), _dot_prec(q.dtype)
+    cfg_q, cfg_k = _config("bwd_dq", d, dev), _config("bwd_dkdv", d, dev)
+    qk_scale, sm_scale = d**-0.5 * LOG2E, d**-0.5
     dq = _empty(q.shape, q.dtype, dev)
     dk = _empty(k.shape, k.dtype, dev)
     dv = _empty(v.shape, v.dtype, dev)
-    if causal:
-        # One tile per program, each from its own state: the keys before the tile.
-        if cfg_q.block_m != cfg_k.block_m:
-            raise ValueError("the causal dq and dk/dv kernels must share one tile height")
-        rows_q = rows_k = cfg_q.block_m
-        tiles = triton.cdiv(n, rows_q)
-        tiles_z = _empty((bh, tiles, r, d), torch.float32, dev)
-        # The tile states live in the gradients' rows while those are unwritten (map l's in
-        # buffer l): dq, dk, dv for the keys' states, which dq spends; dk, dv and one more
-        # buffer for the queries' (the dual states). Elsewhere, in a buffer of their own.
-        slots = _slots_in(q, r, (dq, dk, dv), rows_q, tiles_z)
-        _tile_states(k, v, r, saved.states, saved.states_z, saved.chunk_rows, rows_q,
-                     reverse=False, out=slots)
-    else:
-        slots = _buffer_slots(saved.states, saved.states_z)
-        rows_q = cfg_q.block_m * cfg_q.tiles_per_program
-        rows_k = cfg_k.block_m * cfg_k.tiles_per_program
+    slots = _buffer_slots(saved.states, saved.states_z)
+    rows_q = cfg_q.block_m * cfg_q.tiles_per_program
+    rows_k = cfg_k.block_m * cfg_k.tiles_per_program
 
     delta = _empty((bh, n), torch.float32, dev)
     den = _empty((bh, r, n), torch.float32, dev)
@@ -1706,35 +1487,21 @@ def fmmformer_bwd(
     _fmmformer_bwd_dq_kernel[grid_q](
         q, k, v, saved.o, do, saved.lse, delta, den, dden, dq, dw, *slots.args(), wn, wf,
         n, h, bandwidth, rows_q, slots.count, qk_scale, sm_scale, eps,
-        R=r, CAUSAL=causal, LOWP=lowp, BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, D=d,
+        R=r, LOWP=lowp, BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, D=d,
         DOT_PREC=prec, **cfg_q.launch(),
     )
 
     # Dual states: U_l = sum_i phi_l(q_i) (w_far dO_i / den_i)^T, u_l = sum_i phi_l(q_i) dden_i.
     # Their chunk partials live in dk, written only afterwards (as the forward's in o): as
-    # many chunks as keep the GPU busy, at no extra memory, whatever N (the chunk states
-    # themselves never live in the scratch, see `_prefix_states`).
-    budget = dk.numel() * dk.element_size()
-    if causal:
-        # The walk's chunks need not be the forward's: as many as fill the GPU with walks.
-        walks = WALK_PROGRAMS_PER_SM * _sm_count(dev) // r
-        chunk_rows = _chunk_rows(n, bh, r, d, rows_k, walks, budget)
-        chunk_u, chunk_uz = _prefix_states(q, do, r, chunk_rows, reverse=True,
-                                           weights=(den, dden, wf), scratch=dk)
-        spare = (dk, dv) + ((_empty(q.shape, q.dtype, dev),) if r > 2 else ())
-        uslots = _slots_in(q, r, spare, rows_k, tiles_z, reuse=slots)
-        _tile_states(q, do, r, chunk_u, chunk_uz, chunk_rows, rows_k, reverse=True,
-                     weights=(den, dden, wf), out=uslots)
-    else:
-        chunk_rows = _state_chunk_rows(n, bh, r, d, budget, dev)
-        uslots = _buffer_slots(*_state_pass(q, do, r, False, chunk_rows,
-                                            weights=(den, dden, wf), scratch=dk))
-
+    # many chunks as keep the GPU busy, at no extra memory, whatever N.
+    chunk_rows = _state_chunk_rows(n, bh, r, d, dk.numel() * dk.element_size(), dev)
+    uslots = _buffer_slots(*_state_pass(q, do, r, False, chunk_rows,
+                                        weights=(den, dden, wf), scratch=dk))
     grid_k = (triton.cdiv(n, rows_k), bh)
     _fmmformer_bwd_dkdv_kernel[grid_k](
         q, k, v, do, saved.lse, delta, den, dden, dk, dv, *uslots.args(), wn, wf,
         n, h, bandwidth, rows_k, uslots.count, qk_scale, sm_scale,
-        R=r, CAUSAL=causal, LOWP=lowp, BLOCK_M=cfg_k.block_m, BLOCK_N=cfg_k.block_n, D=d,
+        R=r, LOWP=lowp, BLOCK_M=cfg_k.block_m, BLOCK_N=cfg_k.block_n, D=d,
         DOT_PREC=prec, **cfg_k.launch(),
     )
     dwn, dwf = dw.view(2, b, h, -1).sum((1, 3))
