@@ -200,6 +200,16 @@ if "cpass" in modes:
             except Exception as e:  # a config that fails to compile or to run
                 say(f"cpass {kind} warps={warps} stages={stages}: failed {type(e).__name__}: {e}")
         fmt.CONFIGS[kind][d] = default
+    # The band kernels' tile heights (keys or queries a program takes, and of the inner tiles).
+    for kind in ("band_bwd_q", "band_bwd_kv"):
+        default = fmt.CONFIGS[kind][d]
+        for block_m, block_n, warps, stages in ((32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2),
+                                                (128, 64, 8, 2), (128, 32, 8, 2)):
+            fmt.CONFIGS[kind][d] = fmt.KernelConfig(block_m, block_n, warps, stages)
+            t = bench(lambda: bwd(saved, 3, True))
+            say(f"cpass {kind} block_m={block_m} block_n={block_n} warps={warps} "
+                f"stages={stages}: backward alone {t:.4f} ms")
+        fmt.CONFIGS[kind][d] = default
     for per_sm in (2, 8):
         fmt.FAR_PROGRAMS_PER_SM, default = per_sm, fmt.FAR_PROGRAMS_PER_SM
         s2 = fwd(3, True, save=True)[1]

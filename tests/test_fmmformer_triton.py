@@ -173,6 +173,22 @@ def test_prefix_states_from_parts(poisoned, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_causal_backward_walks_forward_chunks_in_groups(poisoned, monkeypatch, device, stride):
+    """The causal backward's walks take the forward's chunks `stride` at a time, each group
+    from its first chunk's kept prefix state; the last group may be short. Every gradient
+    matches the reference."""
+    monkeypatch.setattr(fmt, "_walk_stride", lambda *args: stride)
+    n = 7 * (16 if device == "cpu" else 64) - 5  # 7 tiles, the last partial
+    monkeypatch.setattr(fmt, "_sm_count", lambda dev: 64)  # a chunk per tile in the forward
+    q, k, v, do, wn, wf = inputs(1, 2, n, 16, torch.float32, device, seed=40 + stride)
+    saved = fmt.fmmformer_fwd(q, k, v, wn, wf, 9, 3, True, save=True)[1]
+    assert saved.states.shape[1] == 7
+    ref = reference(q, k, v, do, wn, wf, 9, 3, True)
+    check_all(run_triton(q, k, v, do, wn, wf, 9, 3, True), ref, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_tiny_and_zero_near_weight(poisoned, device, causal):
     """The backward recovers the band's softmax delta from o (no saved Near): with w_near at 0
