@@ -101,9 +101,11 @@ class KernelConfig:
 # 3.92; caps slower), causal inference passes (`fmm_probe.py cinf`, causal fwd ms): far-field
 # walks 4 warps 2 stages (1.76; 1 stage 2.47, 3 stages 1.88, 8 warps 2.59), band 4 warps
 # 2 stages (1 stage 1.75, 3 stages 1.96, 8 warps 1.89), causal backward passes (`fmm_probe.py
-# cpass`, backward alone 4.77 ms): query-side walks 4 warps 2 stages (1 stage 5.59, 3 stages
-# 4.77, 8 warps 6.24), key-side walks 4 warps 2 stages (1 stage 5.08, 3 stages 4.75, 8 warps
-# 5.69), band dq and dk/dv 4 warps 2 stages (1 stage 4.74 / 4.76, 8 warps 4.92 / 5.20).
+# cpass` at f6f3392, backward alone 4.66 ms with every kernel at 4 warps 2 stages, 64 x 64
+# tiles): query-side walks (1 stage 5.37, 3 stages 4.62, 8 warps 6.01), key-side walks 3 stages
+# (4.59; 1 stage 4.93, 8 warps 5.54), band dq (1 stage 4.60, 8 warps 4.75, 32- or 128-row tiles
+# 4.63 to 4.68), band dk/dv 64 keys x 32 queries (4.54; 32 x 32 4.55, 32 x 64 4.59, 128-row
+# 4.82 to 4.88, 1 stage 4.60, 8 warps 5.03).
 # Other head dims keep the register-count choices of sm_90 builds. The causal chunk count targets
 # `CAUSAL_PROGRAMS_PER_SM` programs per SM, capped so the chunk states stay under
 # `STATE_MEMORY_FRACTION` of o (the forward's memory target) or `STATE_MEMORY_FLOOR` bytes,
@@ -120,9 +122,9 @@ CONFIGS: dict[str, dict[int, KernelConfig]] = {
     "band_causal": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
     "far_causal": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
     "far_bwd_q": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
-    "far_bwd_kv": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
+    "far_bwd_kv": {16: _SMALL, 32: _SMALL, 64: KernelConfig(64, 64, 4, 3), 128: _WIDE},
     "band_bwd_q": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
-    "band_bwd_kv": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
+    "band_bwd_kv": {16: _SMALL, 32: _SMALL, 64: KernelConfig(64, 32, 4, 2), 128: _WIDE},
 }
 # bf16 inputs: far-field products (states, feature maps) in bf16 rather than tf32.
 FAR_BF16 = True
