@@ -26,8 +26,9 @@ NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 CPU, CUDA = pytest.param("cpu", marks=NO_CPU), pytest.param("cuda", marks=NO_CUDA)
 DEVICES = [CPU, CUDA]
 # fp32: exact fp32 dots (interpreter, and "ieee" on GPU). bf16: bf16 P, dS and far-field
-# operands (the interpreter also truncates instead of rounding to bf16).
-TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+# operands (the interpreter also truncates instead of rounding to bf16). fp16: fp16 P and dS,
+# far-field operands fp32 (tf32 on GPU).
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -80,11 +81,13 @@ CASES = [
     (77, 64, 20, 2, torch.float32),
     (300, 16, 30, 3, torch.bfloat16),
     (131, 32, 0, 1, torch.float32),
+    (90, 16, 7, 3, torch.float16),
 ]
 CUDA_CASES = [
     (77, 16, 5, 3, torch.float32),
     (1000, 64, 30, 3, torch.bfloat16),
     (300, 128, 45, 2, torch.bfloat16),
+    (333, 64, 30, 3, torch.float16),
 ]
 
 
