@@ -803,8 +803,9 @@ def _fmmformer_far_bwd_q_kernel(
     w_far Far_MAP (FIRST: dq =). Program = (chunk, head), walking the chunk's tiles in order
     from the forward's kept prefix state (P, PZ: `[B*H, n_states, R, D, D]` fp32; a chunk is
     `state_stride` of the forward's) with one state in registers, as the forward's pass did.
-    Per tile, with A the masked phi(q) phi(k)^T, Y = dO V^T and G = dO S^T: den = phi(q) . z + rowsum(A), dO . Far = (phi(q) . G +
-    rowsum(A * Y)) / den (num is never formed), dden = -w_far (dO . Far) / den, and
+    Per tile, with A the masked phi(q) phi(k)^T, Y = dO V^T and G = dO S^T:
+    den = phi(q) . z + rowsum(A), dO . Far = (phi(q) . G + rowsum(A * Y)) / den (num is never
+    formed), dden = -w_far (dO . Far) / den, and
     dphi(q) = (w_far / den) G + dden z + (masked (w_far / den) Y + dden) phi(k).
     Stores den and dden per row (DEN, DDEN `[B*H, N]`, for the key side), adds dO . Far_MAP
     to DFAR (`[B*H, N]`: the band's softmax delta and dL/dw_far take the sum over maps), and
@@ -1336,10 +1337,10 @@ def _causal_map_passes(
 
 
 def _walk_stride(n_states: int, bh: int, device: torch.device) -> int:
-    """Forward chunks per causal backward walk: the walks fit `BWD_PROGRAMS_PER_SM` programs
-    per SM (255 registers at 4 warps), so the chunks are taken that many at a time for at most
-    one wave of programs (H100, N = 2^16: backward 4.62 ms against 4.79 with the forward's 32
-    chunks a head in two waves). A coarse chunk starts from its first chunk's prefix state."""
+    """Forward chunks per causal backward walk. The walks fit `BWD_PROGRAMS_PER_SM` programs
+    per SM (255 registers at 4 warps): consecutive chunks are grouped so that the walks make at
+    most one wave (H100, N = 2^16: backward 4.62 ms in groups of two against 4.79 for the
+    forward's 32 chunks a head in two waves). A group starts from its first chunk's state."""
     return triton.cdiv(n_states * bh, BWD_PROGRAMS_PER_SM * _sm_count(device))
 
 
