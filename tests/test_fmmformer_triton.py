@@ -487,7 +487,7 @@ def bench(sweep: bool = False, odd: bool = True, baseline: bool = True,
 
         def state_pass():
             if causal:  # with o's bytes as scratch, as the forward
-                fmt._prefix_states(k, v, r, chunk_rows, False, scratch=torch.empty_like(q))
+                fmt._prefix_states(k, v, r, chunk_rows, scratch=torch.empty_like(q))
             else:
                 fmt._state_pass(k, v, r, causal, chunk_rows)
 
