@@ -274,9 +274,10 @@ def test_inference_allocates_little_more_than_o(monkeypatch, device, causal):
     one_chunk = 2 * 3 * d * (d + 1) * 4
     cap = max(0.09 * o_bytes, one_chunk, fmt.STATE_MEMORY_FLOOR)
     assert sum(torch.Size(s).numel() * 4 for s, _ in extra) <= cap
-    if causal:  # the map passes hold one map's chunk states, in one buffer every walk reuses
+    if causal:  # the map passes hold one map's chunk states at a time, each within the cap
         per_map = [s for s, _ in extra if len(s) == 5]
-        assert [s[2] for s in per_map] == [1]
+        assert [s[2] for s in per_map] == [1, 1, 1]
+        assert all(torch.Size(s).numel() * 4 <= cap for s in per_map)
 
     allocated.clear()
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]

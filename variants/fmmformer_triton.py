@@ -138,8 +138,6 @@ STATE_PROGRAMS_PER_SM = 4
 CAUSAL_MAP_PASSES = True
 # Their far-field walks: chunks for 4 programs per SM (H100 causal fwd 1.76 ms; 2: 1.81, 8: 2.07).
 FAR_PROGRAMS_PER_SM = 4
-# Each walk but the last also sums the next map's chunk states (no state pass for it).
-NEXT_STATE_IN_WALK = True
 # The causal backward's walks (one map each): programs per SM that fit at once.
 BWD_PROGRAMS_PER_SM = 2
 STATE_MEMORY_FRACTION = 0.09
@@ -750,30 +748,24 @@ def _fmmformer_band_kernel(
 def _fmmformer_far_causal_kernel(
     Q, K, V, O, P, PZ, WF, N, H, rows_per_chunk, eps,
     MAP: tl.constexpr, LOWP: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
-    DOT_PREC: tl.constexpr, NEXT: tl.constexpr = -1,
+    DOT_PREC: tl.constexpr,
 ):
     """Causal map passes, one far-field map per pass: o += w_far Far_MAP. Program = (chunk,
     head), walking the chunk's tiles from its prefix state (P, PZ: `[B*H, chunks, 1, D, D]`
     fp32) with one state in registers: the masked intra-tile product and the carried state
-    applied, normalized, added to o's tile. NEXT >= 0: the walk also sums the chunk's state
-    of map NEXT (phi_NEXT(K)^T V, from the tiles it reads anyway) and leaves it in the chunk's
-    slot of P, PZ, read at its start: the next pass needs only a scan, not a state pass."""
+    applied, normalized, added to o's tile."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     n_chunks = tl.num_programs(0)
     Q, K, V, O, _, _, wf = _fwd_head(Q, K, V, O, O, WF, WF, bh, 0, N, H, D)
     s, z = _load_state(P, PZ, bh, c, n_chunks, 0, 0, 1, D, D)
-    if NEXT >= 0:
-        s_next = tl.zeros([D, D], dtype=tl.float32)
-        z_next = tl.zeros([D], dtype=tl.float32)
     row_lo = c * rows_per_chunk
     row_hi = tl.minimum(row_lo + rows_per_chunk, N)
     for m0 in range(row_lo, row_hi, BLOCK_M):
         # [BLOCK_M, D]
         rows, ok, tile, q, k, v = _qkv_tile(Q, K, V, m0, N, BLOCK_M, D)
         fq = _phi_map(q, _exp_neg_abs(q), MAP)
-        ek = _exp_neg_abs(k)
-        fk = tl.where(ok[:, None], _phi_map(k, ek, MAP), 0.0)
+        fk = tl.where(ok[:, None], _phi_map(k, _exp_neg_abs(k), MAP), 0.0)
         fq_m = _mm(fq, v, LOWP)
         fk_m = _mm(fk, v, LOWP)
         v_m = _mm(v, v, LOWP)
@@ -788,12 +780,6 @@ def _fmmformer_far_causal_kernel(
         tl.store(O + tile, out.to(O.dtype.element_ty), mask=ok[:, None])
         s = _dot(tl.trans(fk_m), v_m, s, DOT_PREC)
         z += tl.sum(fk, 0)
-        if NEXT >= 0:
-            fn = tl.where(ok[:, None], _phi_map(k, ek, NEXT), 0.0)
-            s_next = _dot(tl.trans(_mm(fn, v, LOWP)), v_m, s_next, DOT_PREC)
-            z_next += tl.sum(fn, 0)
-    if NEXT >= 0:
-        _store_state(P, PZ, bh, c, n_chunks, s_next, z_next, 0, 0, 1, D)
 
 
 @triton.jit
@@ -1336,26 +1322,17 @@ def _causal_map_passes(
     if save:
         kept = (_empty((bh, chunks, r, d, d), torch.float32, dev),
                 _empty((bh, chunks, r, d), torch.float32, dev))
-    states, states_z = _prefix_states(k, v, 1, chunk_rows, parts_per_chunk=1)
     for m in range(r):
-        if kept is not None:
-            kept[0][:, :, m] = states[:, :, 0]
-            kept[1][:, :, m] = states_z[:, :, 0]
-        fold = NEXT_STATE_IN_WALK and m + 1 < r
+        states, states_z = _prefix_states(k, v, 1, chunk_rows, parts_per_chunk=1, map0=m)
         _fmmformer_far_causal_kernel[(chunks, bh)](
             q, k, v, o, states, states_z, wf, n, h, chunk_rows, eps,
             MAP=m, LOWP=_lowp(q.dtype), BLOCK_M=cfg.block_m, D=d,
-            DOT_PREC=_dot_prec(q.dtype), NEXT=m + 1 if fold else -1, **cfg.launch(),
+            DOT_PREC=_dot_prec(q.dtype), **cfg.launch(),
         )
-        if fold:  # the walk left map m + 1's chunk sums in the slots: their exclusive prefix
-            rows = min(16, d)
-            _fmmformer_scan_kernel[(bh, 1, d // rows)](
-                states, states_z, states, states_z, chunks, 1, chunks,
-                R=1, D=d, ROWS=rows, REVERSE=False,
-            )
-        elif m + 1 < r:
-            states, states_z = _prefix_states(k, v, 1, chunk_rows, parts_per_chunk=1,
-                                              map0=m + 1)
+        if kept is not None:
+            kept[0][:, :, m] = states[:, :, 0]
+            kept[1][:, :, m] = states_z[:, :, 0]
+        del states, states_z
     return (*kept, chunk_rows) if kept is not None else None
 
 
