@@ -176,6 +176,36 @@ def test_prefix_states_from_parts(poisoned, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reverse", [False, True], ids=["prefix", "suffix"])
+@pytest.mark.parametrize("parts_per_chunk", [1, 3])
+def test_scan_of_part_states(poisoned, device, reverse, parts_per_chunk):
+    """Each chunk's exclusive prefix (suffix) over 151 part states, three blocks of the
+    scan's 64 with a short last one and a short last chunk, equals torch's cumsum; at one part
+    a chunk also in place."""
+    bh, n_parts, r, d = 2, 151, 2, 16
+    gen = torch.Generator().manual_seed(7 + reverse + parts_per_chunk)
+    parts = torch.randn(bh, n_parts, r, d, d + 1, generator=gen).to(device)
+    chunks = -(-n_parts // parts_per_chunk)
+    # Per chunk, the sum of the parts before its first (after its last).
+    padded = torch.cat([parts, parts.new_zeros(bh, chunks * parts_per_chunk - n_parts, r, d,
+                                               d + 1)], 1)
+    per_chunk = padded.view(bh, chunks, parts_per_chunk, r, d, d + 1).sum(2)
+    if reverse:
+        want = per_chunk.flip(1).cumsum(1).flip(1) - per_chunk
+    else:
+        want = per_chunk.cumsum(1) - per_chunk
+    src, src_z = parts[..., :d].contiguous(), parts[..., d].contiguous()
+    if parts_per_chunk == 1:
+        dst, dst_z = src, src_z
+    else:
+        dst = nan_empty((bh, chunks, r, d, d), torch.float32, device)
+        dst_z = nan_empty((bh, chunks, r, d), torch.float32, device)
+    fmt._scan(src, src_z, dst, dst_z, parts_per_chunk, reverse)
+    torch.testing.assert_close(dst, want[..., :d], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(dst_z, want[..., d], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("stride", [1, 2, 3])
 def test_causal_backward_walks_forward_chunks_in_groups(poisoned, monkeypatch, device, stride):
     """The causal backward's walks take the forward's chunks `stride` at a time, each group
