@@ -18,7 +18,7 @@ V). By default (`CAUSAL_MAP_PASSES`) the causal forward instead runs a band pass
 w_near * Near into o, then per map its chunk prefix states and a walk with that one state (four
 programs per SM) adding w_far Far_l to o: o is rounded to its dtype four times instead of
 once (bf16 at N = 2^16: 4e-3 apart from the fused walk; 3.9e-3 from the float64 reference
-against 2.1e-3 non-causal), and the forward takes 1.76 ms instead of 2.57 on the H100.
+against 2.1e-3 non-causal), and the forward takes 1.72 ms instead of 2.57 on the H100.
 
 Backward, non-causal: `dq` takes query tiles (far field, then band), storing each row's far
 normalizers `den_l` and `dL/d den_l`; a weighted state pass reduces the dual states
@@ -28,7 +28,7 @@ passes as the forward: per far-field map a query-side walk over the forward's ch
 kept prefix states (dq, den_l, dL/d den_l, dO . Far_l, and each chunk's sum of U_l), an in-place
 suffix scan of those sums, and a key-side walk last to first (dk, dv); then the band's dq and
 dk, dv. Each walk holds one fp32 state; the gradients are accumulated in their own dtype
-across the passes (bf16: rounded four times). H100, N = 2^16: backward alone 7.3 -> 4.8 ms
+across the passes (bf16: rounded four times). H100, N = 2^16: backward alone 7.3 -> 4.5 ms
 against one dq and one dk/dv kernel per tile for band and every map from per-tile states
 (255 registers, one program per SM).
 
