@@ -320,6 +320,7 @@ def test_inference_allocates_little_more_than_o(monkeypatch, device, causal):
 @pytest.mark.parametrize("map_passes", [True, False], ids=["map-passes", "fused"])
 @pytest.mark.parametrize("n,d,bandwidth,kernels,dtype", [
     (77, 16, 5, 3, torch.float32), (131, 32, 0, 1, torch.float32), (300, 16, 30, 2, torch.bfloat16),
+    (200, 64, 30, 3, torch.bfloat16),
 ])
 def test_causal_forward_paths(poisoned, monkeypatch, device, map_passes, n, d, bandwidth,
                               kernels, dtype):

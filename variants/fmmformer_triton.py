@@ -121,6 +121,8 @@ CONFIGS: dict[str, dict[int, KernelConfig]] = {
     "bwd_dkdv": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
     "band_causal": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
     "far_causal": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
+    "far_causal_inference": {16: _SMALL, 32: _SMALL, 64: KernelConfig(64, 64, 4, 2, maxnreg=168),
+                             128: _WIDE},
     "far_bwd_q": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
     "far_bwd_kv": {16: _SMALL, 32: _SMALL, 64: KernelConfig(64, 64, 4, 3), 128: _WIDE},
     "band_bwd_q": {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _WIDE},
@@ -136,8 +138,12 @@ STATE_PROGRAMS_PER_SM = 4
 # Causal inference: one pass per far-field map (one state a program) after a band pass, o
 # accumulated in its own dtype; False: the fused walk of band and every map (o rounded once).
 CAUSAL_MAP_PASSES = True
-# Their far-field walks: chunks for 4 programs per SM (H100 causal fwd 1.76 ms; 2: 1.81, 8: 2.07).
+# Their far-field walks: chunks for 4 programs per SM (H100 causal fwd 1.76 ms; 2: 1.81, 8: 2.07),
+# which the backward walks in groups of two (one wave at two programs per SM). Without grad,
+# capped at 168 registers, three programs fit per SM: chunks for one wave of them (1.68 ms
+# against 1.73; `probe_walk_caps_dropped.log`). The backward would walk those chunks slower.
 FAR_PROGRAMS_PER_SM = 4
+FAR_INFERENCE_PROGRAMS_PER_SM = 3
 # The causal backward's walks (one map each): programs per SM that fit at once.
 BWD_PROGRAMS_PER_SM = 2
 STATE_MEMORY_FRACTION = 0.09
@@ -1331,11 +1337,13 @@ def _causal_map_passes(
         SAVE=save, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D=d, DOT_PREC=_dot_prec(q.dtype),
         **cfg.launch(),
     )
-    cfg = _config("far_causal", d, dev)
+    cfg = _config("far_causal" if save else "far_causal_inference", d, dev)
     # Rows a multiple of every causal tile (the backward walks these chunks when saved).
-    block = _tile_multiple(d, dev, "far_causal", "far_bwd_q", "far_bwd_kv")
+    block = _tile_multiple(d, dev, "far_causal", "far_causal_inference", "far_bwd_q",
+                           "far_bwd_kv")
     budget = max(STATE_MEMORY_FRACTION * o_bytes, STATE_MEMORY_FLOOR)
-    chunk_rows = _chunk_rows(n, bh, 1, d, block, FAR_PROGRAMS_PER_SM * _sm_count(dev), budget)
+    per_sm = FAR_PROGRAMS_PER_SM if save else FAR_INFERENCE_PROGRAMS_PER_SM
+    chunk_rows = _chunk_rows(n, bh, 1, d, block, per_sm * _sm_count(dev), budget)
     chunks = triton.cdiv(n, chunk_rows)
     kept = None
     if save:
