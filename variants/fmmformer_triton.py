@@ -141,7 +141,7 @@ CAUSAL_MAP_PASSES = True
 # Their far-field walks: chunks for 4 programs per SM (H100 causal fwd 1.76 ms; 2: 1.81, 8: 2.07),
 # which the backward walks in groups of two (one wave at two programs per SM). Without grad,
 # capped at 168 registers, three programs fit per SM: chunks for one wave of them (1.68 ms
-# against 1.73; `probe_walk_caps_dropped.log`). The backward would walk those chunks slower.
+# against 1.73; `probe_walk_caps.log`). The backward would walk those chunks slower.
 FAR_PROGRAMS_PER_SM = 4
 FAR_INFERENCE_PROGRAMS_PER_SM = 3
 # The causal backward's walks (one map each): programs per SM that fit at once.
