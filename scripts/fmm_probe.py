@@ -7,9 +7,9 @@ maps: marginal cost of each far-field map (state pass and main kernel at r = 1, 
 state: state-pass configs (rows per tile, warps, stages). regs: register caps (`maxnreg`) per
 kernel. fwd: the non-causal forward under register caps and stages. prof: the time of each kernel
 of the forward and the backward (torch.profiler). bwd: warps and stages of the non-causal
-backward kernels. wstate: the backward's weighted (dual) state pass alone per config. cfwd: the causal
-forward's tile heights, warps and stages. cinf: causal inference, map passes against the fused
-walk. cpass: the causal backward's passes (time, profile, fwd_bwd), then configs of its walks
+backward kernels. wstate: the backward's weighted (dual) state pass alone per config. cfwd:
+the causal forward's tile heights, warps and stages. cinf: causal inference, map passes against
+the fused walk. cpass: the causal backward's passes (time, profile, fwd_bwd), then configs of its walks
 and band kernels, and the forward's chunk count they walk. (The per-tile causal backward this
 replaced was compared here at 200bd83: `cpass` in fmmformer_triton_logs.)
 Results go to $OUT/probe.log.
