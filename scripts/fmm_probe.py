@@ -9,9 +9,9 @@ kernel. fwd: the non-causal forward under register caps and stages. prof: the ti
 of the forward and the backward (torch.profiler). bwd: warps and stages of the non-causal
 backward kernels. wstate: the backward's weighted (dual) state pass alone per config. cfwd:
 the causal forward's tile heights, warps and stages. cinf: causal inference, map passes against
-the fused walk. cpass: the causal backward's passes (time, profile, fwd_bwd), then configs of its walks
-and band kernels, and the forward's chunk count they walk. (The per-tile causal backward this
-replaced was compared here at 200bd83: `cpass` in fmmformer_triton_logs.)
+the fused walk. cpass: the causal backward's passes (time, profile, fwd_bwd), then configs of
+its walks and band kernels, and the forward's chunk count they walk. (The per-tile causal
+backward they replaced was compared here at 200bd83: `cpass` in fmmformer_triton_logs.)
 Results go to $OUT/probe.log.
 """
 
