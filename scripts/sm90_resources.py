@@ -54,14 +54,12 @@ def main() -> None:
     ]
     consts = dict(R=C, LOWP=C, BLOCK_M=C, BLOCK_N=C, D=C, DOT_PREC=C)
     bwd_base = dict(R=3, LOWP=True, BLOCK_M=64, BLOCK_N=64, D=64, DOT_PREC="tf32")
-    bwd_scalars = {**scalars, "rows_per_program": "i32", "n_slots": "i32"}
+    bwd_scalars = {**scalars, "rows_per_program": "i32"}
     dq_sig = dict(Q=BF16, K=BF16, V=BF16, O=BF16, DO=BF16, LSE=F32, DELTA=F32, DEN=F32, DDEN=F32,
-                  DQ=BF16, DW=F32, S0=BF16, S1=BF16, S2=BF16, s_bh="i32", s_slot="i32", PZ=F32,
-                  WN=F32, WF=F32, **bwd_scalars,
+                  DQ=BF16, DW=F32, P=BF16, PZ=F32, WN=F32, WF=F32, **bwd_scalars,
                   qk_scale="fp32", sm_scale="fp32", eps="fp32", **consts)
     dkdv_sig = dict(Q=BF16, K=BF16, V=BF16, DO=BF16, LSE=F32, DELTA=F32, DEN=F32, DDEN=F32,
-                    DK=BF16, DV=BF16, U0=BF16, U1=BF16, U2=BF16, u_bh="i32", u_slot="i32",
-                    PUZ=F32, WN=F32, WF=F32, **bwd_scalars,
+                    DK=BF16, DV=BF16, U=BF16, UZ=F32, WN=F32, WF=F32, **bwd_scalars,
                     qk_scale="fp32", sm_scale="fp32", **consts)
     walk = dict(N="i32", H="i32", rows_per_chunk="i32")
     walk_consts = dict(MAP=C, FIRST=C, LOWP=C, BLOCK_M=C, D=C, DOT_PREC=C)

@@ -264,21 +264,6 @@ def _state_ptrs(P, PZ, bh, slot, n_slots, which, R: tl.constexpr, D: tl.constexp
 
 
 @triton.jit
-def _slot_ptrs(S0, S1, S2, s_bh, s_slot, PZ, bh, slot, n_slots, which, R: tl.constexpr,
-               D: tl.constexpr):
-    """Pointers to the `[D, D]` state of map `which` in slot `slot` of head `bh` (at S_which +
-    bh * s_bh + slot * s_slot, row-major: see `_Slots`) and to its z (`[B*H, n_slots, R, D]`)."""
-    base = S0
-    if which == 1:
-        base = S1
-    if which == 2:
-        base = S2
-    offs = tl.arange(0, D)
-    sp = base + bh * s_bh + slot * s_slot + offs[:, None] * D + offs[None, :]
-    return sp, PZ + ((bh * n_slots + slot) * R + which) * D + offs
-
-
-@triton.jit
 def _exp_neg_abs(x):
     """exp(-|x|) at x's precision: one exp per element serves every feature map, and bf16
     tiles held across the maps take half the registers of fp32 ones."""
@@ -843,6 +828,7 @@ def _fmmformer_far_bwd_q_kernel(
         # [BLOCK_M, D]
         rows, ok, tile, q, k, v = _qkv_tile(Q, K, V, m0, N, BLOCK_M, D)
         do = tl.load(DO + tile, mask=ok[:, None], other=0.0)
+        do_m = _mm(do, q, LOWP)
         fq, dphi = _phi_one_grad(q, MAP)
         fq = tl.where(ok[:, None], fq, 0.0)
         fk = tl.where(ok[:, None], _phi_one(k, MAP), 0.0)
@@ -852,7 +838,7 @@ def _fmmformer_far_bwd_q_kernel(
         a = tl.where(earlier, _dot(_mm(fq, q, LOWP), tl.trans(fk_m), None, DOT_PREC), 0.0)
         y = _dot(do, tl.trans(v), None, DOT_PREC)
         # [BLOCK_M, D]
-        g = _dot(_mm(do, q, LOWP), tl.trans(_mm(s, q, LOWP)), None, DOT_PREC)
+        g = _dot(do_m, tl.trans(_mm(s, q, LOWP)), None, DOT_PREC)
         den = tl.sum(fq * z[None, :], 1) + tl.sum(a, 1) + eps
         fdo = (tl.sum(fq * g, 1) + tl.sum(a * y, 1)) / den
         scale = wf / den
@@ -869,7 +855,7 @@ def _fmmformer_far_bwd_q_kernel(
         tl.store(DEN + rows, den, mask=ok)
         tl.store(DDEN + rows, dden, mask=ok)
         # The weights scale phi(q), not dO (see `_state_add`).
-        u = _dot(tl.trans(_mm(fq * scale[:, None], q, LOWP)), _mm(do, q, LOWP), u, DOT_PREC)
+        u = _dot(tl.trans(_mm(fq * scale[:, None], q, LOWP)), do_m, u, DOT_PREC)
         uz += tl.sum(fq * dden[:, None], 0)
         s = _dot(tl.trans(fk_m), _mm(v, q, LOWP), s, DOT_PREC)
         z += tl.sum(fk, 0)
@@ -991,14 +977,14 @@ def _fmmformer_band_bwd_kv_kernel(
 
 @triton.jit
 def _fmmformer_bwd_dq_kernel(
-    Q, K, V, O, DO, LSE, DELTA, DEN, DDEN, DQ, DW, S0, S1, S2, s_bh, s_slot, PZ, WN, WF,
-    N, H, bandwidth, rows_per_program, n_slots, qk_scale, sm_scale, eps,
+    Q, K, V, O, DO, LSE, DELTA, DEN, DDEN, DQ, DW, P, PZ, WN, WF,
+    N, H, bandwidth, rows_per_program, qk_scale, sm_scale, eps,
     R: tl.constexpr, LOWP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Non-causal dq (far field, then band), per-row far normalizers and their gradients, the
     softmax delta, and per-program partial sums of dL/dw_near and dL/dw_far, from the global
-    states (`_Slots`).
+    states (P, PZ: `[B*H, 1, R, D, D]` in the matmul dtype, `[B*H, 1, R, D]` fp32).
 
     The band's softmax delta is w_near dO . Near = dO . o - w_far sum_l dO . Far_l, from o and
     the far terms' dot products (so the forward keeps no Near); dL/dw_near = dO . Near is
@@ -1026,7 +1012,7 @@ def _fmmformer_bwd_dq_kernel(
         # [BLOCK_M]: sum_l dO . Far_l
         dfar = tl.zeros([BLOCK_M], dtype=tl.float32)
         for which in range(R):
-            sp, zp = _slot_ptrs(S0, S1, S2, s_bh, s_slot, PZ, bh, 0, n_slots, which, R, D)
+            sp, zp = _state_ptrs(P, PZ, bh, 0, 1, which, R, D)
             dq, dfar = _far_bwd_q(dq, dfar, q, eq, rq, do, wf, rows, N, sp, zp, eps, DEN, DDEN,
                                   which, LOWP, DOT_PREC)
         dwf += dfar
@@ -1047,13 +1033,13 @@ def _fmmformer_bwd_dq_kernel(
 
 @triton.jit
 def _fmmformer_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DEN, DDEN, DK, DV, U0, U1, U2, u_bh, u_slot, PUZ, WN, WF,
-    N, H, bandwidth, rows_per_program, n_slots, qk_scale, sm_scale,
+    Q, K, V, DO, LSE, DELTA, DEN, DDEN, DK, DV, U, UZ, WN, WF,
+    N, H, bandwidth, rows_per_program, qk_scale, sm_scale,
     R: tl.constexpr, LOWP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Non-causal dk, dv: band (the queries whose window holds the key), then the far field
-    from the global dual states (`_Slots`)."""
+    from the global dual states (U, UZ, laid out as the dq kernel's P, PZ)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     Q, K, V, DO, DK, DV, LSE, DELTA, DEN, DDEN, wn, _ = _bwd_head(
@@ -1076,7 +1062,7 @@ def _fmmformer_bwd_dkdv_kernel(
 
         ek, rk = _phi_prep(k)
         for which in range(R):
-            up, uzp = _slot_ptrs(U0, U1, U2, u_bh, u_slot, PUZ, bh, 0, n_slots, which, R, D)
+            up, uzp = _state_ptrs(U, UZ, bh, 0, 1, which, R, D)
             dk, dv = _far_bwd_kv(dk, dv, k, ek, rk, v, up, uzp, which, LOWP, DOT_PREC)
         tl.store(DK + tile, dk.to(DK.dtype.element_ty), mask=ok[:, None])
         tl.store(DV + tile, dv.to(DV.dtype.element_ty), mask=ok[:, None])
@@ -1265,33 +1251,6 @@ def _prefix_states(
         states_z = _empty((bh, chunks, r, d), torch.float32, dev)
     _scan(parts, parts_z, states, states_z, parts_per_chunk, reverse=False)
     return states, states_z
-
-
-@dataclass
-class _Slots:
-    """Where the kernels find state `(head, slot, map l)`: a row-major `[D, D]` block at
-    element `head * stride_bh + slot * stride_slot` of `bases[l]`, and its z in `z`
-    (`[B*H, count, r, D]` fp32): the views of one buffer `[B*H, count, r, D, D]` per map
-    (`_buffer_slots`)."""
-
-    bases: tuple[torch.Tensor, ...]
-    stride_bh: int
-    stride_slot: int
-    z: torch.Tensor
-    count: int
-
-    def args(self) -> tuple:
-        """Kernel arguments S0, S1, S2 (maps past r repeat the last), strides and z."""
-        b = self.bases
-        return (b[0], b[min(1, len(b) - 1)], b[min(2, len(b) - 1)], self.stride_bh,
-                self.stride_slot, self.z)
-
-
-def _buffer_slots(states: torch.Tensor, states_z: torch.Tensor) -> _Slots:
-    """Slots of a `[B*H, count, r, D, D]` state buffer (a view per map)."""
-    _, count, r, d, _ = states.shape
-    return _Slots(tuple(states[:, :, m] for m in range(r)), count * r * d * d, r * d * d,
-                  states_z, count)
 
 
 def _tile_multiple(d: int, device: torch.device, *kinds: str) -> int:
@@ -1515,7 +1474,6 @@ def fmmformer_bwd(
     dq = _empty(q.shape, q.dtype, dev)
     dk = _empty(k.shape, k.dtype, dev)
     dv = _empty(v.shape, v.dtype, dev)
-    slots = _buffer_slots(saved.states, saved.states_z)
     rows_q = cfg_q.block_m * cfg_q.tiles_per_program
     rows_k = cfg_k.block_m * cfg_k.tiles_per_program
 
@@ -1526,8 +1484,8 @@ def fmmformer_bwd(
     # Per-program partial sums of dL/dw_near and dL/dw_far, reduced below in one launch.
     dw = _empty((2, bh, grid_q[0]), torch.float32, dev)
     _fmmformer_bwd_dq_kernel[grid_q](
-        q, k, v, saved.o, do, saved.lse, delta, den, dden, dq, dw, *slots.args(), wn, wf,
-        n, h, bandwidth, rows_q, slots.count, qk_scale, sm_scale, eps,
+        q, k, v, saved.o, do, saved.lse, delta, den, dden, dq, dw, saved.states,
+        saved.states_z, wn, wf, n, h, bandwidth, rows_q, qk_scale, sm_scale, eps,
         R=r, LOWP=lowp, BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, D=d,
         DOT_PREC=prec, **cfg_q.launch(),
     )
@@ -1536,12 +1494,11 @@ def fmmformer_bwd(
     # Their chunk partials live in dk, written only afterwards (as the forward's in o): as
     # many chunks as keep the GPU busy, at no extra memory, whatever N.
     chunk_rows = _state_chunk_rows(n, bh, r, d, dk.numel() * dk.element_size(), dev)
-    uslots = _buffer_slots(*_state_pass(q, do, r, False, chunk_rows,
-                                        weights=(den, dden, wf), scratch=dk))
+    u, uz = _state_pass(q, do, r, False, chunk_rows, weights=(den, dden, wf), scratch=dk)
     grid_k = (triton.cdiv(n, rows_k), bh)
     _fmmformer_bwd_dkdv_kernel[grid_k](
-        q, k, v, do, saved.lse, delta, den, dden, dk, dv, *uslots.args(), wn, wf,
-        n, h, bandwidth, rows_k, uslots.count, qk_scale, sm_scale,
+        q, k, v, do, saved.lse, delta, den, dden, dk, dv, u, uz, wn, wf,
+        n, h, bandwidth, rows_k, qk_scale, sm_scale,
         R=r, LOWP=lowp, BLOCK_M=cfg_k.block_m, BLOCK_N=cfg_k.block_n, D=d,
         DOT_PREC=prec, **cfg_k.launch(),
     )
