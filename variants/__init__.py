@@ -2,6 +2,11 @@
 import sys
 from importlib import import_module
 
+from variants.interpreter import use_hardware_rounding
+
+# Under Triton's CPU interpreter, bf16 casts and dots compute as on the GPU (see the module).
+use_hardware_rounding()
+
 # One module per family; Triton modules sit beside their PyTorch references.
 _MODULES = (
     "softmax",
