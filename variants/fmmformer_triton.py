@@ -26,9 +26,9 @@ normalizers `den_l` and `dL/d den_l`; a weighted state pass reduces the dual sta
 field from `U_l`). dL/dw_near and dL/dw_far come from per-program partial sums. Causal, in
 passes as the forward: per far-field map a query-side walk over the forward's chunks from their
 kept prefix states (dq, den_l, dL/d den_l, dO . Far_l, and each chunk's sum of U_l), an in-place
-suffix scan of those sums, and a key-side walk last to first (dk, dv); then the band's dq and
-dk, dv. Each walk holds one fp32 state; the gradients are accumulated in their own dtype
-across the passes (bf16: rounded four times). H100, N = 2^16: backward alone 7.3 -> 4.5 ms
+suffix scan of those sums, and a key-side walk last to first (dk, dv); then the band's dq (and
+its softmax delta) and dk, dv. Each walk holds one fp32 state; the gradients are accumulated
+in their own dtype across the passes (bf16: rounded four times, to nearest). H100, N = 2^16: backward alone 7.3 -> 4.5 ms
 against one dq and one dk/dv kernel per tile for band and every map from per-tile states
 (255 registers, one program per SM).
 
@@ -36,11 +36,13 @@ Memory: forward-only calls allocate `o` plus, causal, one map's chunk states at 
 (`chunks * B * H * D * (D+1)` floats, under 9% of `o` or 8 MiB, whichever is more; the fused
 walk's hold every map's under the same cap). With grad, the forward also keeps the
 log-sum-exp and, causal, every map's chunk states (the backward starts from them), and nothing
-else: the backward recovers the band's softmax delta from `o`
-(`w_near dO . Near = dO . o - w_far sum_l dO . Far_l`, whose far terms come first anyway)
-and sums dL/dw_near from the band's P and dO V^T, so nothing is divided by w_near (H100:
-fwd_bwd 2.71 -> 2.61 ms non-causal: no Near is written). Beyond the gradients the backward
-takes `O(N)` row statistics and, causal, one map's chunk dual sums.
+else. The backward's band dq walks the band's keys twice per query tile: first summing the
+softmax delta `w_near dO . Near = w_near sum_j P_ij dO_i . v_j` in fp32 from the band alone,
+then adding dS K. (The delta taken as `dO . o - w_far sum_l dO . Far_l` needs no second walk
+but loses the band's digits to cancellation when the far field dominates o, most of them in
+bf16.) dL/dw_near is summed from the same P and dO V^T, so nothing is divided by w_near.
+Beyond the gradients the backward takes `O(N)` row statistics and, causal, one map's chunk
+dual sums.
 """
 from __future__ import annotations
 
@@ -379,34 +381,49 @@ def _far_bwd_kv(dk, dv, k, ek, rk, v, UP, UZP, which,
 
 
 @triton.jit
-def _near_bwd_q(dq, q, do, delta, lse, K, V, m0, rows, ok, N, bandwidth, right, qk_scale,
+def _near_bwd_scores(q, do, lse, K, V, start, rows, ok, hi, bandwidth, right, qk_scale,
+                     BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One key tile of a query tile's band: P (recomputed from the log2-domain log-sum-exp,
+    `[BLOCK_M, BLOCK_N]`), dO . v_j for those keys and the tile's keys."""
+    cols = start + tl.arange(0, BLOCK_N)
+    # [BLOCK_N, D]
+    band = cols[:, None] * D + tl.arange(0, D)[None, :]
+    kb = tl.load(K + band, mask=cols[:, None] < hi, other=0.0)
+    vb = tl.load(V + band, mask=cols[:, None] < hi, other=0.0)
+    # [BLOCK_M, BLOCK_N]
+    sc = _dot(q, tl.trans(kb), None, DOT_PREC) * qk_scale
+    rel = cols[None, :] - rows[:, None]
+    keep = (rel >= -bandwidth) & (rel <= right) & (cols < hi)[None, :] & ok[:, None]
+    p = tl.exp2(tl.where(keep, sc - lse[:, None], float("-inf")))
+    dov = _dot(do, tl.trans(vb), None, DOT_PREC)
+    return p, dov, kb
+
+
+@triton.jit
+def _near_bwd_q(dq, q, do, lse, K, V, m0, rows, ok, N, bandwidth, right, qk_scale,
                 sm_scale, wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                 DOT_PREC: tl.constexpr):
-    """The band's share of dq for one query tile, added to dq: dS = P * (w_near dP - delta)
-    over the key tiles that meet the band (P recomputed from the log2-domain log-sum-exp).
-    Also returns dO . Near per row (for dL/dw_near)."""
-    offs_d = tl.arange(0, D)
+    """The band's share of dq for one query tile, added to dq, in two walks over the key tiles
+    that meet the band. The first sums dO . Near = sum_j P_ij (dO_i . v_j) per row in fp32:
+    the softmax delta w_near dO . Near comes from the band alone, never from o minus the far
+    terms (a difference that loses the band's digits when the far field dominates o). The
+    second adds dS K with dS = P * (w_near dP - delta). Returns dq, dO . Near (for
+    dL/dw_near) and the delta (for the key side)."""
     # [BLOCK_M]: dO . Near, summed over the band's keys
     dnear = tl.zeros([BLOCK_M], dtype=tl.float32)
     lo = tl.maximum(m0 - bandwidth, 0)
     hi = tl.minimum(m0 + BLOCK_M + right, N)
     for start in range(lo, hi, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        # [BLOCK_N, D]
-        band = cols[:, None] * D + offs_d[None, :]
-        kb = tl.load(K + band, mask=cols[:, None] < hi, other=0.0)
-        vb = tl.load(V + band, mask=cols[:, None] < hi, other=0.0)
-        # [BLOCK_M, BLOCK_N]
-        sc = _dot(q, tl.trans(kb), None, DOT_PREC) * qk_scale
-        rel = cols[None, :] - rows[:, None]
-        keep = (rel >= -bandwidth) & (rel <= right) & (cols < hi)[None, :] & ok[:, None]
-        p = tl.exp2(tl.where(keep, sc - lse[:, None], float("-inf")))
-        # [BLOCK_M, BLOCK_N]: dO . v_j
-        dov = _dot(do, tl.trans(vb), None, DOT_PREC)
+        p, dov, _ = _near_bwd_scores(q, do, lse, K, V, start, rows, ok, hi, bandwidth, right,
+                                     qk_scale, BLOCK_N, D, DOT_PREC)
         dnear += tl.sum(p * dov, 1)
+    delta = wn * dnear
+    for start in range(lo, hi, BLOCK_N):
+        p, dov, kb = _near_bwd_scores(q, do, lse, K, V, start, rows, ok, hi, bandwidth, right,
+                                      qk_scale, BLOCK_N, D, DOT_PREC)
         ds = p * (dov * wn - delta[:, None]) * sm_scale
         dq = _dot(ds.to(kb.dtype), kb, dq, DOT_PREC)
-    return dq, dnear
+    return dq, dnear, delta
 
 
 @triton.jit
@@ -917,17 +934,17 @@ def _fmmformer_far_bwd_kv_kernel(
 
 @triton.jit(do_not_specialize=["N", "bandwidth"])
 def _fmmformer_band_bwd_q_kernel(
-    Q, K, V, O, DO, LSE, DELTA, DFAR, DQ, DW, WN, WF, N, H, bandwidth, qk_scale, sm_scale,
+    Q, K, V, DO, LSE, DELTA, DFAR, DQ, DW, WN, WF, N, H, bandwidth, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Causal backward map passes, after the far-field maps': the band's share added to dq,
-    one query tile per program. Stores the band's softmax delta (w_near dO . Near = dO . o -
-    w_far sum_l dO . Far_l, the sum in DFAR) and per-program partial sums of dL/dw_near and
-    dL/dw_far (DW `[2, B*H, programs]`)."""
+    one query tile per program. Stores the band's softmax delta (w_near dO . Near, from the
+    band alone) and per-program partial sums of dL/dw_near and dL/dw_far (DW
+    `[2, B*H, programs]`; the far field's from DFAR, the maps' sum of dO . Far_l)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    Q, K, V, DO, O, DQ, LSE, DELTA, DFAR, _, wn, wf = _bwd_head(
-        Q, K, V, DO, O, DQ, LSE, DELTA, DFAR, DFAR, WN, WF, bh, N, H, 1, D)
+    Q, K, V, DO, DQ, _, LSE, DELTA, DFAR, _, wn, _ = _bwd_head(
+        Q, K, V, DO, DQ, DQ, LSE, DELTA, DFAR, DFAR, WN, WF, bh, N, H, 1, D)
     m0 = pid * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
     ok = rows < N
@@ -935,14 +952,12 @@ def _fmmformer_band_bwd_q_kernel(
     # [BLOCK_M, D]
     q = tl.load(Q + tile, mask=ok[:, None], other=0.0)
     do = tl.load(DO + tile, mask=ok[:, None], other=0.0)
-    o = tl.load(O + tile, mask=ok[:, None], other=0.0).to(tl.float32)
-    dfar = tl.load(DFAR + rows, mask=ok, other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o, 1) - wf * dfar
-    tl.store(DELTA + rows, delta, mask=ok)
     lse = tl.load(LSE + rows, mask=ok, other=0.0)
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    dq, dnear = _near_bwd_q(dq, q, do, delta, lse, K, V, m0, rows, ok, N, bandwidth, 0,
-                            qk_scale, sm_scale, wn, BLOCK_M, BLOCK_N, D, DOT_PREC)
+    dq, dnear, delta = _near_bwd_q(dq, q, do, lse, K, V, m0, rows, ok, N, bandwidth, 0,
+                                   qk_scale, sm_scale, wn, BLOCK_M, BLOCK_N, D, DOT_PREC)
+    tl.store(DELTA + rows, delta, mask=ok)
+    dfar = tl.load(DFAR + rows, mask=ok, other=0.0)
     dq += tl.load(DQ + tile, mask=ok[:, None], other=0.0).to(tl.float32)
     tl.store(DQ + tile, dq.to(DQ.dtype.element_ty), mask=ok[:, None])
     part = bh * tl.num_programs(0) + pid
@@ -977,7 +992,7 @@ def _fmmformer_band_bwd_kv_kernel(
 
 @triton.jit
 def _fmmformer_bwd_dq_kernel(
-    Q, K, V, O, DO, LSE, DELTA, DEN, DDEN, DQ, DW, P, PZ, WN, WF,
+    Q, K, V, DO, LSE, DELTA, DEN, DDEN, DQ, DW, P, PZ, WN, WF,
     N, H, bandwidth, rows_per_program, qk_scale, sm_scale, eps,
     R: tl.constexpr, LOWP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -986,13 +1001,13 @@ def _fmmformer_bwd_dq_kernel(
     softmax delta, and per-program partial sums of dL/dw_near and dL/dw_far, from the global
     states (P, PZ: `[B*H, 1, R, D, D]` in the matmul dtype, `[B*H, 1, R, D]` fp32).
 
-    The band's softmax delta is w_near dO . Near = dO . o - w_far sum_l dO . Far_l, from o and
-    the far terms' dot products (so the forward keeps no Near); dL/dw_near = dO . Near is
-    summed from the band's P and dO V^T, never divided by w_near."""
+    The band's softmax delta w_near dO . Near is summed from the band's P and dO V^T (see
+    `_near_bwd_q`), as is dL/dw_near = dO . Near: the forward keeps no Near, and nothing is
+    divided by w_near."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    Q, K, V, DO, O, DQ, LSE, DELTA, DEN, DDEN, wn, wf = _bwd_head(
-        Q, K, V, DO, O, DQ, LSE, DELTA, DEN, DDEN, WN, WF, bh, N, H, R, D)
+    Q, K, V, DO, DQ, _, LSE, DELTA, DEN, DDEN, wn, wf = _bwd_head(
+        Q, K, V, DO, DQ, DQ, LSE, DELTA, DEN, DDEN, WN, WF, bh, N, H, R, D)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
 
@@ -1016,13 +1031,11 @@ def _fmmformer_bwd_dq_kernel(
             dq, dfar = _far_bwd_q(dq, dfar, q, eq, rq, do, wf, rows, N, sp, zp, eps, DEN, DDEN,
                                   which, LOWP, DOT_PREC)
         dwf += dfar
-        o = tl.load(O + tile, mask=ok[:, None], other=0.0).to(tl.float32)
-        # Softmax delta of the near field, rowsum(dNear * Near) with dNear = w_near dO.
-        delta = tl.sum(do.to(tl.float32) * o, 1) - wf * dfar
-        tl.store(DELTA + rows, delta, mask=ok)
         lse = tl.load(LSE + rows, mask=ok, other=0.0)
-        dq, dnear = _near_bwd_q(dq, q, do, delta, lse, K, V, m0, rows, ok, N, bandwidth,
-                                bandwidth, qk_scale, sm_scale, wn, BLOCK_M, BLOCK_N, D, DOT_PREC)
+        dq, dnear, delta = _near_bwd_q(dq, q, do, lse, K, V, m0, rows, ok, N, bandwidth,
+                                       bandwidth, qk_scale, sm_scale, wn, BLOCK_M, BLOCK_N, D,
+                                       DOT_PREC)
+        tl.store(DELTA + rows, delta, mask=ok)
         dwn += dnear
         tl.store(DQ + tile, dq.to(DQ.dtype.element_ty), mask=ok[:, None])
     # DW: [2, B*H, programs], dL/dw_near partials then dL/dw_far partials
@@ -1125,7 +1138,6 @@ class _Saved:
     """Forward results backward needs."""
 
     lse: torch.Tensor  # [B*H, N] fp32, log2 domain
-    o: torch.Tensor  # the forward's output (the softmax delta comes from it)
     # Non-causal: the global states ([B*H, 1, r, D, D] matmul dtype, [B*H, 1, r, D] fp32).
     # Causal: slot c holds the state of every key before chunk c (its exclusive prefix).
     states: torch.Tensor
@@ -1337,7 +1349,7 @@ def _causal_bwd_map_passes(
     """Causal backward in passes, as the forward's: per far-field map a query-side walk
     (dq, den, dL/d den, dO . Far_l and the chunks' dual sums), a suffix scan of those sums,
     and a key-side walk (dk, dv), each over the forward's chunks with one state in registers;
-    then the band's dq (with the softmax delta, from the maps' dO . Far_l) and dk, dv, added.
+    then the band's dq (with its softmax delta, from the band alone) and dk, dv, added.
     Gradients are accumulated in their own dtype (bf16: rounded four times)."""
     b, h, n, d = q.shape
     bh, dev = b * h, q.device
@@ -1369,7 +1381,7 @@ def _causal_bwd_map_passes(
     # Per-program partial sums of dL/dw_near and dL/dw_far, reduced below in one launch.
     dw = _empty((2, bh, tiles), torch.float32, dev)
     _fmmformer_band_bwd_q_kernel[(tiles, bh)](
-        q, k, v, saved.o, do, saved.lse, delta, dfar, dq, dw, wn, wf,
+        q, k, v, do, saved.lse, delta, dfar, dq, dw, wn, wf,
         n, h, bandwidth, qk_scale, sm_scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D=d, DOT_PREC=prec, **cfg.launch(),
     )
@@ -1422,7 +1434,7 @@ def fmmformer_fwd(
     qk_scale = d**-0.5 * LOG2E
     if causal and CAUSAL_MAP_PASSES:
         kept = _causal_map_passes(q, k, v, o, lse, wn, wf, bandwidth, r, eps, o_bytes, save)
-        return o, (_Saved(lse, o, *kept) if save else None)
+        return o, (_Saved(lse, *kept) if save else None)
     if causal:
         chunk_rows = _causal_chunk_rows(n, bh, r, d, o_bytes, dev)
         # The parts' partials live in o, written only afterwards.
@@ -1441,7 +1453,7 @@ def fmmformer_fwd(
             q, k, v, o, lse, states, states_z, wn, wf,
             n, h, bandwidth, qk_scale, eps, TILES=tiles, BLOCK_V=block_v, **common,
         )
-    saved = _Saved(lse, o, states, states_z, chunk_rows) if save else None
+    saved = _Saved(lse, states, states_z, chunk_rows) if save else None
     return o, saved
 
 
@@ -1484,7 +1496,7 @@ def fmmformer_bwd(
     # Per-program partial sums of dL/dw_near and dL/dw_far, reduced below in one launch.
     dw = _empty((2, bh, grid_q[0]), torch.float32, dev)
     _fmmformer_bwd_dq_kernel[grid_q](
-        q, k, v, saved.o, do, saved.lse, delta, den, dden, dq, dw, saved.states,
+        q, k, v, do, saved.lse, delta, den, dden, dq, dw, saved.states,
         saved.states_z, wn, wf, n, h, bandwidth, rows_q, qk_scale, sm_scale, eps,
         R=r, LOWP=lowp, BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, D=d,
         DOT_PREC=prec, **cfg_q.launch(),
@@ -1515,16 +1527,16 @@ class _FMMformerFunction(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o, saved = fmmformer_fwd(q, k, v, w_near, w_far, bandwidth, kernels, causal, eps, save=True)
         ctx.save_for_backward(
-            q, k, v, w_near, w_far, saved.lse, o, saved.states, saved.states_z
+            q, k, v, w_near, w_far, saved.lse, saved.states, saved.states_z
         )
         ctx.args = (bandwidth, kernels, causal, eps, saved.chunk_rows)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, w_near, w_far, lse, o, states, states_z = ctx.saved_tensors
+        q, k, v, w_near, w_far, lse, states, states_z = ctx.saved_tensors
         bandwidth, kernels, causal, eps, chunk_rows = ctx.args
-        saved = _Saved(lse, o, states, states_z, chunk_rows)
+        saved = _Saved(lse, states, states_z, chunk_rows)
         dq, dk, dv, dwn, dwf = fmmformer_bwd(
             q, k, v, saved, do, w_near, w_far, bandwidth, kernels, causal, eps
         )
