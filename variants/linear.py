@@ -41,6 +41,9 @@ def linear_reference(
 ) -> torch.Tensor:
     """Linear attention; the causal form is chunked so memory stays O(N D).
 
+    fp16 inputs are computed in fp32 and the output rounded back: the states and normalizers
+    sum over up to N keys and leave fp16's range (65504) from a few thousand keys on.
+
     Args:
         q, k, v: `[B, H, N, D]`.
         causal: prefix sums (keys `j <= i`) instead of global sums.
@@ -49,6 +52,9 @@ def linear_reference(
         chunk: causal chunk length C: states are carried across chunks, and inside a chunk
             the masked `(phi(Q) phi(K)^T * mask) V` product is used.
     """
+    if q.dtype == torch.float16:
+        out = linear_reference(q.float(), k.float(), v.float(), causal, feature_map, eps, chunk)
+        return out.to(torch.float16)
     phi = FEATURE_MAPS[feature_map]
     fq, fk = phi(q), phi(k)
     if not causal:
