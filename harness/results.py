@@ -17,7 +17,7 @@ COLUMNS = (
 CASE_KEY = (
     "variant", "suite", "mode", "batch", "heads", "seq_len", "head_dim", "dtype", "causal",
 )  # fmt: skip
-STATUSES = ("ok", "oom", "skipped", "error", "nan")
+STATUSES = ("ok", "oom", "skipped", "error", "nan", "inexact")
 METRIC_UNITS = {
     "time_ms": "ms",
     "time_ms_p20": "ms",
@@ -30,6 +30,10 @@ METRIC_UNITS = {
     "rel_err_vs_softmax": "ratio",
     "max_abs_err_vs_reference": "abs",
     "rel_err_softmax_floor": "ratio",
+    "rel_err_floor": "ratio",
+    "floor_ratio": "x",
+    **{f"rel_err_{g}_{kind}": "ratio" for g in ("dq", "dk", "dv", "dweights")
+       for kind in ("vs_reference", "floor")},
 }
 RESULTS_FILE = "results.csv"
 META_FILE = "meta.json"

@@ -35,7 +35,8 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 @dataclass
 class Failure(Exception):
-    """A case that ended without measurements: status in {oom, skipped, error, nan}."""
+    """A case that ended without measurements: status in {oom, skipped, error, nan}.
+    (`inexact` rows are measured: a suite flags a value beyond its stated limit.)"""
 
     status: str
     reason: str
@@ -206,6 +207,7 @@ class Sweep:
             yield self.run_case(trial, case, suite)
 
     def run_case(self, trial: Trial, case: Case, suite) -> list[Row]:
+        trial.flags.clear()
         try:
             metrics = suite.run(trial, case.mode)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a result row
@@ -217,7 +219,8 @@ class Sweep:
         bad = [m for m, v in metrics.items() if v != v or v in (float("inf"), float("-inf"))]
         if bad:
             return [Row(case, suite.primary_metric, None, "nan", f"non-finite {', '.join(bad)}")]
-        return [Row(case, m, v, extra_params=dict(trial.extra_params)) for m, v in metrics.items()]
+        return [Row(case, m, v, "inexact" if m in trial.flags else "ok", trial.flags.get(m, ""),
+                    extra_params=dict(trial.extra_params)) for m, v in metrics.items()]
 
     def prepare(self, vc: VariantConfig, shape: Shape, inputs) -> Trial:
         """Build the variant for `shape`; raise `Failure` when it cannot or should not run."""

@@ -37,6 +37,8 @@ class Trial:
     config: BenchConfig
     roofline: Roofline | None = None
     extra_params: dict = field(default_factory=dict)
+    # Metrics of the current case that a suite flags `inexact`, with the reason.
+    flags: dict[str, str] = field(default_factory=dict)
 
     @property
     def learnable(self) -> list[torch.Tensor]:

@@ -18,16 +18,26 @@ class Suite:
     run: Callable[[Trial, str], dict[str, float]]
     modes: tuple[str, ...]
     primary_metric: str
+    # The suite's own choice of modes from the requested ones (default: those it measures).
+    select_modes: Callable[[tuple[str, ...]], tuple[str, ...]] | None = None
+
+
+def accuracy_modes(requested: tuple[str, ...]) -> tuple[str, ...]:
+    """The output always; the gradients once when a backward mode is requested (under
+    `fwd_bwd` if asked for, else `bwd`): they are the same in both."""
+    return ("fwd", *[m for m in ("fwd_bwd", "bwd") if m in requested][:1])
 
 
 SUITES: dict[str, Suite] = {
     "time": Suite("time", run_time, ("fwd", "bwd", "fwd_bwd"), "time_ms"),
     "memory": Suite("memory", run_memory, ("fwd", "bwd", "fwd_bwd"), "peak_mem_mib"),
-    # Accuracy compares forward outputs only; it runs once per case whatever --mode says.
-    "accuracy": Suite("accuracy", run_accuracy, ("fwd",), "rel_err_vs_reference"),
+    "accuracy": Suite("accuracy", run_accuracy, ("fwd", "bwd", "fwd_bwd"), "floor_ratio",
+                      accuracy_modes),
 }
 
 
 def suite_modes(suite: Suite, requested: tuple[str, ...]) -> tuple[str, ...]:
-    """The modes of `requested` that `suite` measures (accuracy: always fwd)."""
-    return suite.modes if len(suite.modes) == 1 else tuple(m for m in requested if m in suite.modes)
+    """The modes of `requested` that `suite` measures."""
+    if suite.select_modes is not None:
+        return suite.select_modes(requested)
+    return tuple(m for m in requested if m in suite.modes)

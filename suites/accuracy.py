@@ -1,8 +1,14 @@
-"""The accuracy suite (SPEC 2): fidelity to the variant's own float64 reference, and
-approximation of exact softmax attention, on the same inputs."""
+"""The accuracy suite: fidelity to the variant's own float64 reference, in the forward output
+and in every gradient, judged against the floor (the same reference math in the variant's
+dtype), and approximation of exact softmax attention, on the same inputs.
+
+`fwd` rows compare the output; `bwd` and `fwd_bwd` rows compare the gradients of q, k, v and
+of the variant's learnable weights, through a seeded upstream gradient dO.
+"""
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -12,6 +18,11 @@ from harness.trial import Trial
 from variants.softmax import softmax_rows_reference
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+# A gradient (or output) error more than FLOOR_FACTOR times its floor is flagged `inexact`.
+# Floors below FLOOR_MIN (fp32 and fp64 math) count as FLOOR_MIN: there the bar is absolute.
+FLOOR_FACTOR = 2.0
+FLOOR_MIN = 1e-5
+GRADIENTS = ("dq", "dk", "dv")
 
 
 def sampled_rows(n: int, limit: int, seed: int, device: torch.device) -> torch.Tensor | None:
@@ -22,54 +33,161 @@ def sampled_rows(n: int, limit: int, seed: int, device: torch.device) -> torch.T
     return torch.randperm(n, generator=gen)[:limit].sort().values.to(device)
 
 
-def reference_output(trial: Trial, q64, k64, v64) -> torch.Tensor:
-    """The float64 output of the variant's reference math (its declared `reference`)."""
-    spec = get_variant(trial.variant.spec.reference or trial.variant.spec.name)
-    params = {k: v for k, v in trial.variant.params.items() if k in spec.params}
-    ref_fn = spec.factory(replace(trial.shape, dtype=torch.float64), **params)
-    if isinstance(ref_fn, nn.Module):
-        ref_fn = ref_fn.to(device=q64.device, dtype=torch.float64)
-        if isinstance(trial.fn, nn.Module):  # same learnable weights as the measured variant
-            ref_fn.load_state_dict(trial.fn.state_dict())
-    with torch.no_grad():
-        return ref_fn(q64, k64, v64)
-
-
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """Frobenius ||out - ref|| / ||ref|| in float64."""
-    return float(torch.linalg.vector_norm(out.double() - ref) / torch.linalg.vector_norm(ref))
+    """Frobenius ||out - ref|| / ||ref|| in float64 (||out - ref|| where ref is all zero, e.g.
+    the gradient of an input the output does not depend on)."""
+    diff = float(torch.linalg.vector_norm(out.double() - ref.double()))
+    scale = float(torch.linalg.vector_norm(ref.double()))
+    return diff / scale if scale > 0 else diff
 
 
-def run_accuracy(trial: Trial, mode: str) -> dict[str, float]:
-    """rel_err_vs_reference, max_abs_err_vs_reference and rel_err_vs_softmax.
+@dataclass
+class Attend:
+    """A callable q, k, v -> output at the compared query rows, and its learnable weights."""
 
-    At lengths above `config.accuracy_rows` the comparison uses that many seeded query rows
-    (each exact at O(N D) cost); the count is recorded as `ref_rows` in the row's params.
-    For bf16/fp16 inputs `rel_err_softmax_floor` gives exact attention's own error at that
-    precision on the same rows: the floor an approximation should be judged against.
+    call: Callable
+    weights: list[torch.Tensor]
+
+
+def _rows_picker(rows: torch.Tensor | None) -> Callable:
+    return (lambda t: t) if rows is None else (lambda t: t[:, :, rows])
+
+
+def measured(trial: Trial, rows: torch.Tensor | None) -> Attend:
+    """The variant as measured, its output restricted to `rows`."""
+    pick = _rows_picker(rows)
+    return Attend(lambda q, k, v: pick(trial.fn(q, k, v)), trial.learnable)
+
+
+def reference(trial: Trial, dtype: torch.dtype, rows: torch.Tensor | None) -> Attend:
+    """The variant's declared reference math in `dtype`, output restricted to `rows`.
+
+    A softmax-family reference is exact attention over the rows alone (O(rows * N) memory).
+    A module reference gets the measured variant's learnable weights (float64 for the
+    float64 reference; as the variant holds them for the same-dtype floor).
     """
+    spec = get_variant(trial.variant.spec.reference or trial.variant.spec.name)
+    causal = trial.shape.causal
+    if spec.family == "softmax":
+        index = rows if rows is not None else torch.arange(trial.shape.seq_len,
+                                                            device=trial.device)
+        return Attend(lambda q, k, v: softmax_rows_reference(q, k, v, index, causal), [])
+    params = {k: v for k, v in trial.variant.params.items() if k in spec.params}
+    fn = spec.factory(replace(trial.shape, dtype=dtype), **params)
+    weights: list[torch.Tensor] = []
+    if isinstance(fn, nn.Module):
+        fn = fn.to(device=trial.device)
+        if dtype == torch.float64:
+            fn = fn.to(dtype=torch.float64)
+        if isinstance(trial.fn, nn.Module):  # same learnable weights as the measured variant
+            fn.load_state_dict(trial.fn.state_dict())
+        weights = list(fn.parameters())
+    pick = _rows_picker(rows)
+    return Attend(lambda q, k, v: pick(fn(q, k, v)), weights)
+
+
+def exact_softmax(trial: Trial, dtype: torch.dtype, rows: torch.Tensor | None) -> torch.Tensor:
+    """Exact softmax attention of the trial's inputs in `dtype` at the compared rows."""
+    index = rows if rows is not None else torch.arange(trial.shape.seq_len, device=trial.device)
+    q, k, v = (t.to(dtype) for t in trial.inputs)
+    return softmax_rows_reference(q, k, v, index, trial.shape.causal)
+
+
+def gradients(attend: Attend, inputs, d_out: torch.Tensor) -> dict[str, torch.Tensor]:
+    """dq, dk, dv (and `dweights`, every learnable weight's gradient flattened into one
+    vector) of `sum(attend(q, k, v) * d_out)`."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    for w in attend.weights:
+        w.grad = None
+    attend.call(*leaves).backward(d_out.to(leaves[0].dtype))
+    grads = {name: t.grad if t.grad is not None else torch.zeros_like(t)
+             for name, t in zip(GRADIENTS, leaves)}
+    if attend.weights:
+        grads["dweights"] = torch.cat([(w.grad if w.grad is not None else torch.zeros_like(w))
+                                       .flatten() for w in attend.weights])
+    return grads
+
+
+def verdict(errors: dict[str, float], floors: dict[str, float]) -> tuple[float, str]:
+    """The largest error-to-floor ratio, and a reason naming each quantity over the limit
+    (empty when none is)."""
+    ratios = {name: errors[name] / max(floors[name], FLOOR_MIN) for name in errors}
+    over = [f"{name} error {errors[name]:.1e} is {ratios[name]:.3g}x its floor "
+            f"{floors[name]:.1e}" for name in errors if ratios[name] > FLOOR_FACTOR]
+    reason = f"{'; '.join(over)} (limit {FLOOR_FACTOR:g}x)" if over else ""
+    return max(ratios.values()), reason
+
+
+def forward_metrics(trial: Trial, rows) -> tuple[dict[str, float], str]:
+    """Output errors against the float64 reference, its same-dtype floor and exact softmax."""
     q, k, v = trial.inputs
-    n = trial.shape.seq_len
-    rows = sampled_rows(n, trial.config.accuracy_rows, trial.config.seed, trial.device)
-    index = rows if rows is not None else torch.arange(n, device=trial.device)
-    pick = (lambda t: t) if rows is None else (lambda t: t[:, :, rows])
-
-    out = pick(trial.forward())
     q64, k64, v64 = (t.double() for t in trial.inputs)
-    exact = softmax_rows_reference(q64, k64, v64, index, trial.shape.causal)
-    if get_variant(trial.variant.spec.reference or trial.variant.spec.name).family == "softmax":
-        ref = exact
-    else:
-        ref = pick(reference_output(trial, q64, k64, v64))
-
+    out = _rows_picker(rows)(trial.forward())
+    with torch.no_grad():
+        ref = reference(trial, torch.float64, rows).call(q64, k64, v64)
+        low = reference(trial, trial.shape.dtype, rows).call(q, k, v)
+    exact = exact_softmax(trial, torch.float64, rows)
+    err, floor = relative_error(out, ref), relative_error(low, ref)
+    ratio, reason = verdict({"o": err}, {"o": floor})
     metrics = {
-        "rel_err_vs_reference": relative_error(out, ref),
+        "rel_err_vs_reference": err,
+        "rel_err_floor": floor,
+        "floor_ratio": ratio,
         "max_abs_err_vs_reference": float((out.double() - ref).abs().max()),
         "rel_err_vs_softmax": relative_error(out, exact),
     }
     if trial.shape.dtype in LOW_PRECISION:
-        low = softmax_rows_reference(q, k, v, index, trial.shape.causal)
-        metrics["rel_err_softmax_floor"] = relative_error(low, exact)
+        low_exact = exact_softmax(trial, trial.shape.dtype, rows)
+        metrics["rel_err_softmax_floor"] = relative_error(low_exact, exact)
+    return metrics, reason
+
+
+def upstream_gradient(trial: Trial, rows) -> torch.Tensor:
+    """Seeded dO at the compared rows (the rows not compared get none, so that every
+    gradient, dk and dv included, is exactly what the sampled rows' outputs contribute)."""
+    b, h, n, d = trial.inputs[0].shape
+    gen = torch.Generator(device="cpu").manual_seed(trial.config.seed + 1)
+    count = n if rows is None else len(rows)
+    return torch.randn(b, h, count, d, generator=gen, dtype=torch.float64).to(trial.device)
+
+
+def gradient_metrics(trial: Trial, rows) -> tuple[dict[str, float], str]:
+    """Every gradient's error against the float64 reference, beside its same-dtype floor."""
+    d_out = upstream_gradient(trial, rows)
+    got = gradients(measured(trial, rows), trial.inputs, d_out)
+    ref = gradients(reference(trial, torch.float64, rows),
+                    [t.double() for t in trial.inputs], d_out)
+    low = gradients(reference(trial, trial.shape.dtype, rows), trial.inputs, d_out)
+    names = [name for name in got if name in ref]
+    errors = {name: relative_error(got[name], ref[name]) for name in names}
+    floors = {name: relative_error(low[name], ref[name]) for name in names}
+    ratio, reason = verdict(errors, floors)
+    metrics = {}
+    for name in names:
+        metrics[f"rel_err_{name}_vs_reference"] = errors[name]
+        metrics[f"rel_err_{name}_floor"] = floors[name]
+    metrics["floor_ratio"] = ratio
+    return metrics, reason
+
+
+def run_accuracy(trial: Trial, mode: str) -> dict[str, float]:
+    """`fwd`: rel_err_vs_reference, its floor, max_abs_err_vs_reference, rel_err_vs_softmax
+    (and for bf16/fp16 rel_err_softmax_floor, exact attention's own error at that precision).
+    `bwd`/`fwd_bwd`: rel_err_<grad>_vs_reference and rel_err_<grad>_floor for dq, dk, dv and
+    dweights. Both: floor_ratio, the largest error over its floor; above FLOOR_FACTOR that
+    row is flagged `inexact` with the reason (`Trial.flags`).
+
+    At lengths above `config.accuracy_rows` the comparison uses that many seeded query rows
+    (each exact at O(N D) cost; dO is zero elsewhere); the count is recorded as `ref_rows`.
+    """
+    n = trial.shape.seq_len
+    rows = sampled_rows(n, trial.config.accuracy_rows, trial.config.seed, trial.device)
+    if mode == "fwd":
+        metrics, reason = forward_metrics(trial, rows)
+    else:
+        metrics, reason = gradient_metrics(trial, rows)
     if rows is not None:
         trial.extra_params["ref_rows"] = len(rows)
+    if reason:
+        trial.flags["floor_ratio"] = reason
     return metrics

@@ -1,0 +1,188 @@
+"""Gradients of every variant with a backward, judged as the accuracy suite judges them:
+against the float64 reference, with the same reference math in the same low precision (the
+floor) as the bar, never a fixed tolerance that a wrong kernel could pass.
+
+CPU runs put the Triton kernels under the interpreter (bf16 made to round and multiply as on
+the GPU, `variants.interpreter`); the full FMMformer grid runs on CUDA.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import variants.fmmformer_triton as fmt
+from harness.config import BenchConfig
+from harness.registry import Shape, VariantConfig, get_variant, register_variant
+from harness.registry import unregister_variant
+from harness.results import load_results
+from harness.runner import Sweep
+from harness.trial import Trial, make_inputs
+from suites.accuracy import FLOOR_FACTOR, gradient_metrics
+from variants import load_builtin_variants
+
+load_builtin_variants()
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+needs_kernels = pytest.mark.skipif(not (INTERPRET or CUDA), reason="needs CUDA or the interpreter")
+GRAD_METRICS = ("dq", "dk", "dv", "dweights")
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer the FMMformer kernels allocate starts as NaN."""
+    monkeypatch.setattr(fmt, "_empty", lambda shape, dtype, device: torch.full(
+        shape, float("nan"), dtype=dtype, device=device))
+
+
+def trial_for(name: str, n: int, d: int, dtype: torch.dtype, causal: bool, scale: float = 1.0,
+              seed: int = 0, **params) -> Trial:
+    """The variant built as the runner builds it, on fresh seeded inputs times `scale`."""
+    spec = get_variant(name)
+    shape = Shape(1, 2, n, d, causal, dtype)
+    config = BenchConfig(device=DEVICE, seed=seed, accuracy_rows=n)
+    torch.manual_seed(seed)
+    vc = VariantConfig(spec, spec.validate(params))
+    fn = vc.build(shape)
+    if isinstance(fn, torch.nn.Module):
+        fn = fn.to(DEVICE)
+        with torch.no_grad():  # blend weights away from their symmetric start
+            for p in fn.parameters():
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+    inputs = tuple(t * scale for t in make_inputs(shape, torch.device(DEVICE), seed))
+    return Trial(vc, fn, shape, inputs, torch.device(DEVICE), config)
+
+
+def assert_within_floor(trial: Trial) -> dict[str, float]:
+    metrics, reason = gradient_metrics(trial, rows=None)
+    for g in GRAD_METRICS:
+        if f"rel_err_{g}_vs_reference" in metrics:
+            err = metrics[f"rel_err_{g}_vs_reference"]
+            assert err == err, f"{g}: NaN"
+    assert metrics["floor_ratio"] <= FLOOR_FACTOR, reason
+    return metrics
+
+
+# (dtype, causal, bandwidth, kernels, N, D, input scale): the defaults causal, a zero-width
+# band (the far field is all of o, so the band's softmax delta cannot come from o), inputs x3,
+# fp16, a band wider than N.
+FMM_CASES = [
+    (torch.bfloat16, True, 30, 3, 77, 32, 1.0),
+    (torch.bfloat16, False, 0, 1, 77, 32, 1.0),
+    (torch.bfloat16, True, 0, 2, 45, 16, 1.0),
+    (torch.bfloat16, True, 5, 2, 77, 32, 3.0),
+    (torch.bfloat16, False, 1, 3, 45, 16, 3.0),
+    (torch.float16, False, 0, 1, 45, 16, 1.0),
+    (torch.float16, True, 256, 3, 45, 16, 3.0),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", FMM_CASES, ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
+def test_fmmformer_triton_gradients_within_floor(poisoned, case):
+    dtype, causal, bandwidth, kernels, n, d, scale = case
+    trial = trial_for("fmmformer_triton", n, d, dtype, causal, scale, seed=n + bandwidth,
+                      bandwidth=bandwidth, kernels=kernels)
+    assert_within_floor(trial)
+
+
+@needs_kernels
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_fmmformer_triton_fp32_gradients(poisoned, causal, scale):
+    """fp32: every gradient within 1e-5 of float64, also at inputs x30 with no band."""
+    trial = trial_for("fmmformer_triton", 77, 32, torch.float32, causal, scale, seed=3,
+                      bandwidth=0, kernels=1)
+    metrics = assert_within_floor(trial)
+    for g in GRAD_METRICS:
+        assert metrics[f"rel_err_{g}_vs_reference"] < 1e-5, g
+
+
+# Every other variant whose backward is not its own reference: (name, N, D, params).
+KERNELS = [
+    ("window_triton", 45, 16, {"bandwidth": 5}),
+    ("linear_triton", 45, 16, {}),
+    ("fma_triton", 64, 16, {}),
+    ("softmax_sdpa", 45, 16, {}),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype,scale", [(torch.bfloat16, 3.0), (torch.float16, 1.0)],
+                         ids=["bf16-x3", "fp16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("name,n,d,params", KERNELS, ids=[k[0] for k in KERNELS])
+def test_kernel_gradients_within_floor(name, n, d, params, causal, dtype, scale):
+    trial = trial_for(name, n, d, dtype, causal, scale, seed=n, **params)
+    if get_variant(name).unsupported_reason(trial.shape, trial.variant.params):
+        pytest.skip("shape not supported")
+    assert_within_floor(trial)
+
+
+@pytest.mark.parametrize("name", ["linear", "fmmformer"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_fp16_references_past_fp16_range(name, causal):
+    """phi(q) . sum_j phi(k_j) passes 65504 at N=4096, D=16: output and gradients stay
+    finite and within fp16 rounding of float64 (they were 0 or NaN when summed in fp16)."""
+    trial = trial_for(name, 4096, 16, torch.float16, causal, seed=1)
+    out = trial.forward()
+    assert torch.isfinite(out).all() and out.abs().amax() > 0
+    metrics, _ = gradient_metrics(trial, rows=None)
+    for g in GRAD_METRICS:
+        if f"rel_err_{g}_vs_reference" in metrics:
+            assert metrics[f"rel_err_{g}_vs_reference"] < 5e-3, g
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("kernels", [1, 2, 3])
+@pytest.mark.parametrize("bandwidth", [0, 1, 5, 30, 256])
+def test_fmmformer_triton_gradient_grid_cuda(poisoned, bandwidth, kernels, causal, scale, dtype):
+    trial = trial_for("fmmformer_triton", 1001, 64, dtype, causal, scale,
+                      seed=bandwidth + kernels, bandwidth=bandwidth, kernels=kernels)
+    assert_within_floor(trial)
+
+
+class _ScaledGradient(torch.autograd.Function):
+    """Identity forward; backward scales the gradient (a wrong backward, 3% off)."""
+
+    @staticmethod
+    def forward(ctx, q):
+        return q.view_as(q)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 1.03
+
+
+@pytest.fixture
+def wrong_backward():
+    @register_variant("wrong_dq", family="softmax", reference="softmax_naive")
+    def make_wrong(shape):
+        from variants.softmax import softmax_reference
+        return lambda q, k, v: softmax_reference(_ScaledGradient.apply(q), k, v, shape.causal)
+
+    yield "wrong_dq"
+    unregister_variant("wrong_dq")
+
+
+def test_sweep_flags_gradients_above_floor(tmp_path, wrong_backward):
+    """A variant whose dq is 3% off has an exact forward: its gradient row is `inexact`, with
+    the reason, in the CSV; the correct one beside it is `ok`."""
+    config = BenchConfig(variants=(wrong_backward, "softmax_sdpa"), suites=("accuracy",),
+                         modes=("fwd", "fwd_bwd"), seq_lens=(40,), heads=2, head_dim=16,
+                         dtype="bf16")
+    df = load_results(Sweep(config, tmp_path / "run").run(["test"]))
+    ratio = df[df.metric == "floor_ratio"].set_index(["variant", "mode", "causal"])
+    for causal in (False, True):
+        assert ratio.loc[(wrong_backward, "fwd_bwd", causal), "status"] == "inexact"
+        assert "dq error" in ratio.loc[(wrong_backward, "fwd_bwd", causal), "reason"]
+        assert ratio.loc[(wrong_backward, "fwd", causal), "status"] == "ok"
+        assert ratio.loc[("softmax_sdpa", "fwd_bwd", causal), "status"] == "ok"
+    grads = df[df.metric.str.startswith("rel_err_d")]
+    assert {"rel_err_dq_vs_reference", "rel_err_dq_floor", "rel_err_dv_floor"} <= set(grads.metric)
