@@ -485,15 +485,16 @@ def _config(name: str, d: int, lowp: bool, seg_len: int) -> dict[str, int]:
 def _precisions(q: torch.Tensor) -> tuple[bool, str]:
     """(bf16 matmul operands?, tl.dot input precision) for q's dtype.
 
-    bf16 inputs: bf16 operands. fp16 and fp32 inputs: fp32 operands, as TF32 for fp16 (about
-    fp16's precision, with fp32's range) and 3xTF32 for fp32 (about fp32 accuracy on tensor
-    cores); exact fp32 when interpreted.
+    bf16 inputs: bf16 operands. fp16 and fp32 inputs: fp32 operands (fp32's range) as 3xTF32
+    (about fp32 accuracy on tensor cores; one TF32 product alone rounds to about fp16's
+    precision, which would double fp16's error over an fp32-summed reference); exact fp32
+    when interpreted.
     """
     if q.dtype == torch.bfloat16:
         return True, "tf32"  # ignored for bf16 operands
     if not q.is_cuda:
         return False, "ieee"
-    return False, "tf32x3" if q.dtype == torch.float32 else "tf32"
+    return False, "tf32x3"
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str) -> None:
