@@ -53,9 +53,10 @@ def test_end_to_end_schema_and_values(tmp_path):
     assert list(df.columns) == list(COLUMNS)
     assert set(df.status) == {"ok"}
     assert df.value.notna().all() and (df[df.metric == "time_ms"].value > 0).all()
-    # every case present: 2 variants x 2 lengths x 2 causal x (2 time + 2 memory + 1 accuracy)
+    # every case present: 2 variants x 2 lengths x 2 causal x (2 time + 2 memory + 2 accuracy:
+    # the output and, for fwd_bwd, the gradients)
     cases = df.drop_duplicates(["variant", "suite", "mode", "seq_len", "causal"])
-    assert len(cases) == 2 * 2 * 2 * 5
+    assert len(cases) == 2 * 2 * 2 * 6
     acc = df[(df.metric == "rel_err_vs_reference")]
     assert (acc.value < 1e-5).all()  # fp32 against its own float64 reference
     naive = df[(df.variant == "softmax_naive") & (df.metric == "rel_err_vs_softmax")]

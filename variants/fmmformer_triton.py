@@ -36,9 +36,10 @@ Memory: forward-only calls allocate `o` plus, causal, one map's chunk states at 
 (`chunks * B * H * D * (D+1)` floats, under 9% of `o` or 8 MiB, whichever is more; the fused
 walk's hold every map's under the same cap). With grad, the forward also keeps the
 log-sum-exp and, causal, every map's chunk states (the backward starts from them), and nothing
-else. The backward's band dq walks the band's keys twice per query tile: first summing the
-softmax delta `w_near dO . Near = w_near sum_j P_ij dO_i . v_j` in fp32 from the band alone,
-then adding dS K. (The delta taken as `dO . o - w_far sum_l dO . Far_l` needs no second walk
+else. The backward's band dq walks the band's keys twice per query tile: first summing, in
+fp32 from the band alone, P's row sums (which renormalize P for both band kernels: recomputed
+scores can differ from the forward's in their last bits) and the softmax delta
+`w_near dO . Near = w_near sum_j P_ij dO_i . v_j`, then adding dS K. (The delta taken as `dO . o - w_far sum_l dO . Far_l` needs no second walk
 but loses the band's digits to cancellation when the far field dominates o, most of them in
 bf16.) dL/dw_near is summed from the same P and dO V^T, so nothing is divided by w_near.
 Beyond the gradients the backward takes `O(N)` row statistics and, causal, one map's chunk
@@ -404,26 +405,34 @@ def _near_bwd_q(dq, q, do, lse, K, V, m0, rows, ok, N, bandwidth, right, qk_scal
                 sm_scale, wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                 DOT_PREC: tl.constexpr):
     """The band's share of dq for one query tile, added to dq, in two walks over the key tiles
-    that meet the band. The first sums dO . Near = sum_j P_ij (dO_i . v_j) per row in fp32:
-    the softmax delta w_near dO . Near comes from the band alone, never from o minus the far
-    terms (a difference that loses the band's digits when the far field dominates o). The
-    second adds dS K with dS = P * (w_near dP - delta). Returns dq, dO . Near (for
-    dL/dw_near) and the delta (for the key side)."""
-    # [BLOCK_M]: dO . Near, summed over the band's keys
+    that meet the band. The first sums, per row in fp32, sum_j P_ij and dO . Near =
+    sum_j P_ij (dO_i . v_j), with P from the forward's log-sum-exp. The row sum renormalizes
+    P to what these scores give (the forward's own scores can differ in their last bits, and
+    at large scores a last bit moves P by more than the gradient's precision), and the softmax
+    delta w_near dO . Near comes from the band alone, never from o minus the far terms (a
+    difference that loses the band's digits when the far field dominates o). The second walk
+    adds dS K with dS = P * (w_near dP - delta). Returns dq, dO . Near (for dL/dw_near), the
+    delta and the renormalized log-sum-exp (for the key side)."""
+    # [BLOCK_M]: sum_j P_ij and dO . Near, over the band's keys
+    psum = tl.zeros([BLOCK_M], dtype=tl.float32)
     dnear = tl.zeros([BLOCK_M], dtype=tl.float32)
     lo = tl.maximum(m0 - bandwidth, 0)
     hi = tl.minimum(m0 + BLOCK_M + right, N)
     for start in range(lo, hi, BLOCK_N):
         p, dov, _ = _near_bwd_scores(q, do, lse, K, V, start, rows, ok, hi, bandwidth, right,
                                      qk_scale, BLOCK_N, D, DOT_PREC)
+        psum += tl.sum(p, 1)
         dnear += tl.sum(p * dov, 1)
+    psum = tl.where(psum > 0, psum, 1.0)  # rows past N meet no key
+    dnear = dnear / psum
+    lse += tl.log2(psum)
     delta = wn * dnear
     for start in range(lo, hi, BLOCK_N):
         p, dov, kb = _near_bwd_scores(q, do, lse, K, V, start, rows, ok, hi, bandwidth, right,
                                       qk_scale, BLOCK_N, D, DOT_PREC)
         ds = p * (dov * wn - delta[:, None]) * sm_scale
         dq = _dot(ds.to(kb.dtype), kb, dq, DOT_PREC)
-    return dq, dnear, delta
+    return dq, dnear, delta, lse
 
 
 @triton.jit
@@ -934,12 +943,12 @@ def _fmmformer_far_bwd_kv_kernel(
 
 @triton.jit(do_not_specialize=["N", "bandwidth"])
 def _fmmformer_band_bwd_q_kernel(
-    Q, K, V, DO, LSE, DELTA, DFAR, DQ, DW, WN, WF, N, H, bandwidth, qk_scale, sm_scale,
+    Q, K, V, DO, LSE, LSEB, DELTA, DFAR, DQ, DW, WN, WF, N, H, bandwidth, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Causal backward map passes, after the far-field maps': the band's share added to dq,
     one query tile per program. Stores the band's softmax delta (w_near dO . Near, from the
-    band alone) and per-program partial sums of dL/dw_near and dL/dw_far (DW
+    band alone) and renormalized log-sum-exp (DELTA, LSEB) and per-program partial sums of dL/dw_near and dL/dw_far (DW
     `[2, B*H, programs]`; the far field's from DFAR, the maps' sum of dO . Far_l)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -954,9 +963,10 @@ def _fmmformer_band_bwd_q_kernel(
     do = tl.load(DO + tile, mask=ok[:, None], other=0.0)
     lse = tl.load(LSE + rows, mask=ok, other=0.0)
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    dq, dnear, delta = _near_bwd_q(dq, q, do, lse, K, V, m0, rows, ok, N, bandwidth, 0,
-                                   qk_scale, sm_scale, wn, BLOCK_M, BLOCK_N, D, DOT_PREC)
+    dq, dnear, delta, lse = _near_bwd_q(dq, q, do, lse, K, V, m0, rows, ok, N, bandwidth, 0,
+                                        qk_scale, sm_scale, wn, BLOCK_M, BLOCK_N, D, DOT_PREC)
     tl.store(DELTA + rows, delta, mask=ok)
+    tl.store(LSEB + bh * N + rows, lse, mask=ok)
     dfar = tl.load(DFAR + rows, mask=ok, other=0.0)
     dq += tl.load(DQ + tile, mask=ok[:, None], other=0.0).to(tl.float32)
     tl.store(DQ + tile, dq.to(DQ.dtype.element_ty), mask=ok[:, None])
@@ -992,7 +1002,7 @@ def _fmmformer_band_bwd_kv_kernel(
 
 @triton.jit
 def _fmmformer_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DEN, DDEN, DQ, DW, P, PZ, WN, WF,
+    Q, K, V, DO, LSE, LSEB, DELTA, DEN, DDEN, DQ, DW, P, PZ, WN, WF,
     N, H, bandwidth, rows_per_program, qk_scale, sm_scale, eps,
     R: tl.constexpr, LOWP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -1002,8 +1012,8 @@ def _fmmformer_bwd_dq_kernel(
     states (P, PZ: `[B*H, 1, R, D, D]` in the matmul dtype, `[B*H, 1, R, D]` fp32).
 
     The band's softmax delta w_near dO . Near is summed from the band's P and dO V^T (see
-    `_near_bwd_q`), as is dL/dw_near = dO . Near: the forward keeps no Near, and nothing is
-    divided by w_near."""
+    `_near_bwd_q`; stored with the renormalized log-sum-exp in DELTA, LSEB), as is
+    dL/dw_near = dO . Near: the forward keeps no Near, and nothing is divided by w_near."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     Q, K, V, DO, DQ, _, LSE, DELTA, DEN, DDEN, wn, wf = _bwd_head(
@@ -1032,10 +1042,11 @@ def _fmmformer_bwd_dq_kernel(
                                   which, LOWP, DOT_PREC)
         dwf += dfar
         lse = tl.load(LSE + rows, mask=ok, other=0.0)
-        dq, dnear, delta = _near_bwd_q(dq, q, do, lse, K, V, m0, rows, ok, N, bandwidth,
-                                       bandwidth, qk_scale, sm_scale, wn, BLOCK_M, BLOCK_N, D,
-                                       DOT_PREC)
+        dq, dnear, delta, lse = _near_bwd_q(dq, q, do, lse, K, V, m0, rows, ok, N, bandwidth,
+                                            bandwidth, qk_scale, sm_scale, wn, BLOCK_M, BLOCK_N,
+                                            D, DOT_PREC)
         tl.store(DELTA + rows, delta, mask=ok)
+        tl.store(LSEB + bh * N + rows, lse, mask=ok)
         dwn += dnear
         tl.store(DQ + tile, dq.to(DQ.dtype.element_ty), mask=ok[:, None])
     # DW: [2, B*H, programs], dL/dw_near partials then dL/dw_far partials
@@ -1360,7 +1371,8 @@ def _causal_bwd_map_passes(
     chunks = triton.cdiv(saved.states.shape[1], stride)
     chunk_rows = saved.chunk_rows * stride
     dq, dk, dv = (_empty(q.shape, q.dtype, dev) for _ in range(3))
-    den, dden, dfar, delta = (_empty((bh, n), torch.float32, dev) for _ in range(4))
+    # delta and lse_b (the band's softmax delta and renormalized log-sum-exp, `_near_bwd_q`)
+    den, dden, dfar, delta, lse_b = (_empty((bh, n), torch.float32, dev) for _ in range(5))
     u = _empty((bh, chunks, 1, d, d), torch.float32, dev)
     uz = _empty((bh, chunks, 1, d), torch.float32, dev)
     cfg_q, cfg_k = _config("far_bwd_q", d, dev), _config("far_bwd_kv", d, dev)
@@ -1383,13 +1395,13 @@ def _causal_bwd_map_passes(
     # Per-program partial sums of dL/dw_near and dL/dw_far, reduced below in one launch.
     dw = _empty((2, bh, tiles), torch.float32, dev)
     _fmmformer_band_bwd_q_kernel[(tiles, bh)](
-        q, k, v, do, saved.lse, delta, dfar, dq, dw, wn, wf,
+        q, k, v, do, saved.lse, lse_b, delta, dfar, dq, dw, wn, wf,
         n, h, bandwidth, qk_scale, sm_scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D=d, DOT_PREC=prec, **cfg.launch(),
     )
     cfg = _config("band_bwd_kv", d, dev)
     _fmmformer_band_bwd_kv_kernel[(triton.cdiv(n, cfg.block_m), bh)](
-        q, k, v, do, saved.lse, delta, dk, dv, wn, n, h, bandwidth, qk_scale, sm_scale,
+        q, k, v, do, lse_b, delta, dk, dv, wn, n, h, bandwidth, qk_scale, sm_scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D=d, DOT_PREC=prec, **cfg.launch(),
     )
     dwn, dwf = dw.view(2, b, h, -1).sum((1, 3))
@@ -1492,13 +1504,14 @@ def fmmformer_bwd(
     rows_k = cfg_k.block_m * cfg_k.tiles_per_program
 
     delta = _empty((bh, n), torch.float32, dev)
+    lse_b = _empty((bh, n), torch.float32, dev)  # renormalized by the dq kernel
     den = _empty((bh, r, n), torch.float32, dev)
     dden = _empty((bh, r, n), torch.float32, dev)
     grid_q = (triton.cdiv(n, rows_q), bh)
     # Per-program partial sums of dL/dw_near and dL/dw_far, reduced below in one launch.
     dw = _empty((2, bh, grid_q[0]), torch.float32, dev)
     _fmmformer_bwd_dq_kernel[grid_q](
-        q, k, v, do, saved.lse, delta, den, dden, dq, dw, saved.states,
+        q, k, v, do, saved.lse, lse_b, delta, den, dden, dq, dw, saved.states,
         saved.states_z, wn, wf, n, h, bandwidth, rows_q, qk_scale, sm_scale, eps,
         R=r, LOWP=lowp, BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, D=d,
         DOT_PREC=prec, **cfg_q.launch(),
@@ -1511,7 +1524,7 @@ def fmmformer_bwd(
     u, uz = _state_pass(q, do, r, False, chunk_rows, weights=(den, dden, wf), scratch=dk)
     grid_k = (triton.cdiv(n, rows_k), bh)
     _fmmformer_bwd_dkdv_kernel[grid_k](
-        q, k, v, do, saved.lse, delta, den, dden, dk, dv, u, uz, wn, wf,
+        q, k, v, do, lse_b, delta, den, dden, dk, dv, u, uz, wn, wf,
         n, h, bandwidth, rows_k, qk_scale, sm_scale,
         R=r, LOWP=lowp, BLOCK_M=cfg_k.block_m, BLOCK_N=cfg_k.block_n, D=d,
         DOT_PREC=prec, **cfg_k.launch(),
