@@ -291,6 +291,38 @@ def save(fig: Figure, stem: Path) -> list[Path]:
     return [png, svg]
 
 
+def floor_figure(df: pd.DataFrame, title: str, style: dict | None = None) -> Figure | None:
+    """Accuracy against the floor: each variant's `floor_ratio` (its error over the same
+    reference math in its dtype; output for fwd, the worst gradient for bwd and fwd_bwd) vs N,
+    one panel per (mode, causal), with the limit above which rows are flagged `inexact`.
+    None when there are no such rows."""
+    from suites.accuracy import FLOOR_FACTOR
+
+    rows = df[(df["suite"] == "accuracy") & (df["metric"] == "floor_ratio")
+              & df["status"].isin(["ok", "inexact"]) & df["value"].notna()]
+    if rows.empty:
+        return None
+    panels = panels_of(rows)
+    style = only(style or styles(df), rows)
+    fig = Figure(figsize=(3.6 * len(panels) + 2.5, 3.5), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    for ax, panel in zip(axes, panels):
+        sub = in_panel(rows, panel)
+        log2_x(ax)
+        ax.set_yscale("log")
+        for variant, s in style.items():
+            line = sub[sub["variant"] == variant].sort_values("seq_len")
+            if not line.empty:
+                ax.plot(line["seq_len"], line["value"], color=s["color"], marker=s["marker"])
+        ax.axhline(FLOOR_FACTOR, color="0.3", linestyle="--", linewidth=1)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.set_title(panel_title(panel))
+    axes[0].set_ylabel("error / same-dtype floor")
+    legend(fig, style)
+    fig.suptitle(title)
+    return fig
+
+
 def figure_title(run: Run, config: tuple) -> str:
     """Run id, GPU (or device), dtype and shape: a figure must say where it was measured."""
     device, dtype, batch, heads, head_dim = config
@@ -301,7 +333,8 @@ def figure_title(run: Run, config: tuple) -> str:
 def write_plots(run: Run, baseline: str = BEST, length: int | None = None) -> list[Path]:
     """Render every figure for every CONFIG of `run` into `run.dir / "plots"`.
 
-    Files are `<kind>-<config>.png/.svg` with kind in scaling, speedup, accuracy, roofline;
+    Files are `<kind>-<config>.png/.svg` with kind in scaling, speedup, accuracy, roofline,
+    floor;
     figures without data are skipped. Returns the written paths.
     """
     out = run.dir / "plots"
@@ -313,6 +346,7 @@ def write_plots(run: Run, baseline: str = BEST, length: int | None = None) -> li
             "speedup": speedup_figure(rows, title, baseline, style),
             "accuracy": accuracy_figure(rows, title, length, style),
             "roofline": roofline_figure(rows, title, style),
+            "floor": floor_figure(rows, title, style),
         }
         for kind, fig in figures.items():
             if fig is not None:
