@@ -144,11 +144,14 @@ def forward_metrics(trial: Trial, rows) -> tuple[dict[str, float], str]:
 
 def upstream_gradient(trial: Trial, rows) -> torch.Tensor:
     """Seeded dO at the compared rows (the rows not compared get none, so that every
-    gradient, dk and dv included, is exactly what the sampled rows' outputs contribute)."""
+    gradient, dk and dv included, is exactly what the sampled rows' outputs contribute),
+    rounded to the variant's dtype: the float64 reference takes the same dO as the variant,
+    as it takes the same rounded q, k, v."""
     b, h, n, d = trial.inputs[0].shape
     gen = torch.Generator(device="cpu").manual_seed(trial.config.seed + 1)
     count = n if rows is None else len(rows)
-    return torch.randn(b, h, count, d, generator=gen, dtype=torch.float64).to(trial.device)
+    d_out = torch.randn(b, h, count, d, generator=gen).to(trial.device, trial.shape.dtype)
+    return d_out.double()
 
 
 def gradient_metrics(trial: Trial, rows) -> tuple[dict[str, float], str]:
