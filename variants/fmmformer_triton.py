@@ -28,22 +28,22 @@ passes as the forward: per far-field map a query-side walk over the forward's ch
 kept prefix states (dq, den_l, dL/d den_l, dO . Far_l, and each chunk's sum of U_l), an in-place
 suffix scan of those sums, and a key-side walk last to first (dk, dv); then the band's dq (and
 its softmax delta) and dk, dv. Each walk holds one fp32 state; the gradients are accumulated
-in their own dtype across the passes (bf16: rounded four times, to nearest). H100, N = 2^16: backward alone 7.3 -> 4.5 ms
-against one dq and one dk/dv kernel per tile for band and every map from per-tile states
-(255 registers, one program per SM).
+in their own dtype across the passes (bf16: rounded four times, to nearest). H100,
+N = 2^16: backward alone 7.3 -> 4.5 ms against one dq and one dk/dv kernel per tile for band
+and every map from per-tile states (255 registers, one program per SM).
 
 Memory: forward-only calls allocate `o` plus, causal, one map's chunk states at a time
 (`chunks * B * H * D * (D+1)` floats, under 9% of `o` or 8 MiB, whichever is more; the fused
 walk's hold every map's under the same cap). With grad, the forward also keeps the
 log-sum-exp and, causal, every map's chunk states (the backward starts from them), and nothing
 else. The backward's band dq walks the band's keys twice per query tile: first summing, in
-fp32 from the band alone, P's row sums (which renormalize P for both band kernels: recomputed
-scores can differ from the forward's in their last bits) and the softmax delta
-`w_near dO . Near = w_near sum_j P_ij dO_i . v_j`, then adding dS K. (The delta taken as `dO . o - w_far sum_l dO . Far_l` needs no second walk
-but loses the band's digits to cancellation when the far field dominates o, most of them in
-bf16.) dL/dw_near is summed from the same P and dO V^T, so nothing is divided by w_near.
-Beyond the gradients the backward takes `O(N)` row statistics and, causal, one map's chunk
-dual sums.
+fp32 from the band alone, P's row sums (whose reciprocals rescale P in both band kernels:
+recomputed scores can differ from the forward's in their last bits) and the softmax delta
+`w_near dO . Near = w_near sum_j P_ij dO_i . v_j`, then adding dS K. (The delta taken as
+`dO . o - w_far sum_l dO . Far_l` needs no second walk but loses the band's digits to
+cancellation when the far field dominates o, most of them in bf16.) dL/dw_near is summed
+from the same P and dO V^T, so nothing is divided by w_near. Beyond the gradients the backward
+takes `O(N)` row statistics and, causal, one map's chunk dual sums.
 """
 from __future__ import annotations
 
@@ -382,10 +382,10 @@ def _far_bwd_kv(dk, dv, k, ek, rk, v, UP, UZP, which,
 
 
 @triton.jit
-def _near_bwd_scores(q, do, lse, K, V, start, rows, ok, hi, bandwidth, right, qk_scale,
+def _near_bwd_scores(q, do, lse, scale, K, V, start, rows, ok, hi, bandwidth, right, qk_scale,
                      BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr):
     """One key tile of a query tile's band: P (recomputed from the log2-domain log-sum-exp,
-    `[BLOCK_M, BLOCK_N]`), dO . v_j for those keys and the tile's keys."""
+    times the row's `scale`; `[BLOCK_M, BLOCK_N]`), dO . v_j for those keys and the keys."""
     cols = start + tl.arange(0, BLOCK_N)
     # [BLOCK_N, D]
     band = cols[:, None] * D + tl.arange(0, D)[None, :]
@@ -395,7 +395,7 @@ def _near_bwd_scores(q, do, lse, K, V, start, rows, ok, hi, bandwidth, right, qk
     sc = _dot(q, tl.trans(kb), None, DOT_PREC) * qk_scale
     rel = cols[None, :] - rows[:, None]
     keep = (rel >= -bandwidth) & (rel <= right) & (cols < hi)[None, :] & ok[:, None]
-    p = tl.exp2(tl.where(keep, sc - lse[:, None], float("-inf")))
+    p = tl.exp2(tl.where(keep, sc - lse[:, None], float("-inf"))) * scale[:, None]
     dov = _dot(do, tl.trans(vb), None, DOT_PREC)
     return p, dov, kb
 
@@ -406,41 +406,43 @@ def _near_bwd_q(dq, q, do, lse, K, V, m0, rows, ok, N, bandwidth, right, qk_scal
                 DOT_PREC: tl.constexpr):
     """The band's share of dq for one query tile, added to dq, in two walks over the key tiles
     that meet the band. The first sums, per row in fp32, sum_j P_ij and dO . Near =
-    sum_j P_ij (dO_i . v_j), with P from the forward's log-sum-exp. The row sum renormalizes
-    P to what these scores give (the forward's own scores can differ in their last bits, and
-    at large scores a last bit moves P by more than the gradient's precision), and the softmax
-    delta w_near dO . Near comes from the band alone, never from o minus the far terms (a
-    difference that loses the band's digits when the far field dominates o). The second walk
-    adds dS K with dS = P * (w_near dP - delta). Returns dq, dO . Near (for dL/dw_near), the
-    delta and the renormalized log-sum-exp (for the key side)."""
+    sum_j P_ij (dO_i . v_j), with P from the forward's log-sum-exp. The row sum's reciprocal
+    rescales P to what these scores give (the forward's scores can differ in their last bits,
+    and at large scores a last bit moves P by more than the gradient's precision; a scale,
+    not a corrected log-sum-exp, whose fp32 spacing at large scores is coarser than the
+    correction), and the softmax delta w_near dO . Near comes from the band alone, never from
+    o minus the far terms (a difference that loses the band's digits when the far field
+    dominates o). The second walk adds dS K with dS = P * (w_near dP - delta). Returns dq,
+    dO . Near (for dL/dw_near), the delta and the rows' P scale (for the key side)."""
     # [BLOCK_M]: sum_j P_ij and dO . Near, over the band's keys
     psum = tl.zeros([BLOCK_M], dtype=tl.float32)
     dnear = tl.zeros([BLOCK_M], dtype=tl.float32)
     lo = tl.maximum(m0 - bandwidth, 0)
     hi = tl.minimum(m0 + BLOCK_M + right, N)
+    one = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     for start in range(lo, hi, BLOCK_N):
-        p, dov, _ = _near_bwd_scores(q, do, lse, K, V, start, rows, ok, hi, bandwidth, right,
-                                     qk_scale, BLOCK_N, D, DOT_PREC)
+        p, dov, _ = _near_bwd_scores(q, do, lse, one, K, V, start, rows, ok, hi, bandwidth,
+                                     right, qk_scale, BLOCK_N, D, DOT_PREC)
         psum += tl.sum(p, 1)
         dnear += tl.sum(p * dov, 1)
-    psum = tl.where(psum > 0, psum, 1.0)  # rows past N meet no key
-    dnear = dnear / psum
-    lse += tl.log2(psum)
+    scale = 1.0 / tl.where(psum > 0, psum, 1.0)  # rows past N meet no key
+    dnear = dnear * scale
     delta = wn * dnear
     for start in range(lo, hi, BLOCK_N):
-        p, dov, kb = _near_bwd_scores(q, do, lse, K, V, start, rows, ok, hi, bandwidth, right,
-                                      qk_scale, BLOCK_N, D, DOT_PREC)
+        p, dov, kb = _near_bwd_scores(q, do, lse, scale, K, V, start, rows, ok, hi, bandwidth,
+                                      right, qk_scale, BLOCK_N, D, DOT_PREC)
         ds = p * (dov * wn - delta[:, None]) * sm_scale
         dq = _dot(ds.to(kb.dtype), kb, dq, DOT_PREC)
-    return dq, dnear, delta, lse
+    return dq, dnear, delta, scale
 
 
 @triton.jit
-def _near_bwd_kv(k, v, Q, DO, LSE, DELTA, n0, cols, ok, N, bandwidth, right, qk_scale,
-                 sm_scale, wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                 DOT_PREC: tl.constexpr):
+def _near_bwd_kv(k, v, Q, DO, LSE, PSCALE, DELTA, n0, cols, ok, N, bandwidth, right,
+                 qk_scale, sm_scale, wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 D: tl.constexpr, DOT_PREC: tl.constexpr):
     """The band's dk, dv of one key tile (fp32): the queries i with i - k <= j <= i + right,
-    their P recomputed from the log-sum-exp and dS from the softmax delta."""
+    their P recomputed from the log-sum-exp and the rows' scale (`_near_bwd_q`), and dS from
+    the softmax delta."""
     offs_d = tl.arange(0, D)
     dk = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_M, D], dtype=tl.float32)
@@ -453,12 +455,13 @@ def _near_bwd_kv(k, v, Q, DO, LSE, DELTA, n0, cols, ok, N, bandwidth, right, qk_
         qb = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=rok[:, None], other=0.0)
         dob = tl.load(DO + rows[:, None] * D + offs_d[None, :], mask=rok[:, None], other=0.0)
         lse = tl.load(LSE + rows, mask=rok, other=0.0)
+        pscale = tl.load(PSCALE + rows, mask=rok, other=0.0)
         delta = tl.load(DELTA + rows, mask=rok, other=0.0)
         # [BLOCK_M (keys), BLOCK_N (queries)]
         st = _dot(k, tl.trans(qb), None, DOT_PREC) * qk_scale
         rel = cols[:, None] - rows[None, :]
         keep = (rel >= -bandwidth) & (rel <= right) & rok[None, :] & ok[:, None]
-        pt = tl.exp2(tl.where(keep, st - lse[None, :], float("-inf")))
+        pt = tl.exp2(tl.where(keep, st - lse[None, :], float("-inf"))) * pscale[None, :]
         dv = _dot(pt.to(dob.dtype), dob, dv, DOT_PREC)
         dpt = _dot(v, tl.trans(dob), None, DOT_PREC) * wn
         dst = pt * (dpt - delta[None, :]) * sm_scale
@@ -943,13 +946,14 @@ def _fmmformer_far_bwd_kv_kernel(
 
 @triton.jit(do_not_specialize=["N", "bandwidth"])
 def _fmmformer_band_bwd_q_kernel(
-    Q, K, V, DO, LSE, LSEB, DELTA, DFAR, DQ, DW, WN, WF, N, H, bandwidth, qk_scale, sm_scale,
+    Q, K, V, DO, LSE, PSCALE, DELTA, DFAR, DQ, DW, WN, WF, N, H, bandwidth, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Causal backward map passes, after the far-field maps': the band's share added to dq,
     one query tile per program. Stores the band's softmax delta (w_near dO . Near, from the
-    band alone) and renormalized log-sum-exp (DELTA, LSEB) and per-program partial sums of dL/dw_near and dL/dw_far (DW
-    `[2, B*H, programs]`; the far field's from DFAR, the maps' sum of dO . Far_l)."""
+    band alone) and the rows' P scale (DELTA, PSCALE; see `_near_bwd_q`), and per-program
+    partial sums of dL/dw_near and dL/dw_far (DW `[2, B*H, programs]`; the far field's from
+    DFAR, the maps' sum of dO . Far_l)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     Q, K, V, DO, DQ, _, LSE, DELTA, DFAR, _, wn, _ = _bwd_head(
@@ -963,10 +967,11 @@ def _fmmformer_band_bwd_q_kernel(
     do = tl.load(DO + tile, mask=ok[:, None], other=0.0)
     lse = tl.load(LSE + rows, mask=ok, other=0.0)
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    dq, dnear, delta, lse = _near_bwd_q(dq, q, do, lse, K, V, m0, rows, ok, N, bandwidth, 0,
-                                        qk_scale, sm_scale, wn, BLOCK_M, BLOCK_N, D, DOT_PREC)
+    dq, dnear, delta, pscale = _near_bwd_q(dq, q, do, lse, K, V, m0, rows, ok, N, bandwidth,
+                                           0, qk_scale, sm_scale, wn, BLOCK_M, BLOCK_N, D,
+                                           DOT_PREC)
     tl.store(DELTA + rows, delta, mask=ok)
-    tl.store(LSEB + bh * N + rows, lse, mask=ok)
+    tl.store(PSCALE + bh * N + rows, pscale, mask=ok)
     dfar = tl.load(DFAR + rows, mask=ok, other=0.0)
     dq += tl.load(DQ + tile, mask=ok[:, None], other=0.0).to(tl.float32)
     tl.store(DQ + tile, dq.to(DQ.dtype.element_ty), mask=ok[:, None])
@@ -977,7 +982,7 @@ def _fmmformer_band_bwd_q_kernel(
 
 @triton.jit(do_not_specialize=["N", "bandwidth"])
 def _fmmformer_band_bwd_kv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, WN, N, H, bandwidth, qk_scale, sm_scale,
+    Q, K, V, DO, LSE, PSCALE, DELTA, DK, DV, WN, N, H, bandwidth, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Causal backward map passes, last: the band's dk, dv added to the far field's, one key
@@ -992,8 +997,8 @@ def _fmmformer_band_bwd_kv_kernel(
     # [BLOCK_M, D]
     k = tl.load(K + tile, mask=ok[:, None], other=0.0)
     v = tl.load(V + tile, mask=ok[:, None], other=0.0)
-    dk, dv = _near_bwd_kv(k, v, Q, DO, LSE, DELTA, n0, cols, ok, N, bandwidth, 0, qk_scale,
-                          sm_scale, wn, BLOCK_M, BLOCK_N, D, DOT_PREC)
+    dk, dv = _near_bwd_kv(k, v, Q, DO, LSE, PSCALE + bh * N, DELTA, n0, cols, ok, N,
+                          bandwidth, 0, qk_scale, sm_scale, wn, BLOCK_M, BLOCK_N, D, DOT_PREC)
     dk += tl.load(DK + tile, mask=ok[:, None], other=0.0).to(tl.float32)
     dv += tl.load(DV + tile, mask=ok[:, None], other=0.0).to(tl.float32)
     tl.store(DK + tile, dk.to(DK.dtype.element_ty), mask=ok[:, None])
@@ -1002,7 +1007,7 @@ def _fmmformer_band_bwd_kv_kernel(
 
 @triton.jit
 def _fmmformer_bwd_dq_kernel(
-    Q, K, V, DO, LSE, LSEB, DELTA, DEN, DDEN, DQ, DW, P, PZ, WN, WF,
+    Q, K, V, DO, LSE, PSCALE, DELTA, DEN, DDEN, DQ, DW, P, PZ, WN, WF,
     N, H, bandwidth, rows_per_program, qk_scale, sm_scale, eps,
     R: tl.constexpr, LOWP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -1012,7 +1017,7 @@ def _fmmformer_bwd_dq_kernel(
     states (P, PZ: `[B*H, 1, R, D, D]` in the matmul dtype, `[B*H, 1, R, D]` fp32).
 
     The band's softmax delta w_near dO . Near is summed from the band's P and dO V^T (see
-    `_near_bwd_q`; stored with the renormalized log-sum-exp in DELTA, LSEB), as is
+    `_near_bwd_q`; stored with the rows' P scale in DELTA, PSCALE), as is
     dL/dw_near = dO . Near: the forward keeps no Near, and nothing is divided by w_near."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -1042,11 +1047,11 @@ def _fmmformer_bwd_dq_kernel(
                                   which, LOWP, DOT_PREC)
         dwf += dfar
         lse = tl.load(LSE + rows, mask=ok, other=0.0)
-        dq, dnear, delta, lse = _near_bwd_q(dq, q, do, lse, K, V, m0, rows, ok, N, bandwidth,
-                                            bandwidth, qk_scale, sm_scale, wn, BLOCK_M, BLOCK_N,
-                                            D, DOT_PREC)
+        dq, dnear, delta, pscale = _near_bwd_q(dq, q, do, lse, K, V, m0, rows, ok, N,
+                                               bandwidth, bandwidth, qk_scale, sm_scale, wn,
+                                               BLOCK_M, BLOCK_N, D, DOT_PREC)
         tl.store(DELTA + rows, delta, mask=ok)
-        tl.store(LSEB + bh * N + rows, lse, mask=ok)
+        tl.store(PSCALE + bh * N + rows, pscale, mask=ok)
         dwn += dnear
         tl.store(DQ + tile, dq.to(DQ.dtype.element_ty), mask=ok[:, None])
     # DW: [2, B*H, programs], dL/dw_near partials then dL/dw_far partials
@@ -1057,7 +1062,7 @@ def _fmmformer_bwd_dq_kernel(
 
 @triton.jit
 def _fmmformer_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DEN, DDEN, DK, DV, U, UZ, WN, WF,
+    Q, K, V, DO, LSE, PSCALE, DELTA, DEN, DDEN, DK, DV, U, UZ, WN, WF,
     N, H, bandwidth, rows_per_program, qk_scale, sm_scale,
     R: tl.constexpr, LOWP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -1081,7 +1086,8 @@ def _fmmformer_bwd_dkdv_kernel(
         # [BLOCK_M, D]
         k = tl.load(K + tile, mask=ok[:, None], other=0.0)
         v = tl.load(V + tile, mask=ok[:, None], other=0.0)
-        dk, dv = _near_bwd_kv(k, v, Q, DO, LSE, DELTA, n0, cols, ok, N, bandwidth, bandwidth,
+        dk, dv = _near_bwd_kv(k, v, Q, DO, LSE, PSCALE + bh * N, DELTA, n0, cols, ok, N,
+                              bandwidth, bandwidth,
                               qk_scale, sm_scale, wn, BLOCK_M, BLOCK_N, D, DOT_PREC)
 
         ek, rk = _phi_prep(k)
@@ -1371,8 +1377,8 @@ def _causal_bwd_map_passes(
     chunks = triton.cdiv(saved.states.shape[1], stride)
     chunk_rows = saved.chunk_rows * stride
     dq, dk, dv = (_empty(q.shape, q.dtype, dev) for _ in range(3))
-    # delta and lse_b (the band's softmax delta and renormalized log-sum-exp, `_near_bwd_q`)
-    den, dden, dfar, delta, lse_b = (_empty((bh, n), torch.float32, dev) for _ in range(5))
+    # delta and p_scale: the band's softmax delta and its rows' P scale (`_near_bwd_q`)
+    den, dden, dfar, delta, p_scale = (_empty((bh, n), torch.float32, dev) for _ in range(5))
     u = _empty((bh, chunks, 1, d, d), torch.float32, dev)
     uz = _empty((bh, chunks, 1, d), torch.float32, dev)
     cfg_q, cfg_k = _config("far_bwd_q", d, dev), _config("far_bwd_kv", d, dev)
@@ -1395,13 +1401,13 @@ def _causal_bwd_map_passes(
     # Per-program partial sums of dL/dw_near and dL/dw_far, reduced below in one launch.
     dw = _empty((2, bh, tiles), torch.float32, dev)
     _fmmformer_band_bwd_q_kernel[(tiles, bh)](
-        q, k, v, do, saved.lse, lse_b, delta, dfar, dq, dw, wn, wf,
+        q, k, v, do, saved.lse, p_scale, delta, dfar, dq, dw, wn, wf,
         n, h, bandwidth, qk_scale, sm_scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D=d, DOT_PREC=prec, **cfg.launch(),
     )
     cfg = _config("band_bwd_kv", d, dev)
     _fmmformer_band_bwd_kv_kernel[(triton.cdiv(n, cfg.block_m), bh)](
-        q, k, v, do, lse_b, delta, dk, dv, wn, n, h, bandwidth, qk_scale, sm_scale,
+        q, k, v, do, saved.lse, p_scale, delta, dk, dv, wn, n, h, bandwidth, qk_scale, sm_scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D=d, DOT_PREC=prec, **cfg.launch(),
     )
     dwn, dwf = dw.view(2, b, h, -1).sum((1, 3))
@@ -1504,14 +1510,14 @@ def fmmformer_bwd(
     rows_k = cfg_k.block_m * cfg_k.tiles_per_program
 
     delta = _empty((bh, n), torch.float32, dev)
-    lse_b = _empty((bh, n), torch.float32, dev)  # renormalized by the dq kernel
+    p_scale = _empty((bh, n), torch.float32, dev)  # the band's P scale, from the dq kernel
     den = _empty((bh, r, n), torch.float32, dev)
     dden = _empty((bh, r, n), torch.float32, dev)
     grid_q = (triton.cdiv(n, rows_q), bh)
     # Per-program partial sums of dL/dw_near and dL/dw_far, reduced below in one launch.
     dw = _empty((2, bh, grid_q[0]), torch.float32, dev)
     _fmmformer_bwd_dq_kernel[grid_q](
-        q, k, v, do, saved.lse, lse_b, delta, den, dden, dq, dw, saved.states,
+        q, k, v, do, saved.lse, p_scale, delta, den, dden, dq, dw, saved.states,
         saved.states_z, wn, wf, n, h, bandwidth, rows_q, qk_scale, sm_scale, eps,
         R=r, LOWP=lowp, BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, D=d,
         DOT_PREC=prec, **cfg_q.launch(),
@@ -1524,7 +1530,7 @@ def fmmformer_bwd(
     u, uz = _state_pass(q, do, r, False, chunk_rows, weights=(den, dden, wf), scratch=dk)
     grid_k = (triton.cdiv(n, rows_k), bh)
     _fmmformer_bwd_dkdv_kernel[grid_k](
-        q, k, v, do, lse_b, delta, den, dden, dk, dv, u, uz, wn, wf,
+        q, k, v, do, saved.lse, p_scale, delta, den, dden, dk, dv, u, uz, wn, wf,
         n, h, bandwidth, rows_k, qk_scale, sm_scale,
         R=r, LOWP=lowp, BLOCK_M=cfg_k.block_m, BLOCK_N=cfg_k.block_n, D=d,
         DOT_PREC=prec, **cfg_k.launch(),
