@@ -9,6 +9,7 @@ from torch import nn
 
 from harness.registry import get_variant
 from harness.trial import Trial
+from suites.causality import check_causal
 from variants.softmax import softmax_rows_reference
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -72,4 +73,5 @@ def run_accuracy(trial: Trial, mode: str) -> dict[str, float]:
         metrics["rel_err_softmax_floor"] = relative_error(low, exact)
     if rows is not None:
         trial.extra_params["ref_rows"] = len(rows)
+    metrics.update(check_causal(trial))  # a causal output that reads future keys: error row
     return metrics

@@ -47,12 +47,18 @@ def test_list_shows_variants_and_suites():
 
 
 PLUGIN = '''
+import torch
 from harness.registry import register_variant
 
 @register_variant("mean_pool", family="linear", params={"scale": 1.0})
 def make_mean_pool(shape, scale):
-    """Every query returns the mean value vector (a toy plugin)."""
-    return lambda q, k, v: scale * v.mean(dim=-2, keepdim=True).expand_as(v).contiguous()
+    """Every query returns the mean of the value vectors it may see (a toy plugin)."""
+    def attend(q, k, v):
+        if shape.causal:  # query i sees values 0..i
+            count = torch.arange(1, v.shape[-2] + 1, device=v.device, dtype=v.dtype)
+            return scale * v.cumsum(dim=-2) / count[:, None]
+        return scale * v.mean(dim=-2, keepdim=True).expand_as(v).contiguous()
+    return attend
 '''
 
 

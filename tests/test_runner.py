@@ -5,13 +5,20 @@ import pandas as pd
 import pytest
 import torch
 
-from harness.config import BenchConfig
+from harness.config import BenchConfig, RunOptions
 from harness.registry import register_variant, unregister_variant
 from harness.results import COLUMNS, ResultsError, load_results
-from harness.runner import Sweep
+from harness.runner import Sweep as _Sweep
 from variants import load_builtin_variants
 
 load_builtin_variants()
+
+
+IN_PROCESS = RunOptions(isolate=False, case_timeout=0)
+
+
+def Sweep(config, run_dir, **kw):  # noqa: N802 - the runner's Sweep, in this process
+    return _Sweep(config, run_dir, options=kw.pop("options", IN_PROCESS), **kw)
 
 
 def tiny(**kw) -> BenchConfig:
