@@ -172,9 +172,9 @@ def resumed_config(run_dir: Path, args) -> BenchConfig:
         raise ConfigError(f"cannot resume {run_dir}: no {META_FILE} with a config")
     try:
         config = BenchConfig.from_dict(meta["config"])
-    except ConfigError as exc:
+        validate(config)  # e.g. a CUDA run cannot be resumed on a CPU-only machine
+    except (ConfigError, TypeError, ValueError) as exc:
         raise ConfigError(f"cannot resume {run_dir}: {exc}") from None
-    validate(config)  # e.g. a CUDA run cannot be resumed on a CPU-only machine
     asked = requested(args)
     changed = [f"{flag(arg)} ({_show(getattr(config, name))} in the run)"
                for arg, name in CONFIG_FLAGS.items()

@@ -111,6 +111,9 @@ def validate(config: BenchConfig) -> None:
     """Reject configurations that cannot run, with one-line messages naming valid choices."""
     from suites import SUITES
 
+    for name in ("variants", "suites", "modes", "seq_lens", "causal", "params", "plugins"):
+        if not isinstance(getattr(config, name), tuple):
+            raise ConfigError(f"{name} must be a list, got {getattr(config, name)!r}")
     for suite in config.suites:
         if suite not in SUITES:
             raise ConfigError(f"unknown suite '{suite}'; valid: {', '.join(SUITES)}")

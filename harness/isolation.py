@@ -134,9 +134,10 @@ class IsolatedRunner:
                 self.stop()
                 # Lost while building the variant: every case of the group shares the fault.
                 lost_cases = pending[:1] if prepared else pending
+                reason = lost.reason if prepared else f"{lost.reason}, building the variant"
                 for case, suite_name in lost_cases:
                     yield [Row(case, SUITES[suite_name].primary_metric, None, lost.status,
-                               lost.reason)]
+                               reason)]
                 pending = pending[len(lost_cases):]
 
     def end_shape(self) -> None:
