@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -313,11 +314,26 @@ def test_tidy_keeps_the_last_duplicate() -> None:
 # ---------------------------------------------------------------- report / README
 
 
-def test_report_rewrites_readme_between_markers(tmp_path: Path, capsys) -> None:
-    run = write_run(tmp_path / "results" / "run", sweep_rows(("fwd",), (False,)))
-    (run / "targets.md").write_text("| target | value |\n|---|---|\n| fmm fwd | 1 ms |\n")
-    readme = tmp_path / "README.md"
+def git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo,
+                   check=True, capture_output=True)
+
+
+def committed_repo(root: Path, ignore: str = "") -> tuple[Path, Path]:
+    """A git repository with a README (markers) and one committed run under results/run."""
+    run = write_run(root / "results" / "run", sweep_rows(("fwd",), (False,)))
+    readme = root / "README.md"
     readme.write_text(f"# top\n\n{START}\nstale\n{END}\n\n## Tests\nkeep me\n")
+    (root / ".gitignore").write_text(ignore)
+    git(root, "init", "-q")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "run")
+    return run, readme
+
+
+def test_report_rewrites_readme_between_markers(tmp_path: Path, capsys) -> None:
+    run, readme = committed_repo(tmp_path)
+    (run / "targets.md").write_text("| target | value |\n|---|---|\n| fmm fwd | 1 ms |\n")
     assert main(["report", str(run), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert text.startswith("# top\n\n" + START) and text.endswith(END + "\n\n## Tests\nkeep me\n")
@@ -329,6 +345,27 @@ def test_report_rewrites_readme_between_markers(tmp_path: Path, capsys) -> None:
     again = readme.read_text()
     assert main(["report", str(run), "--readme", str(readme)]) == 0
     assert readme.read_text() == again  # regenerating is idempotent
+
+
+@pytest.mark.parametrize("case", ["outside", "untracked", "modified", "ignored_plots"])
+def test_report_readme_refuses_runs_that_are_not_committed(tmp_path: Path, capsys,
+                                                           case: str) -> None:
+    run, readme = committed_repo(tmp_path / "repo", "results/run/plots/\n"
+                                 if case == "ignored_plots" else "")
+    before = readme.read_text()
+    if case == "outside":
+        run = write_run(tmp_path / "elsewhere", sweep_rows(("fwd",), (False,)))
+    elif case == "untracked":
+        run = write_run(tmp_path / "repo" / "results" / "runs" / "new", sweep_rows(("fwd",)))
+    elif case == "modified":
+        with open(run / "results.csv", "a") as f:
+            f.write("r1,x,fmm,{},time,fwd,1,2,1024,64,bf16,False,cuda,time_ms,1.0,ms,ok,\n")
+    assert main(["report", str(run), "--readme", str(readme)]) == 2
+    err = capsys.readouterr().err
+    expected = {"outside": "is outside the repository", "untracked": "is not committed",
+                "modified": "has uncommitted changes", "ignored_plots": "is ignored by git"}[case]
+    assert err.count("\n") == 1 and expected in err and "committed results" in err
+    assert readme.read_text() == before and not (run / "plots").exists()
 
 
 def test_report_errors_exit_2(tmp_path: Path, capsys) -> None:
