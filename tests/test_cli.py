@@ -1,4 +1,5 @@
 """The command line: plugins, resume, --list (bad input: tests/test_errors.py)."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -55,15 +56,24 @@ def test_plugin_variant_joins_a_run_and_run_resumes(tmp_path):
     plugin = tmp_path / "my_attention.py"
     plugin.write_text(PLUGIN)
     out = tmp_path / "run"
-    args = ["--plugin", str(plugin), "--variant", "mean_pool,linear", "--seq-lens", "32",
+    args = ["--plugin", "my_attention.py", "--variant", "mean_pool,linear", "--seq-lens", "32",
             "--heads", "2", "--head-dim", "16", "--rep-ms", "5", "--device", "cpu",
             "--param", "mean_pool.scale=0.5", "--out", str(out)]
-    result = run_cli(*args)
+    result = run_cli(*args, cwd=tmp_path)  # the plugin path is relative to tmp_path
     assert result.returncode == 0, result.stderr
     assert "mean_pool[scale=0.5]" in result.stdout  # the label survives rich's markup
     df = pd.read_csv(out / "results.csv")
     assert set(df.variant) == {"mean_pool[scale=0.5]", "linear"}
     assert (df.status == "ok").all()
+    assert b"\r" not in (out / "results.csv").read_bytes()  # LF line endings
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["config"]["plugins"] == [str(plugin)]  # stored absolute
+    # Drop the last case (as a crash would) and resume from another folder: the plugin loads.
+    lines = (out / "results.csv").read_text().splitlines(keepends=True)
+    key = ["variant", "suite", "mode", "causal"]
+    in_last_case = (df[key] == df[key].iloc[-1]).all(axis=1)
+    (out / "results.csv").write_text("".join(lines[: 1 + int((~in_last_case).sum())]))
     resumed = run_cli("--resume", str(out))
     assert resumed.returncode == 0, resumed.stderr
-    assert len(pd.read_csv(out / "results.csv")) == len(df)
+    again = pd.read_csv(out / "results.csv")
+    assert len(again) == len(df) and again.drop(columns="value").equals(df.drop(columns="value"))

@@ -231,6 +231,24 @@ def test_compare_malformed_or_mismatched_exits_2(tmp_path: Path, capsys, case: s
     assert err.startswith("error:") and err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("column, cell, problem", [
+    ("value", "fast", "is not a number"), ("value", "1.2.3", "is not a number"),
+    ("status", "okay", "is not a status"), ("status", "", "is not a status"),
+    ("seq_len", "1k", "is not a positive integer"), ("seq_len", "0", "is not a positive integer"),
+    ("causal", "maybe", "is not True or False"),
+])  # fmt: skip
+def test_compare_rejects_a_cell_that_does_not_parse(tmp_path: Path, capsys, column: str,
+                                                    cell: str, problem: str) -> None:
+    rows = timed("fmmformer", "fmm", 1024, 10.0) + timed("fmmformer", "fmm", 2048, 20.0)
+    old = write_run(tmp_path / "old", rows)
+    rows[4][column] = cell  # the 5th data row: line 6 of the file
+    new = write_run(tmp_path / "new", rows)
+    assert main(["compare", str(old), str(new)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{new / 'results.csv'}:6: column '{column}': '{cell}' {problem}" in err
+
+
 # ---------------------------------------------------------------- analysis
 
 
@@ -384,3 +402,53 @@ def test_load_run_accepts_csv_and_directory(tmp_path: Path) -> None:
     run = write_run(tmp_path / "run", timed("fmmformer", "fmm", 1024, 1.0))
     a, b = load_run(run), load_run(run / "results.csv")
     assert a.meta == b.meta == META and a.dir == b.dir == run and a.name == "r1"
+
+
+# ---------------------------------------------------------------- figure legibility
+
+
+def visible_ticklabels(fig, ax, axis: str = "x") -> list:
+    """Window extents of the tick labels matplotlib actually draws on `axis`."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    ticks = getattr(ax, f"get_{axis}axis")().get_major_ticks() + \
+        getattr(ax, f"get_{axis}axis")().get_minor_ticks()
+    lo, hi = sorted(ax.get_xlim() if axis == "x" else ax.get_ylim())
+    boxes = []
+    for tick in ticks:
+        label = tick.label1
+        if label.get_visible() and label.get_text() and lo <= tick.get_loc() <= hi:
+            boxes.append(label.get_window_extent(renderer))
+    return boxes
+
+
+@pytest.mark.parametrize("spread", [(0.02, 0.15), (0.12, 0.9), (0.9, 1.4), (0.01, 400.0)])
+def test_accuracy_figure_x_tick_labels_do_not_overlap(spread) -> None:
+    lo, hi = spread
+    rows = []
+    for i, ms in enumerate(np.geomspace(lo, hi, 6)):
+        name = f"v{i}"
+        rows += timed(name, "linear", 4096, float(ms))
+        rows.append(row(name, "linear", 4096, 0.1 * (i + 1), suite="accuracy",
+                        metric="rel_err_vs_softmax"))
+    fig = accuracy_figure(tidy(pd.DataFrame(rows, columns=list(COLUMNS))), "t")
+    for ax in fig.axes:
+        boxes = visible_ticklabels(fig, ax)
+        assert len(boxes) >= 2
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                assert not a.overlaps(b), (spread, a, b)
+
+
+def test_scaling_legend_lists_only_variants_with_data() -> None:
+    rows = sweep_rows(("fwd",), (False,))
+    rows += [row("softmax_flex", "softmax", n, status="skipped", reason="cuda only")
+             for n in (1024, 2048)]
+    rows += [row("broken", "fmm", 1024, status="error", reason="boom")]
+    fig = scaling_figure(tidy(pd.DataFrame(rows, columns=list(COLUMNS))), "t")
+    labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+    assert "softmax_flex" not in labels and "broken" not in labels
+    assert {"softmax_naive", "softmax_sdpa", "fmmformer"} <= set(labels)
