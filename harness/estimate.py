@@ -2,9 +2,10 @@
 
 Each case is costed as the calls its suite makes (time: warm-up plus the larger of the time
 budget and the minimum sample count; memory: two calls; accuracy: a few forwards plus float64
-references) at the matmul rate measured here for the run's dtype. Triton kernels on the CPU
-run in the interpreter, costed at a fixed slowdown. Good to a factor of a few: enough to warn
-before a sweep that would take hours.
+references) at the rate this CPU reaches on a small exact attention in the run's dtype (which,
+unlike a bare matmul, includes the softmax and memory traffic attention spends its time on).
+Triton kernels on the CPU run in the interpreter, costed at a fixed slowdown. Good to a factor
+of a few: enough to warn before a sweep that would take hours.
 """
 from __future__ import annotations
 
@@ -18,17 +19,22 @@ from harness.trial import MODE_FACTOR
 WARN_SECONDS = 600.0
 INTERPRETER_SLOWDOWN = 200.0  # Triton interpreter vs a PyTorch matmul of the same FLOPs
 PREPARE_S = 0.05  # building a variant, per shape
+CALL_S = 5e-4  # the least a call costs: Python, dispatch and allocation
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 384) -> float:
-    """This CPU's matmul rate in `dtype` (GFLOP/s), from a few n x n products."""
-    a = torch.randn(n, n).to(dtype)
-    a @ a
+def attention_gflops(dtype: torch.dtype, n: int = 512, heads: int = 4, dim: int = 64) -> float:
+    """This CPU's rate (GFLOP/s) on exact softmax attention of a small shape in `dtype`."""
+    q = torch.randn(1, heads, n, dim).to(dtype)
+
+    def attend():
+        return torch.softmax(q @ q.transpose(-1, -2) * dim**-0.5, dim=-1) @ q
+
+    attend()
     start, calls = time.perf_counter(), 0
-    while calls < 3 or time.perf_counter() - start < 0.05:
-        a @ a
+    while calls < 2 or time.perf_counter() - start < 0.05:
+        attend()
         calls += 1
-    return 2 * n**3 * calls / (time.perf_counter() - start) / 1e9
+    return 4.0 * heads * n * n * dim * calls / (time.perf_counter() - start) / 1e9
 
 
 def case_flops(vc, shape, mode: str) -> float:
@@ -44,7 +50,8 @@ def interpreted(vc) -> bool:
 def estimate_seconds(sweep) -> float:
     """Rough seconds the unfinished cases of `sweep` (a `harness.runner.Sweep`) will take."""
     config = sweep.config
-    rates = {config.dtype: matmul_gflops(config.torch_dtype), "fp64": matmul_gflops(torch.float64)}
+    rates = {config.dtype: attention_gflops(config.torch_dtype),
+             "fp64": attention_gflops(torch.float64)}
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     total = 0.0
     for shape in sweep.shapes():
@@ -55,10 +62,10 @@ def estimate_seconds(sweep) -> float:
             if not todo:
                 continue
             slow = INTERPRETER_SLOWDOWN if interpret and interpreted(vc) else 1.0
-            fwd_s = case_flops(vc, shape, "fwd") / (rates[config.dtype] * 1e9) * slow
+            fwd_s = CALL_S + case_flops(vc, shape, "fwd") / (rates[config.dtype] * 1e9) * slow
             total += PREPARE_S + fwd_s
             for case, suite in todo:
-                call_s = case_flops(vc, shape, case.mode) / (rates[config.dtype] * 1e9) * slow
+                call_s = CALL_S + case_flops(vc, shape, case.mode) / (rates[config.dtype] * 1e9) * slow
                 if suite == "time":
                     total += call_s + max(config.rep_ms / 1e3, config.min_samples * call_s)
                 elif suite == "memory":

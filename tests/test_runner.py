@@ -145,3 +145,34 @@ def test_git_state_env_override_wins(monkeypatch) -> None:
     monkeypatch.delenv("ATTNBENCH_GIT_SHA")
     sha, _ = git_state()
     assert sha != "0123abc"
+
+
+def test_backend_detection_prints_nothing_and_bar_shows_eta(tmp_path, capfd):
+    """The profiler's native USDT lines must not land in the progress bar; the bar has an ETA."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    bar = StringIO()
+    config = tiny(variants=("softmax_sdpa",), seq_lens=(32,), suites=("accuracy",),
+                  causal=(False,))
+    run = Sweep(config, tmp_path / "run", console=Console(file=bar, width=200,
+                                                         force_terminal=True)).run(["test"])
+    captured = capfd.readouterr()
+    assert "USDT" not in captured.out + captured.err + bar.getvalue()
+    assert "eta" in bar.getvalue()
+    params = json.loads(load_results(run).params.iloc[0])
+    assert params["backend_ran"] in ("math", "flash", "efficient", "cudnn")
+
+
+def test_cpu_size_estimate_warns_on_a_large_sweep(tmp_path):
+    from harness.estimate import size_warning
+
+    # README's custom-sweep example: bf16, H=16, N up to 16384
+    big = BenchConfig(variants=("softmax_naive", "fmmformer"), suites=("time", "memory"),
+                      seq_lens=(1024, 4096, 16384), heads=16, head_dim=64, dtype="bf16",
+                      causal=(True,), modes=("fwd", "fwd_bwd"))
+    line = size_warning(_Sweep(big, tmp_path / "big"))
+    assert line is not None and line.startswith("warning: 24 cases, roughly ")
+    assert "--seq-lens" in line and line.count("\n") == 0
+    assert size_warning(_Sweep(tiny(), tmp_path / "small")) is None
