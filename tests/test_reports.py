@@ -162,6 +162,19 @@ def test_compare_change_inside_noise_band_is_not_a_regression(tmp_path: Path, ca
     assert "1 within noise" in capsys.readouterr().out
 
 
+def test_compare_verdict_needs_the_threshold_between_the_bands(tmp_path: Path, capsys) -> None:
+    """Medians 10% apart but bands (each +-5%) only 0.7% apart: both runs' spread leaves
+    room for a 5% threshold to be noise, so it is not a regression; at 2% threshold it is
+    still not (0.7% < 2%); a 20% change with the same bands is."""
+    old = timed("fmmformer", "fmm", 1024, 10.0, band=0.05)   # p80 10.5
+    new = timed("fmmformer", "fmm", 1024, 11.0, band=0.03)   # p20 10.67
+    assert compare_pair(tmp_path / "a", old, new) == 0
+    assert "1 within noise" in capsys.readouterr().out
+    assert compare_pair(tmp_path / "b", old, new, "--threshold", "2%") == 0
+    worse = timed("fmmformer", "fmm", 1024, 12.0, band=0.03)  # p20 11.64 > 10.5 * 1.05
+    assert compare_pair(tmp_path / "c", old, worse) == 1
+
+
 def test_compare_threshold(tmp_path: Path) -> None:
     old = timed("fmmformer", "fmm", 1024, 10.0, band=0.001)
     new = timed("fmmformer", "fmm", 1024, 10.3, band=0.001)  # +3%, beyond the tight band
