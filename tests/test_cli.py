@@ -57,7 +57,8 @@ def test_plugin_variant_joins_a_run_and_run_resumes(tmp_path):
     plugin.write_text(PLUGIN)
     out = tmp_path / "run"
     args = ["--plugin", "my_attention.py", "--variant", "mean_pool,linear", "--seq-lens", "32",
-            "--heads", "2", "--head-dim", "16", "--rep-ms", "5", "--device", "cpu",
+            "--heads", "2", "--head-dim", "16", "--rep-ms", "5", "--min-samples", "3",
+            "--device", "cpu",
             "--param", "mean_pool.scale=0.5", "--out", str(out)]
     result = run_cli(*args, cwd=tmp_path)  # the plugin path is relative to tmp_path
     assert result.returncode == 0, result.stderr
@@ -73,7 +74,7 @@ def test_plugin_variant_joins_a_run_and_run_resumes(tmp_path):
     key = ["variant", "suite", "mode", "causal"]
     in_last_case = (df[key] == df[key].iloc[-1]).all(axis=1)
     (out / "results.csv").write_text("".join(lines[: 1 + int((~in_last_case).sum())]))
-    resumed = run_cli("--resume", str(out))
+    resumed = run_cli("--resume", str(out), "--in-process")  # execution options may change
     assert resumed.returncode == 0, resumed.stderr
     again = pd.read_csv(out / "results.csv")
     assert len(again) == len(df) and again.drop(columns="value").equals(df.drop(columns="value"))

@@ -4,6 +4,7 @@ The walk-through calls `run_bench.main` in this process (a traceback would be an
 here); one case runs as a real subprocess to check the same from the outside.
 """
 import json
+from pathlib import Path
 
 import pytest
 
@@ -116,9 +117,13 @@ def test_resume_accepts_flags_equal_to_the_run(files):
     assert config.heads == 2 and config.seq_lens == (32,)
 
 
-def test_help_names_the_report_commands(capsys):
+def test_help_and_readme_name_the_report_commands(capsys):
     code, out, _ = main(capsys, "--help")
     assert code == 0
     for command in ("plot", "compare", "report", "targets", "--case-timeout", "--fail-fast",
                     "--in-process"):
         assert command in out
+    readme = (Path(run_bench.__file__).parent / "README.md").read_text()
+    commands = readme.split("## Command line", 1)[1].split("```", 2)[1]
+    for command in ("plot", "compare", "report", "targets"):
+        assert f"python run_bench.py {command} " in commands, command

@@ -101,10 +101,10 @@ def test_fail_fast_and_ctrl_c_on_the_command_line(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline:
         csv = run_dir / "results.csv"
-        if csv.is_file() and len(pd.read_csv(csv)) >= 6:  # both healthy cases, hang's fwd
+        # 4 rows per case: both healthy cases and hang's fwd; its fwd_bwd then hangs
+        if csv.is_file() and len(pd.read_csv(csv)) >= 12:
             break
         time.sleep(0.3)
-    time.sleep(1)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

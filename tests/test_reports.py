@@ -83,7 +83,7 @@ def sweep_rows(modes: tuple[str, ...] = ("fwd", "fwd_bwd"),
 
 
 def test_plot_command_writes_nonempty_figures(tmp_path: Path) -> None:
-    run = write_run(tmp_path / "run", sweep_rows())
+    run = write_run(tmp_path / "run", sweep_rows(("fwd",)))
     assert main(["plot", str(run)]) == 0
     pngs = sorted((run / "plots").glob("*.png"))
     kinds = sorted(p.name.split("-")[0] for p in pngs)
