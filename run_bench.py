@@ -64,8 +64,8 @@ def number(kind):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}"
-                                             f", got '{text}'") from None
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got '{text}'") from None
         if kind is float and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"expected a finite number, got '{text}'")
         return value
@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a Python file whose @register_variant variants join the run")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when present")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--out", type=Path, help="a new run directory (default results/runs/<run_id>)")
+    where.add_argument("--out", type=Path,
+                       help="a new run directory (default results/runs/<run_id>)")
     where.add_argument("--resume", type=Path, metavar="RUN_DIR",
                        help="finish an interrupted run, with its stored configuration")
     p.add_argument("--rep-ms", type=number(float), help="measuring budget per timed case (ms)")

@@ -147,7 +147,8 @@ def validate_options(options: RunOptions) -> None:
     """Reject execution options that cannot work (one-line ConfigError)."""
     t = options.case_timeout
     if not _is_number(t) or not (0 <= t < math.inf):
-        raise ConfigError(f"--case-timeout must be a number of seconds >= 0 (0: no limit), got {t!r}")
+        raise ConfigError(f"--case-timeout must be a number of seconds >= 0 (0: no limit), "
+                          f"got {t!r}")
 
 
 def flag(field_name: str) -> str:

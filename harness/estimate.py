@@ -56,16 +56,18 @@ def estimate_seconds(sweep) -> float:
     total = 0.0
     for shape in sweep.shapes():
         for vc in sweep.configs:
-            if vc.spec.unavailable_reason(sweep.device) or vc.spec.unsupported_reason(shape, vc.params):
+            spec = vc.spec
+            if spec.unavailable_reason(sweep.device) or spec.unsupported_reason(shape, vc.params):
                 continue
             todo = sweep.cases_for(vc, shape)
             if not todo:
                 continue
             slow = INTERPRETER_SLOWDOWN if interpret and interpreted(vc) else 1.0
-            fwd_s = CALL_S + case_flops(vc, shape, "fwd") / (rates[config.dtype] * 1e9) * slow
+            rate = rates[config.dtype] * 1e9 / slow
+            fwd_s = CALL_S + case_flops(vc, shape, "fwd") / rate
             total += PREPARE_S + fwd_s
             for case, suite in todo:
-                call_s = CALL_S + case_flops(vc, shape, case.mode) / (rates[config.dtype] * 1e9) * slow
+                call_s = CALL_S + case_flops(vc, shape, case.mode) / rate
                 if suite == "time":
                     total += call_s + max(config.rep_ms / 1e3, config.min_samples * call_s)
                 elif suite == "memory":

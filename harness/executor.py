@@ -37,7 +37,8 @@ class CaseRunner:
         if self._inputs is None or self._inputs[0] != shape:
             self._inputs = None
             self.free_memory()
-            self._inputs = (shape, make_inputs(shape, self.device, self.config.seed + shape.seq_len))
+            seed = self.config.seed + shape.seq_len
+            self._inputs = (shape, make_inputs(shape, self.device, seed))
         return self._inputs[1]
 
     def run_group(self, vc: VariantConfig, shape: Shape, todo: Todo) -> Iterator[list[Row]]:
@@ -76,7 +77,8 @@ class CaseRunner:
 
     def prepare(self, vc: VariantConfig, shape: Shape) -> Trial:
         """Build the variant for `shape`; raise `Failure` when it cannot or should not run."""
-        reason = vc.spec.unavailable_reason(self.device) or vc.spec.unsupported_reason(shape, vc.params)
+        spec = vc.spec
+        reason = spec.unavailable_reason(self.device) or spec.unsupported_reason(shape, vc.params)
         if reason:
             raise Failure("skipped", reason)
         inputs = self.inputs(shape)

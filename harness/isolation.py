@@ -20,12 +20,11 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from harness.config import BenchConfig
+from harness.executor import Todo
 from harness.registry import Shape, VariantConfig
 from harness.results import Row
 from harness.roofline import Roofline
 from suites import SUITES
-
-from harness.executor import Todo
 
 LOG_FILE = "worker.log"
 START_TIMEOUT_S = 300.0  # importing torch and the variants, before any case runs
@@ -139,9 +138,6 @@ class IsolatedRunner:
                     yield [Row(case, SUITES[suite_name].primary_metric, None, lost.status,
                                reason)]
                 pending = pending[len(lost_cases):]
-
-    def end_shape(self) -> None:
-        """Nothing to free here: the worker keeps its inputs until the shape changes."""
 
     def stop(self) -> None:
         if self.worker is not None:

@@ -54,7 +54,8 @@ def test_fault_sweep_in_the_worker_gets_each_status(tmp_path):
     assert "--case-timeout" in reasons.loc[("fault_hang", "fwd_bwd"), "reason"]
     assert "can't allocate memory" in reasons.loc[("fault_oom", "fwd"), "reason"].iloc[0]
     healthy = df[(df.variant == "fault_healthy") & (df.status == "ok")]
-    assert {"time_ms", "time_ms_p20", "rel_err_vs_reference", "future_key_leak"} <= set(healthy.metric)
+    metrics = {"time_ms", "time_ms_p20", "rel_err_vs_reference", "future_key_leak"}
+    assert metrics <= set(healthy.metric)
     assert (run / "worker.log").is_file()
 
 
@@ -63,7 +64,8 @@ def test_fault_sweep_in_process_records_raise_nan_and_cpu_oom(tmp_path):
                           suites=("time",), modes=("fwd",), seq_lens=(32, 64))
     run = Sweep(config, tmp_path / "run", options=RunOptions(isolate=False)).run(["test"])
     df = load_results(run)
-    by = {(r.variant, r.seq_len): (r.status, r.reason) for r in df[df.metric == "time_ms"].itertuples()}
+    by = {(r.variant, r.seq_len): (r.status, r.reason)
+          for r in df[df.metric == "time_ms"].itertuples()}
     assert by[("fault_oom", 32)][0] == "oom"  # the CPU allocator's refusal is an OOM
     assert by[("fault_oom", 64)] == ("oom", "skipped after OOM at N=32")
     assert by[("fault_raise", 64)] == ("error", "RuntimeError: injected fault")

@@ -3,8 +3,8 @@
 fault_raise raises, fault_nan returns NaN, fault_oom asks the allocator for an absurd amount
 (it fails at once, as an exhausted allocator would, without touching the machine's memory),
 fault_hang is correct attention whose backward never returns, fault_abort kills its own
-process with os.abort(), and fault_healthy is correct attention. Only the healthy one may be run in-process with the
-hang or the abort: those two need the isolating worker.
+process with os.abort(), and fault_healthy is correct attention. The hang and the abort need
+the isolating worker: in process they would stall or end the test run.
 """
 import os
 import time
