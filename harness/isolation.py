@@ -68,7 +68,8 @@ class Worker:
             if message[0] != "ready":
                 raise WorkerLost("error", f"worker failed to start: {message[1]}")
             self.ready = True
-        self._wait(timeout or None, f"no result within {timeout:g} s (--case-timeout)")
+        if timeout:
+            self._wait(timeout, f"no result within {timeout:g} s (--case-timeout)")
         return self._recv()
 
     def _wait(self, timeout: float | None, what: str) -> None:

