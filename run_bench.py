@@ -4,15 +4,19 @@
     python run_bench.py                      # quick sweep on whatever device is here
     python run_bench.py --list               # variants, suites, presets, parameters
     python run_bench.py --preset fig6        # the FMMformer scaling figure, 2^10..2^16
+    python run_bench.py --resume RUN_DIR     # finish an interrupted run
     python run_bench.py plot RUN_DIR         # figures from a results CSV
     python run_bench.py compare OLD NEW      # regressions between two runs
     python run_bench.py report RUN_DIR       # claim check, slopes, crossovers
     python run_bench.py targets RUN_DIR      # the kernel performance targets
+
+`python run_bench.py plot|compare|report|targets --help` describes each report command.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -20,11 +24,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from harness.config import DTYPES, MODES, PRESETS, BenchConfig, ConfigError, default_device
-from harness.config import preset_config, validate, with_overrides
+from harness.config import DTYPES, MODES, PRESETS, BenchConfig, ConfigError, RunOptions
+from harness.config import default_device, flag, preset_config, validate, validate_options
+from harness.config import with_overrides
+from harness.plugins import load_plugins, plugin_path
 from harness.registry import RegistryError, all_variants
-from harness.results import ResultsError, load_results, read_meta
+from harness.results import META_FILE, RESULTS_FILE, ResultsError, load_existing, load_results
+from harness.results import finished_case_keys, read_meta
 from harness.runner import Sweep, new_run_dir
+from harness.estimate import size_warning
 from harness.summary import summary_tables
 from suites import SUITES
 from variants import load_builtin_variants
@@ -50,47 +58,77 @@ def csv_list(kind):
     return parse
 
 
+def number(kind):
+    """argparse type: an int or a finite float, as one-line errors."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got '{text}'") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got '{text}'")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="run_bench.py", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="run_bench.py", description=__doc__.split("\n\n")[0],
+                      epilog=__doc__.split("\n\n", 1)[1],
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--list", action="store_true", help="list variants, suites, presets and exit")
     p.add_argument("--preset", help=f"named configuration: {', '.join(PRESETS)} (default quick)")
     p.add_argument("--variant", type=csv_list(str), help="comma list of variants (default: all)")
     p.add_argument("--suite", type=csv_list(str), help=f"comma list of {', '.join(SUITES)}")
     p.add_argument("--mode", type=csv_list(str), help=f"comma list of {', '.join(MODES)}")
     p.add_argument("--seq-lens", type=csv_list(int), help="comma list of sequence lengths")
-    p.add_argument("--batch", type=int)
-    p.add_argument("--heads", type=int)
-    p.add_argument("--head-dim", type=int)
+    p.add_argument("--batch", type=number(int))
+    p.add_argument("--heads", type=number(int))
+    p.add_argument("--head-dim", type=number(int))
     p.add_argument("--dtype", choices=tuple(DTYPES))
     causal = p.add_mutually_exclusive_group()
     causal.add_argument("--causal", action="store_const", const=(True,), dest="causal",
                         help="causal only (default: both)")
     causal.add_argument("--non-causal", action="store_const", const=(False,), dest="causal",
                         help="non-causal only")
-    p.add_argument("--param", action="append", default=[], metavar="VARIANT.PARAM=VALUE[,VALUE]",
+    p.add_argument("--param", action="append", metavar="VARIANT.PARAM=VALUE[,VALUE]",
                    help="set (or sweep, with a comma list) a variant parameter")
-    p.add_argument("--plugin", action="append", default=[], metavar="FILE.py",
+    p.add_argument("--plugin", action="append", metavar="FILE.py",
                    help="a Python file whose @register_variant variants join the run")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when present")
-    p.add_argument("--out", type=Path, help="run directory (default results/runs/<run_id>)")
-    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="finish an interrupted run")
-    p.add_argument("--rep-ms", type=float, help="measuring budget per timed case (ms)")
-    p.add_argument("--cuda-graph", action="store_true",
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path,
+                       help="a new run directory (default results/runs/<run_id>)")
+    where.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                       help="finish an interrupted run, with its stored configuration")
+    p.add_argument("--rep-ms", type=number(float), help="measuring budget per timed case (ms)")
+    p.add_argument("--min-samples", type=number(int),
+                   help="fewest timed samples per case, however slow a call (default 10)")
+    p.add_argument("--cuda-graph", action="store_const", const=True,
                    help="time each case as a CUDA-graph replay (GPU time without the Python "
                         "launch path, which dominates short calls)")
-    p.add_argument("--accuracy-rows", type=int, help="query rows sampled for references")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--accuracy-rows", type=number(int), help="query rows sampled for references")
+    p.add_argument("--seed", type=number(int))
+    p.add_argument("--in-process", action="store_true",
+                   help="run cases in this process (faster start, no crash or hang isolation)")
+    p.add_argument("--case-timeout", type=number(float), metavar="SECONDS",
+                   help=f"limit per case in the worker process, 0 for none (default "
+                        f"{RunOptions.case_timeout:g})")
+    p.add_argument("--fail-fast", action="store_true",
+                   help="stop at the first row whose status is not ok, exit 1")
     return p
 
 
-def load_plugins(paths) -> None:
-    """Import each plugin file; its @register_variant calls add variants to the registry."""
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise ConfigError(f"plugin file not found: {path}")
-        spec = importlib.util.spec_from_file_location(f"attnbench_plugin_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+# Flags that define a run's configuration: `--resume` refuses any that would change it.
+CONFIG_FLAGS = {
+    "preset": "preset", "variant": "variants", "suite": "suites", "mode": "modes",
+    "seq_lens": "seq_lens", "batch": "batch", "heads": "heads", "head_dim": "head_dim",
+    "dtype": "dtype", "causal": "causal", "param": "params", "plugin": "plugins",
+    "device": "device", "rep_ms": "rep_ms", "min_samples": "min_samples",
+    "accuracy_rows": "accuracy_rows", "seed": "seed", "cuda_graph": "cuda_graph",
+}  # fmt: skip
 
 
 def print_listing(console: Console, device: str) -> None:
@@ -99,6 +137,8 @@ def print_listing(console: Console, device: str) -> None:
     table = Table(title=f"variants (availability on {device})", title_justify="left")
     for col in ("name", "family", "causal", "params (defaults)", "on " + device):
         table.add_column(col)
+    table.columns[0].no_wrap = True  # a name is never cut, whatever the terminal's width
+    table.columns[0].min_width = max((len(spec.name) for spec in all_variants()), default=4)
     for spec in all_variants():
         forms = "/".join("causal" if c else "non-causal" for c in spec.causal)
         params = ", ".join(f"{k}={v}" for k, v in spec.params.items()) or "-"
@@ -111,25 +151,88 @@ def print_listing(console: Console, device: str) -> None:
     console.print(f"dtypes: {', '.join(DTYPES)}")
 
 
+def requested(args) -> dict:
+    """The config fields the command line set explicitly (plugin paths made absolute)."""
+    out = {}
+    for arg, field_name in CONFIG_FLAGS.items():
+        value = getattr(args, arg)
+        if value is None:
+            continue
+        if arg in ("param", "plugin"):
+            value = tuple(plugin_path(v) for v in value) if arg == "plugin" else tuple(value)
+        out[field_name] = value
+    return out
+
+
+def resumed_config(run_dir: Path, args) -> BenchConfig:
+    """The stored configuration of `run_dir`; flags that would change it are refused."""
+    if not run_dir.is_dir():
+        raise ConfigError(f"cannot resume {run_dir}: not a run directory")
+    meta = read_meta(run_dir)
+    if "config" not in meta:
+        raise ConfigError(f"cannot resume {run_dir}: no {META_FILE} with a config")
+    try:
+        config = BenchConfig.from_dict(meta["config"])
+        validate(config)  # e.g. a CUDA run cannot be resumed on a CPU-only machine
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise ConfigError(f"cannot resume {run_dir}: {exc}") from None
+    asked = requested(args)
+    changed = [f"{flag(arg)} ({_show(getattr(config, name))} in the run)"
+               for arg, name in CONFIG_FLAGS.items()
+               if name in asked and asked[name] != getattr(config, name)]
+    if changed:
+        raise ConfigError(f"--resume keeps the run's configuration; these flags would change "
+                          f"it: {', '.join(changed)}; start a new run with --out instead")
+    return config
+
+
+def _show(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return str(value)
+
+
+def check_new_run_dir(out: Path) -> None:
+    """A new run needs a directory that holds no run: refuse a file or an existing run."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; expected a directory for the run")
+    if (out / META_FILE).exists() or (out / RESULTS_FILE).exists():
+        raise ConfigError(f"--out {out} already holds a run; finish it with --resume {out}, "
+                          f"or choose a new --out directory")
+
+
 def config_from_args(args) -> tuple[BenchConfig, Path]:
     """The run's configuration and directory, from a preset, overrides, or a resumed run."""
     if args.resume:
-        meta = read_meta(args.resume)
-        if "config" not in meta:
-            raise ConfigError(f"cannot resume {args.resume}: no meta.json with a config")
-        config = BenchConfig.from_dict(meta["config"])
-        validate(config)  # e.g. a CUDA run cannot be resumed on a CPU-only machine
-        return config, args.resume
+        return resumed_config(args.resume, args), args.resume
     device = args.device or default_device()
-    config = with_overrides(
-        preset_config(args.preset or "quick", device),
-        variants=args.variant, suites=args.suite, modes=args.mode, seq_lens=args.seq_lens,
-        batch=args.batch, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,
-        causal=args.causal, params=tuple(args.param) or None, plugins=tuple(args.plugin) or None,
-        rep_ms=args.rep_ms, accuracy_rows=args.accuracy_rows, seed=args.seed,
-        cuda_graph=args.cuda_graph or None,
-    )  # fmt: skip
+    config = with_overrides(preset_config(args.preset or "quick", device), **{
+        k: v for k, v in requested(args).items() if k not in ("preset", "device")})
+    if args.out:
+        check_new_run_dir(args.out)
     return config, args.out or new_run_dir(DEFAULT_ROOT, config)
+
+
+def run_options(args) -> RunOptions:
+    """Execution options from the command line (never part of the stored configuration)."""
+    if args.in_process and args.case_timeout is not None:
+        raise ConfigError("--case-timeout needs the worker process; drop it or --in-process")
+    options = RunOptions(isolate=not args.in_process, fail_fast=args.fail_fast,
+                         case_timeout=(0.0 if args.in_process else
+                                       RunOptions.case_timeout if args.case_timeout is None
+                                       else args.case_timeout))
+    validate_options(options)
+    return options
+
+
+def interrupted_line(run_dir: Path) -> str:
+    """What Ctrl-C prints: cases on disk and the command that continues the run."""
+    try:
+        cases = len(finished_case_keys(load_existing(run_dir)))
+    except ResultsError:
+        cases = 0
+    return (f"interrupted: {cases} cases written to {run_dir / RESULTS_FILE}; continue with: "
+            f"python run_bench.py --resume {shlex.quote(str(run_dir))}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,21 +245,42 @@ def main(argv: list[str] | None = None) -> int:
             return reports_main(argv)
         args = build_parser().parse_args(argv)
         load_builtin_variants()
-        load_plugins(args.plugin)
+        load_plugins(args.plugin or ())
         if args.list:
             print_listing(console, args.device or default_device())
             return 0
+        options = run_options(args)
         config, run_dir = config_from_args(args)
         if args.resume:
             load_plugins(config.plugins)
-        Sweep(config, run_dir).run(["run_bench.py", *argv])
-        for table in summary_tables(load_results(run_dir)):
-            console.print(table)
-        console.print(f"results: {run_dir / 'results.csv'}")
-        return 0
+        sweep = Sweep(config, run_dir, options=options)
     except (RegistryError, ConfigError, ResultsError) as exc:
         print(f"run_bench.py: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted before the sweep started", file=sys.stderr)
+        return 130
+    try:
+        warning = size_warning(sweep)
+        if warning:
+            print(warning, file=sys.stderr)
+        sweep.run(["run_bench.py", *argv])
+    except (RegistryError, ConfigError, ResultsError) as exc:
+        print(f"run_bench.py: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(interrupted_line(run_dir), file=sys.stderr)
+        return 130
+    for table in summary_tables(load_results(run_dir)):
+        console.print(table)
+    console.print(f"results: {run_dir / RESULTS_FILE}")
+    if sweep.stopped_at is not None:
+        row = sweep.stopped_at
+        print(f"stopped at the first non-ok row (--fail-fast): {row.case.variant} "
+              f"{row.case.suite} {row.case.mode} N={row.case.seq_len} causal={row.case.causal}: "
+              f"{row.status}: {row.reason}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""Run configuration: one frozen dataclass plus named presets (SPEC 2, presets)."""
+"""Run configuration: one frozen dataclass plus named presets (SPEC 2, presets), and the
+options of how a sweep is executed (which do not change what it measures)."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -34,6 +36,7 @@ class BenchConfig:
     plugins: tuple[str, ...] = ()
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
+    min_samples: int = 10  # timed samples per case, however long one call takes
     accuracy_rows: int = 1024  # query rows sampled for float64 references above this N
     seed: int = 0
     cuda_graph: bool = False  # time CUDA-graph replays: the GPU without the Python launch path
@@ -49,9 +52,28 @@ class BenchConfig:
     def from_dict(cls, data: dict[str, Any]) -> BenchConfig:
         """Rebuild a config saved in meta.json (lists become tuples; keys that older
         versions wrote and this one no longer has are ignored)."""
+        if not isinstance(data, dict):
+            raise ConfigError("the stored config is not a JSON object")
         known = {f.name for f in fields(cls)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v
-                      for k, v in data.items() if k in known})
+        try:
+            return cls(**{k: tuple(v) if isinstance(v, list) else v
+                          for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise ConfigError(f"the stored config is unreadable: {exc}") from None
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a sweep is executed; none of these change what a case measures.
+
+    isolate: run cases in a worker process, so that a crash or hang costs one case.
+    case_timeout: seconds a case (or building the variant) may take in the worker; 0: no limit.
+    fail_fast: stop at the first row whose status is not ok.
+    """
+
+    isolate: bool = True
+    case_timeout: float = 300.0
+    fail_fast: bool = False
 
 
 def default_device() -> str:
@@ -89,6 +111,9 @@ def validate(config: BenchConfig) -> None:
     """Reject configurations that cannot run, with one-line messages naming valid choices."""
     from suites import SUITES
 
+    for name in ("variants", "suites", "modes", "seq_lens", "causal", "params", "plugins"):
+        if not isinstance(getattr(config, name), tuple):
+            raise ConfigError(f"{name} must be a list, got {getattr(config, name)!r}")
     for suite in config.suites:
         if suite not in SUITES:
             raise ConfigError(f"unknown suite '{suite}'; valid: {', '.join(SUITES)}")
@@ -103,8 +128,37 @@ def validate(config: BenchConfig) -> None:
         raise ConfigError("device 'cuda' requested but CUDA is not available; valid: cpu")
     if config.cuda_graph and config.device != "cuda":
         raise ConfigError("--cuda-graph times CUDA-graph replays; valid only with device cuda")
-    for name, value in (("batch", config.batch), ("heads", config.heads), ("head-dim", config.head_dim)):
-        if value < 1:
-            raise ConfigError(f"--{name} must be a positive integer, got {value}")
-    if not config.seq_lens or any(n < 1 for n in config.seq_lens):
+    for name in ("batch", "heads", "head_dim", "accuracy_rows", "min_samples"):
+        value = getattr(config, name)
+        if not _is_int(value) or value < 1:
+            raise ConfigError(f"{flag(name)} must be a positive integer, got {value!r}")
+    if not _is_int(config.seed) or config.seed < 0:
+        raise ConfigError(f"--seed must be an integer >= 0, got {config.seed!r}")
+    for name in ("rep_ms", "warmup_ms"):
+        value = getattr(config, name)
+        if not _is_number(value) or not (0 < value < math.inf):
+            raise ConfigError(f"{flag(name)} must be a positive number of milliseconds, "
+                              f"got {value!r}")
+    if not config.seq_lens or any(not _is_int(n) or n < 1 for n in config.seq_lens):
         raise ConfigError(f"sequence lengths must be positive integers, got {list(config.seq_lens)}")
+
+
+def validate_options(options: RunOptions) -> None:
+    """Reject execution options that cannot work (one-line ConfigError)."""
+    t = options.case_timeout
+    if not _is_number(t) or not (0 <= t < math.inf):
+        raise ConfigError(f"--case-timeout must be a number of seconds >= 0 (0: no limit), "
+                          f"got {t!r}")
+
+
+def flag(field_name: str) -> str:
+    """The command-line flag of a config field: `head_dim` -> `--head-dim`."""
+    return "--" + field_name.replace("_", "-")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value

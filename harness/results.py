@@ -17,7 +17,10 @@ COLUMNS = (
 CASE_KEY = (
     "variant", "suite", "mode", "batch", "heads", "seq_len", "head_dim", "dtype", "causal",
 )  # fmt: skip
-STATUSES = ("ok", "oom", "skipped", "error", "nan", "inexact")
+# `inexact`: a measured value beyond the limit its suite states (the value is kept).
+STATUSES = ("ok", "oom", "skipped", "error", "nan", "timeout", "inexact")
+INT_CELLS = ("batch", "heads", "seq_len", "head_dim")
+BOOL_CELLS = ("true", "false", "1", "0")
 METRIC_UNITS = {
     "time_ms": "ms",
     "time_ms_p20": "ms",
@@ -30,6 +33,7 @@ METRIC_UNITS = {
     "rel_err_vs_softmax": "ratio",
     "max_abs_err_vs_reference": "abs",
     "rel_err_softmax_floor": "ratio",
+    "future_key_leak": "ratio",
     "rel_err_floor": "ratio",
     "floor_ratio": "x",
     **{f"rel_err_{g}_{kind}": "ratio" for g in ("dq", "dk", "dv", "dweights")
@@ -94,7 +98,7 @@ class ResultsWriter:
         self.run_id = run_id
         new = not self.path.exists() or self.path.stat().st_size == 0
         self._file = open(self.path, "a", newline="")
-        self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS)
+        self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS, lineterminator="\n")
         if new:
             self._writer.writeheader()
             self._file.flush()
@@ -111,7 +115,8 @@ class ResultsWriter:
 def load_results(path: str | Path) -> pd.DataFrame:
     """Load a results CSV (or a run directory holding one) into a DataFrame.
 
-    Raises `ResultsError` with a one-line message when the file is missing or lacks columns.
+    Raises `ResultsError` with a one-line message when the file is missing, lacks columns, or
+    has a cell that does not parse (naming the file, the line and the column).
     """
     path = Path(path)
     if path.is_dir():
@@ -120,14 +125,52 @@ def load_results(path: str | Path) -> pd.DataFrame:
         raise ResultsError(f"no results file at {path}")
     try:
         # keep_default_na=False: the status "nan" is a word here, not a missing value.
-        df = pd.read_csv(path, dtype={"params": str, "reason": str}, keep_default_na=False)
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise ResultsError(f"{path} is not a readable CSV: {str(exc).splitlines()[0]}") from None
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise ResultsError(f"{path} is not an attnbench results file: missing {', '.join(missing)}")
+    check_cells(df, path)
     df["value"] = pd.to_numeric(df["value"], errors="coerce")
+    for col in INT_CELLS:
+        df[col] = df[col].astype(int)
+    df["causal"] = df["causal"].str.strip().str.lower().isin(["true", "1"])
     return df
+
+
+def check_cells(df: pd.DataFrame, path: Path) -> None:
+    """Raise `ResultsError` at the first cell of value, status, causal or a size column that
+    does not parse: `file:line: column 'value': 'abc' is not a number`."""
+    checks = {
+        "value": (_is_float_or_empty, "is not a number"),
+        "status": (lambda c: c in STATUSES, f"is not a status ({', '.join(STATUSES)})"),
+        "causal": (lambda c: c.strip().lower() in BOOL_CELLS, "is not True or False"),
+        **{col: (_is_positive_int, "is not a positive integer") for col in INT_CELLS},
+    }
+    for col, (ok, problem) in checks.items():
+        bad = ~df[col].map(ok)
+        if bad.any():
+            i = int(bad.to_numpy().argmax())
+            line = i + 2  # line 1 is the header
+            raise ResultsError(f"{path}:{line}: column '{col}': {df[col].iloc[i]!r} {problem}")
+
+
+def _is_float_or_empty(cell: str) -> bool:
+    if cell.strip() == "":
+        return True
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_positive_int(cell: str) -> bool:
+    try:
+        return int(cell) >= 1
+    except ValueError:
+        return False
 
 
 def load_existing(run_dir: Path) -> pd.DataFrame:
@@ -151,4 +194,12 @@ def write_meta(run_dir: Path, meta: dict) -> None:
 def read_meta(run_dir: Path) -> dict:
     """Read a run's `meta.json`; an empty dict when absent."""
     path = Path(run_dir) / META_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ResultsError(f"{path} is not valid JSON: {str(exc).splitlines()[0]}") from None
+    if not isinstance(meta, dict):
+        raise ResultsError(f"{path} is not a JSON object")
+    return meta

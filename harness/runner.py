@@ -1,55 +1,38 @@
 """The sweep: every (causal, length, variant, suite, mode) case, written as it finishes.
 
-A case that fails at run time (OOM, missing package, kernel error, NaN) becomes a result row
-with a status and a reason, and the sweep goes on. After a variant runs out of memory at
-length N, its larger lengths (same mode, same causality) are recorded as `oom` without
-running. A resumed run skips every case already in results.csv.
+A case that fails at run time (OOM, missing package, kernel error, NaN, a crash or hang of the
+worker process) becomes a result row with a status and a reason, and the sweep goes on. After
+a variant runs out of memory at length N, its larger lengths (same mode, same causality) are
+recorded as `oom` without running. A resumed run skips every case already in results.csv.
+Cases run in a worker process (`harness.isolation`) unless the options ask for this process.
 """
 from __future__ import annotations
 
-import gc
 import json
 import shlex
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+)  # fmt: skip
 
-from harness.config import DTYPES, BenchConfig, ConfigError
+from harness.config import DTYPES, BenchConfig, ConfigError, RunOptions
 from harness.environment import fingerprint
+from harness.executor import CaseRunner
+from harness.failures import Failure, classify  # noqa: F401 - re-exported for callers
 from harness.registry import RegistryError, Shape, VariantConfig, expand_configs, all_variants
 from harness.registry import get_variant, parse_param_overrides
 from harness.results import Case, ResultsWriter, Row, finished_case_keys, load_existing, read_meta
 from harness.results import write_meta
 from harness.roofline import Roofline, measure_roofline
-from harness.trial import Trial, make_inputs
 from suites import SUITES, suite_modes
 
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
-
-@dataclass
-class Failure(Exception):
-    """A case that ended without measurements: status in {oom, skipped, error, nan}.
-    (`inexact` rows are measured: a suite flags a value beyond its stated limit.)"""
-
-    status: str
-    reason: str
-
-
-def classify(exc: BaseException) -> Failure:
-    """Map an exception raised by a case to its result status and a one-line reason."""
-    if isinstance(exc, Failure):
-        return exc
-    message = (str(exc).strip().splitlines() or [""])[0][:300]
-    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in message.lower():
-        return Failure("oom", f"out of memory: {message}")
-    return Failure("error", f"{type(exc).__name__}: {message}")
 
 
 def resolve_configs(config: BenchConfig) -> list[VariantConfig]:
@@ -60,20 +43,49 @@ def resolve_configs(config: BenchConfig) -> list[VariantConfig]:
     return expand_configs(names, parse_param_overrides(config.params))
 
 
+def sweep_shapes(config: BenchConfig) -> Iterator[Shape]:
+    """Every shape of the sweep: causal flags outermost, then lengths in increasing order."""
+    for causal in config.causal:
+        for n in sorted(config.seq_lens):
+            yield Shape(config.batch, config.heads, n, config.head_dim, causal,
+                        config.torch_dtype)
+
+
 def check_explicit_lengths(config: BenchConfig, configs: list[VariantConfig]) -> None:
     """A variant the user named that cannot take a requested shape is bad input."""
     if not config.variants:
         return
     for vc in configs:
-        for n in config.seq_lens:
-            for causal in config.causal:
-                shape = Shape(config.batch, config.heads, n, config.head_dim, causal,
-                              config.torch_dtype)
-                if causal not in vc.spec.causal:  # a missing form is a skipped row, not bad input
-                    continue
-                reason = vc.spec.unsupported_reason(shape, vc.params)
-                if reason:
-                    raise RegistryError(f"{vc.label} cannot run N={n} causal={causal}: {reason}")
+        for shape in sweep_shapes(config):
+            if shape.causal not in vc.spec.causal:  # a missing form is a skipped row
+                continue
+            reason = vc.spec.unsupported_reason(shape, vc.params)
+            if reason:
+                raise RegistryError(f"{vc.label} cannot run N={shape.seq_len} "
+                                    f"causal={shape.causal}: {reason}")
+
+
+def check_params(config: BenchConfig, configs: list[VariantConfig]) -> None:
+    """`--param` is bad input when it names a variant outside the sweep, or sets a value that
+    makes the variant refuse a shape of the sweep which its defaults take."""
+    overrides = parse_param_overrides(config.params)
+    if config.variants:
+        for name in overrides:
+            if name not in config.variants:
+                raise RegistryError(f"--param names variant '{name}', which is not in this "
+                                    f"sweep; variants: {', '.join(config.variants)}")
+    for vc in configs:
+        if vc.spec.name not in overrides:
+            continue
+        for shape in sweep_shapes(config):
+            if shape.causal not in vc.spec.causal:
+                continue
+            if vc.spec.unsupported_reason(shape, vc.spec.params) is not None:
+                continue  # the shape itself is out of reach: a skipped row, not the param
+            reason = vc.spec.unsupported_reason(shape, vc.params)
+            if reason:
+                raise RegistryError(f"--param value not allowed: {vc.label} cannot run "
+                                    f"N={shape.seq_len} causal={shape.causal}: {reason}")
 
 
 def previous_ooms(df) -> dict[tuple, int]:
@@ -87,25 +99,31 @@ def previous_ooms(df) -> dict[tuple, int]:
 
 
 class Sweep:
-    """Runs one configuration into one run directory."""
+    """Runs one configuration into one run directory.
 
-    def __init__(self, config: BenchConfig, run_dir: Path, console: Console | None = None):
+    After `run`, `written` is the number of cases this call wrote and `stopped_at` the first
+    non-ok row when `options.fail_fast` ended the sweep early (else None).
+    """
+
+    def __init__(self, config: BenchConfig, run_dir: Path, console: Console | None = None,
+                 options: RunOptions | None = None):
         self.config = config
+        self.options = options or RunOptions()
         self.run_dir = Path(run_dir)
         self.console = console or Console(stderr=True)
         self.device = torch.device(config.device)
         self.configs = resolve_configs(config)
         check_explicit_lengths(config, self.configs)
+        check_params(config, self.configs)
         existing = load_existing(self.run_dir)  # read once: finished cases and past OOMs
         self.finished = finished_case_keys(existing)
         self.oom_at = previous_ooms(existing)
         self.roofline: Roofline | None = None
+        self.written = 0
+        self.stopped_at: Row | None = None
 
     def shapes(self) -> Iterator[Shape]:
-        for causal in self.config.causal:
-            for n in sorted(self.config.seq_lens):
-                yield Shape(self.config.batch, self.config.heads, n, self.config.head_dim,
-                            causal, self.config.torch_dtype)
+        return sweep_shapes(self.config)
 
     def case(self, vc: VariantConfig, shape: Shape, suite: str, mode: str) -> Case:
         return Case(
@@ -152,6 +170,15 @@ class Sweep:
         }
         write_meta(self.run_dir, meta)
 
+    def executor(self):
+        """Where cases run: the isolating worker process, or this process."""
+        if self.options.isolate:
+            from harness.isolation import IsolatedRunner
+
+            return IsolatedRunner(self.config, self.roofline, self.run_dir,
+                                  self.options.case_timeout)
+        return CaseRunner(self.config, self.roofline)
+
     def run(self, command: list[str] | None = None) -> Path:
         """Run every unfinished case; returns the run directory."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -160,92 +187,62 @@ class Sweep:
             self.roofline = Roofline(**stored)
         elif self.device.type == "cuda":
             self.roofline = measure_roofline(self.device)
+            torch.cuda.empty_cache()
         self.write_meta(command or sys.argv)
         writer = ResultsWriter(self.run_dir, self.run_dir.name)
+        executor = self.executor()
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn())
+                   TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
         try:
             with Progress(*columns, console=self.console, transient=False) as progress:
                 task = progress.add_task("cases", total=self.total_cases())
                 for shape in self.shapes():
-                    inputs = make_inputs(shape, self.device, self.config.seed + shape.seq_len)
                     for vc in self.configs:
                         todo = self.cases_for(vc, shape)
                         if not todo:
                             continue
                         progress.update(task, description=f"{vc.label} N={shape.seq_len}"
                                         f"{' causal' if shape.causal else ''}")
-                        for rows in self.run_variant(vc, shape, inputs, todo):
+                        for rows in self.run_variant(executor, vc, shape, todo):
                             writer.write(rows)
+                            self.written += 1
                             progress.advance(task)
-                    del inputs
-                    self.free_memory()
+                            failed = [r for r in rows if r.status != "ok"]
+                            if failed and self.options.fail_fast:
+                                self.stopped_at = failed[0]
+                                return self.run_dir
+                    if isinstance(executor, CaseRunner):
+                        executor.close()
         finally:
+            executor.close()
             writer.close()
         return self.run_dir
 
-    def run_variant(self, vc: VariantConfig, shape: Shape, inputs, todo) -> Iterator[list[Row]]:
-        """Yield the rows of each case of one variant at one shape."""
-        trial, failure = None, None
-        try:
-            trial = self.prepare(vc, shape, inputs)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a result row
-            failure = classify(exc)
-            self.free_memory()
+    def run_variant(self, executor, vc: VariantConfig, shape: Shape, todo) -> Iterator[list[Row]]:
+        """Yield the rows of each case of one variant at one shape; lengths above one where
+        the same (variant, causal, mode) ran out of memory are `oom` rows without running."""
+        to_run = []
         for case, suite_name in todo:
-            suite = SUITES[suite_name]
             oom_key = (vc.label, shape.causal, case.mode)
             if oom_key in self.oom_at and shape.seq_len > self.oom_at[oom_key]:
-                yield [Row(case, suite.primary_metric, None, "oom",
+                yield [Row(case, SUITES[suite_name].primary_metric, None, "oom",
                            f"skipped after OOM at N={self.oom_at[oom_key]}")]
-                continue
-            if failure is not None:
-                if failure.status == "oom":
-                    self.oom_at.setdefault(oom_key, shape.seq_len)
-                yield [Row(case, suite.primary_metric, None, failure.status, failure.reason)]
-                continue
-            yield self.run_case(trial, case, suite)
-
-    def run_case(self, trial: Trial, case: Case, suite) -> list[Row]:
-        trial.flags.clear()
-        try:
-            metrics = suite.run(trial, case.mode)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a result row
-            failure = classify(exc)
-            self.free_memory()
-            if failure.status == "oom":
-                self.oom_at.setdefault((case.variant, case.causal, case.mode), case.seq_len)
-            return [Row(case, suite.primary_metric, None, failure.status, failure.reason)]
-        bad = [m for m, v in metrics.items() if v != v or v in (float("inf"), float("-inf"))]
-        if bad:
-            return [Row(case, suite.primary_metric, None, "nan", f"non-finite {', '.join(bad)}")]
-        return [Row(case, m, v, "inexact" if m in trial.flags else "ok", trial.flags.get(m, ""),
-                    extra_params=dict(trial.extra_params)) for m, v in metrics.items()]
-
-    def prepare(self, vc: VariantConfig, shape: Shape, inputs) -> Trial:
-        """Build the variant for `shape`; raise `Failure` when it cannot or should not run."""
-        reason = vc.spec.unavailable_reason(self.device) or vc.spec.unsupported_reason(shape, vc.params)
-        if reason:
-            raise Failure("skipped", reason)
-        torch.manual_seed(self.config.seed)  # learnable weights start identical in every run
-        fn = vc.build(shape)
-        if isinstance(fn, torch.nn.Module):
-            fn = fn.to(self.device)
-        trial = Trial(vc, fn, shape, inputs, self.device, self.config, self.roofline)
-        out = trial.forward()  # the first call compiles; a NaN here fails every case
-        if not torch.isfinite(out).all():
-            raise Failure("nan", "forward output has NaN or Inf")
-        if hasattr(fn, "detect_backend"):
-            trial.extra_params["backend_ran"] = fn.detect_backend(*inputs)
-        return trial
-
-    def free_memory(self) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+            else:
+                to_run.append((case, suite_name))
+        if not to_run:
+            return
+        for rows in executor.run_group(vc, shape, to_run):
+            if any(r.status == "oom" for r in rows):
+                self.oom_at.setdefault((vc.label, shape.causal, rows[0].case.mode), shape.seq_len)
+            yield rows
 
 
 def new_run_dir(root: Path, config: BenchConfig) -> Path:
-    """results/runs/<timestamp>-<device>-<preset>."""
+    """results/runs/<timestamp>-<device>-<preset>, with a -2, -3 ... suffix if that exists."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path(root) / f"{stamp}-{config.device}-{config.preset}"
+    base = Path(root) / f"{stamp}-{config.device}-{config.preset}"
+    path, i = base, 1
+    while path.exists():
+        i += 1
+        path = base.with_name(f"{base.name}-{i}")
+    return path

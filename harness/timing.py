@@ -27,6 +27,7 @@ def time_closure(
     rep_ms: float = 100.0,
     grad_to_none: Sequence[torch.Tensor] | None = None,
     cuda_graph: bool = False,
+    min_samples: int = 10,
 ) -> TimeStats:
     """Time `fn` after the caller has already run it once (compilation, autotuning).
 
@@ -41,6 +42,8 @@ def time_closure(
         grad_to_none: tensors whose `.grad` is reset between calls (backward timing).
         cuda_graph: CUDA only: capture `fn` once and time its replays (a closure that cannot be
             captured raises, and its case becomes an error row).
+        min_samples: the fewest timed samples, whatever `rep_ms` allows: a call slower than
+            the budget is still sampled this often, so that p20 and p80 describe a spread.
     """
     if device.type == "cuda":
         from triton.testing import do_bench
@@ -48,8 +51,10 @@ def time_closure(
         if cuda_graph:
             fn, grad_to_none = graph_replay(fn, grad_to_none), None
 
+        # do_bench repeats rep / (its estimate of one call) times: stretch rep to min_samples.
+        rep = max(rep_ms, 1.25 * min_samples * one_call_ms(fn, grad_to_none))
         median, p20, p80 = do_bench(
-            fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8]
+            fn, warmup=warmup_ms, rep=rep, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8]
         )
         return TimeStats(median, p20, p80)
 
@@ -61,12 +66,26 @@ def time_closure(
                 t.grad = None
         fn()
 
-    measurement = Timer(stmt="call()", globals={"call": call}).blocked_autorange(
-        min_run_time=rep_ms / 1000
-    )
-    times = torch.tensor(measurement.times, dtype=torch.float64) * 1000
+    timer = Timer(stmt="call()", globals={"call": call})
+    measurement = timer.blocked_autorange(min_run_time=rep_ms / 1000)
+    samples = list(measurement.times)
+    while len(samples) < min_samples:  # a slow call: more blocks of the same size
+        samples += timer.timeit(measurement.number_per_run).times
+    times = torch.tensor(samples, dtype=torch.float64) * 1000
     p20, median, p80 = torch.quantile(times, torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64))
     return TimeStats(float(median), float(p20), float(p80))
+
+
+def one_call_ms(fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor] | None) -> float:
+    """The CUDA time of one call of `fn`, by events (a rough figure for sizing do_bench)."""
+    for t in grad_to_none or ():
+        t.grad = None
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
 
 
 def graph_replay(

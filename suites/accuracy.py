@@ -15,6 +15,7 @@ from torch import nn
 
 from harness.registry import get_variant
 from harness.trial import Trial
+from suites.causality import check_causal
 from variants.softmax import softmax_rows_reference
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -178,7 +179,8 @@ def run_accuracy(trial: Trial, mode: str) -> dict[str, float]:
     (and for bf16/fp16 rel_err_softmax_floor, exact attention's own error at that precision).
     `bwd`/`fwd_bwd`: rel_err_<grad>_vs_reference and rel_err_<grad>_floor for dq, dk, dv and
     dweights. Both: floor_ratio, the largest error over its floor; above FLOOR_FACTOR that
-    row is flagged `inexact` with the reason (`Trial.flags`).
+    row is flagged `inexact` with the reason (`Trial.flags`). Causal `fwd` cases also get
+    `future_key_leak` (an error row when the output reads future keys, `suites.causality`).
 
     At lengths above `config.accuracy_rows` the comparison uses that many seeded query rows
     (each exact at O(N D) cost; dO is zero elsewhere); the count is recorded as `ref_rows`.
@@ -187,6 +189,7 @@ def run_accuracy(trial: Trial, mode: str) -> dict[str, float]:
     rows = sampled_rows(n, trial.config.accuracy_rows, trial.config.seed, trial.device)
     if mode == "fwd":
         metrics, reason = forward_metrics(trial, rows)
+        metrics.update(check_causal(trial))  # a causal output that reads future keys: error row
     else:
         metrics, reason = gradient_metrics(trial, rows)
     if rows is not None:

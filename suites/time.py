@@ -11,7 +11,7 @@ def run_time(trial: Trial, mode: str) -> dict[str, float]:
     fn()  # warm-up outside timing: compilation and autotuning happen here
     stats = time_closure(
         fn, trial.device, trial.config.warmup_ms, trial.config.rep_ms, grad_to_none=grads,
-        cuda_graph=trial.config.cuda_graph,
+        cuda_graph=trial.config.cuda_graph, min_samples=trial.config.min_samples,
     )
     metrics = {"time_ms": stats.median, "time_ms_p20": stats.p20, "time_ms_p80": stats.p80}
     seconds = stats.median * 1e-3

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import variants.fmmformer_triton as fmt
-from harness.config import BenchConfig
+from harness.config import BenchConfig, RunOptions
 from harness.registry import Shape, VariantConfig, get_variant, register_variant
 from harness.registry import unregister_variant
 from harness.results import load_results
@@ -29,6 +29,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 needs_kernels = pytest.mark.skipif(not (INTERPRET or CUDA), reason="needs CUDA or the interpreter")
 GRAD_METRICS = ("dq", "dk", "dv", "dweights")
+IN_PROCESS = RunOptions(isolate=False, case_timeout=0)
 
 
 @pytest.fixture
@@ -199,7 +200,8 @@ def test_sweep_flags_gradients_above_floor(tmp_path, wrong_backward):
     config = BenchConfig(variants=(wrong_backward, "softmax_sdpa"), suites=("accuracy",),
                          modes=("fwd", "fwd_bwd"), seq_lens=(40,), heads=2, head_dim=16,
                          dtype="bf16")
-    df = load_results(Sweep(config, tmp_path / "run").run(["test"]))
+    # in process: the variant is registered in this process only
+    df = load_results(Sweep(config, tmp_path / "run", options=IN_PROCESS).run(["test"]))
     ratio = df[df.metric == "floor_ratio"].set_index(["variant", "mode", "causal"])
     for causal in (False, True):
         assert ratio.loc[(wrong_backward, "fwd_bwd", causal), "status"] == "inexact"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +83,7 @@ def sweep_rows(modes: tuple[str, ...] = ("fwd", "fwd_bwd"),
 
 
 def test_plot_command_writes_nonempty_figures(tmp_path: Path) -> None:
-    run = write_run(tmp_path / "run", sweep_rows())
+    run = write_run(tmp_path / "run", sweep_rows(("fwd",)))
     assert main(["plot", str(run)]) == 0
     pngs = sorted((run / "plots").glob("*.png"))
     kinds = sorted(p.name.split("-")[0] for p in pngs)
@@ -161,6 +162,19 @@ def test_compare_change_inside_noise_band_is_not_a_regression(tmp_path: Path, ca
     assert "1 within noise" in capsys.readouterr().out
 
 
+def test_compare_verdict_needs_the_threshold_between_the_bands(tmp_path: Path, capsys) -> None:
+    """Medians 10% apart but bands (each +-5%) only 0.7% apart: both runs' spread leaves
+    room for a 5% threshold to be noise, so it is not a regression; at 2% threshold it is
+    still not (0.7% < 2%); a 20% change with the same bands is."""
+    old = timed("fmmformer", "fmm", 1024, 10.0, band=0.05)   # p80 10.5
+    new = timed("fmmformer", "fmm", 1024, 11.0, band=0.03)   # p20 10.67
+    assert compare_pair(tmp_path / "a", old, new) == 0
+    assert "1 within noise" in capsys.readouterr().out
+    assert compare_pair(tmp_path / "b", old, new, "--threshold", "2%") == 0
+    worse = timed("fmmformer", "fmm", 1024, 12.0, band=0.03)  # p20 11.64 > 10.5 * 1.05
+    assert compare_pair(tmp_path / "c", old, worse) == 1
+
+
 def test_compare_threshold(tmp_path: Path) -> None:
     old = timed("fmmformer", "fmm", 1024, 10.0, band=0.001)
     new = timed("fmmformer", "fmm", 1024, 10.3, band=0.001)  # +3%, beyond the tight band
@@ -228,6 +242,24 @@ def test_compare_malformed_or_mismatched_exits_2(tmp_path: Path, capsys, case: s
     assert main(["compare", str(old), str(new), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("column, cell, problem", [
+    ("value", "fast", "is not a number"), ("value", "1.2.3", "is not a number"),
+    ("status", "okay", "is not a status"), ("status", "", "is not a status"),
+    ("seq_len", "1k", "is not a positive integer"), ("seq_len", "0", "is not a positive integer"),
+    ("causal", "maybe", "is not True or False"),
+])  # fmt: skip
+def test_compare_rejects_a_cell_that_does_not_parse(tmp_path: Path, capsys, column: str,
+                                                    cell: str, problem: str) -> None:
+    rows = timed("fmmformer", "fmm", 1024, 10.0) + timed("fmmformer", "fmm", 2048, 20.0)
+    old = write_run(tmp_path / "old", rows)
+    rows[4][column] = cell  # the 5th data row: line 6 of the file
+    new = write_run(tmp_path / "new", rows)
+    assert main(["compare", str(old), str(new)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{new / 'results.csv'}:6: column '{column}': '{cell}' {problem}" in err
 
 
 # ---------------------------------------------------------------- analysis
@@ -313,11 +345,26 @@ def test_tidy_keeps_the_last_duplicate() -> None:
 # ---------------------------------------------------------------- report / README
 
 
-def test_report_rewrites_readme_between_markers(tmp_path: Path, capsys) -> None:
-    run = write_run(tmp_path / "results" / "run", sweep_rows(("fwd",), (False,)))
-    (run / "targets.md").write_text("| target | value |\n|---|---|\n| fmm fwd | 1 ms |\n")
-    readme = tmp_path / "README.md"
+def git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo,
+                   check=True, capture_output=True)
+
+
+def committed_repo(root: Path, ignore: str = "") -> tuple[Path, Path]:
+    """A git repository with a README (markers) and one committed run under results/run."""
+    run = write_run(root / "results" / "run", sweep_rows(("fwd",), (False,)))
+    readme = root / "README.md"
     readme.write_text(f"# top\n\n{START}\nstale\n{END}\n\n## Tests\nkeep me\n")
+    (root / ".gitignore").write_text(ignore)
+    git(root, "init", "-q")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "run")
+    return run, readme
+
+
+def test_report_rewrites_readme_between_markers(tmp_path: Path, capsys) -> None:
+    run, readme = committed_repo(tmp_path)
+    (run / "targets.md").write_text("| target | value |\n|---|---|\n| fmm fwd | 1 ms |\n")
     assert main(["report", str(run), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert text.startswith("# top\n\n" + START) and text.endswith(END + "\n\n## Tests\nkeep me\n")
@@ -329,6 +376,27 @@ def test_report_rewrites_readme_between_markers(tmp_path: Path, capsys) -> None:
     again = readme.read_text()
     assert main(["report", str(run), "--readme", str(readme)]) == 0
     assert readme.read_text() == again  # regenerating is idempotent
+
+
+@pytest.mark.parametrize("case", ["outside", "untracked", "modified", "ignored_plots"])
+def test_report_readme_refuses_runs_that_are_not_committed(tmp_path: Path, capsys,
+                                                           case: str) -> None:
+    run, readme = committed_repo(tmp_path / "repo", "results/run/plots/\n"
+                                 if case == "ignored_plots" else "")
+    before = readme.read_text()
+    if case == "outside":
+        run = write_run(tmp_path / "elsewhere", sweep_rows(("fwd",), (False,)))
+    elif case == "untracked":
+        run = write_run(tmp_path / "repo" / "results" / "runs" / "new", sweep_rows(("fwd",)))
+    elif case == "modified":
+        with open(run / "results.csv", "a") as f:
+            f.write("r1,x,fmm,{},time,fwd,1,2,1024,64,bf16,False,cuda,time_ms,1.0,ms,ok,\n")
+    assert main(["report", str(run), "--readme", str(readme)]) == 2
+    err = capsys.readouterr().err
+    expected = {"outside": "is outside the repository", "untracked": "is not committed",
+                "modified": "has uncommitted changes", "ignored_plots": "is ignored by git"}[case]
+    assert err.count("\n") == 1 and expected in err and "committed results" in err
+    assert readme.read_text() == before and not (run / "plots").exists()
 
 
 def test_report_errors_exit_2(tmp_path: Path, capsys) -> None:
@@ -347,3 +415,53 @@ def test_load_run_accepts_csv_and_directory(tmp_path: Path) -> None:
     run = write_run(tmp_path / "run", timed("fmmformer", "fmm", 1024, 1.0))
     a, b = load_run(run), load_run(run / "results.csv")
     assert a.meta == b.meta == META and a.dir == b.dir == run and a.name == "r1"
+
+
+# ---------------------------------------------------------------- figure legibility
+
+
+def visible_ticklabels(fig, ax, axis: str = "x") -> list:
+    """Window extents of the tick labels matplotlib actually draws on `axis`."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    ticks = getattr(ax, f"get_{axis}axis")().get_major_ticks() + \
+        getattr(ax, f"get_{axis}axis")().get_minor_ticks()
+    lo, hi = sorted(ax.get_xlim() if axis == "x" else ax.get_ylim())
+    boxes = []
+    for tick in ticks:
+        label = tick.label1
+        if label.get_visible() and label.get_text() and lo <= tick.get_loc() <= hi:
+            boxes.append(label.get_window_extent(renderer))
+    return boxes
+
+
+@pytest.mark.parametrize("spread", [(0.02, 0.15), (0.12, 0.9), (0.9, 1.4), (0.01, 400.0)])
+def test_accuracy_figure_x_tick_labels_do_not_overlap(spread) -> None:
+    lo, hi = spread
+    rows = []
+    for i, ms in enumerate(np.geomspace(lo, hi, 6)):
+        name = f"v{i}"
+        rows += timed(name, "linear", 4096, float(ms))
+        rows.append(row(name, "linear", 4096, 0.1 * (i + 1), suite="accuracy",
+                        metric="rel_err_vs_softmax"))
+    fig = accuracy_figure(tidy(pd.DataFrame(rows, columns=list(COLUMNS))), "t")
+    for ax in fig.axes:
+        boxes = visible_ticklabels(fig, ax)
+        assert len(boxes) >= 2
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                assert not a.overlaps(b), (spread, a, b)
+
+
+def test_scaling_legend_lists_only_variants_with_data() -> None:
+    rows = sweep_rows(("fwd",), (False,))
+    rows += [row("softmax_flex", "softmax", n, status="skipped", reason="cuda only")
+             for n in (1024, 2048)]
+    rows += [row("broken", "fmm", 1024, status="error", reason="boom")]
+    fig = scaling_figure(tidy(pd.DataFrame(rows, columns=list(COLUMNS))), "t")
+    labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+    assert "softmax_flex" not in labels and "broken" not in labels
+    assert {"softmax_naive", "softmax_sdpa", "fmmformer"} <= set(labels)

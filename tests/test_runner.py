@@ -5,18 +5,25 @@ import pandas as pd
 import pytest
 import torch
 
-from harness.config import BenchConfig
+from harness.config import BenchConfig, RunOptions
 from harness.registry import register_variant, unregister_variant
 from harness.results import COLUMNS, ResultsError, load_results
-from harness.runner import Sweep
+from harness.runner import Sweep as _Sweep
 from variants import load_builtin_variants
 
 load_builtin_variants()
 
 
+IN_PROCESS = RunOptions(isolate=False, case_timeout=0)
+
+
+def Sweep(config, run_dir, **kw):  # noqa: N802 - the runner's Sweep, in this process
+    return _Sweep(config, run_dir, options=kw.pop("options", IN_PROCESS), **kw)
+
+
 def tiny(**kw) -> BenchConfig:
     base = dict(variants=("softmax_naive", "fmmformer"), seq_lens=(32, 64), heads=2,
-                head_dim=16, rep_ms=5.0, warmup_ms=1.0, accuracy_rows=48)
+                head_dim=16, rep_ms=5.0, warmup_ms=1.0, accuracy_rows=48, min_samples=3)
     return BenchConfig(**{**base, **kw})
 
 
@@ -69,13 +76,13 @@ def test_end_to_end_schema_and_values(tmp_path):
 
 def test_resume_skips_finished_cases(tmp_path):
     run_dir = tmp_path / "run"
-    Sweep(tiny(seq_lens=(32,)), run_dir).run(["test"])
+    Sweep(tiny(seq_lens=(32,), variants=("softmax_naive",)), run_dir).run(["test"])
     first = load_results(run_dir)
     # Simulate a crash: keep only the first half of the rows (whole cases).
     keep = first.drop_duplicates(["variant", "suite", "mode", "causal"]).iloc[:5]
     kept = first.merge(keep[["variant", "suite", "mode", "causal"]])
     kept.to_csv(run_dir / "results.csv", index=False)
-    sweep = Sweep(tiny(seq_lens=(32,)), run_dir)
+    sweep = Sweep(tiny(seq_lens=(32,), variants=("softmax_naive",)), run_dir)
     assert sweep.total_cases() == len(first.drop_duplicates(
         ["variant", "suite", "mode", "causal"])) - 5
     sweep.run(["test"])
@@ -83,7 +90,7 @@ def test_resume_skips_finished_cases(tmp_path):
     key = ["variant", "suite", "mode", "causal", "metric"]
     assert len(resumed) == len(first)
     assert not resumed.duplicated(key).any()
-    assert Sweep(tiny(seq_lens=(32,)), run_dir).total_cases() == 0
+    assert Sweep(tiny(seq_lens=(32,), variants=("softmax_naive",)), run_dir).total_cases() == 0
 
 
 def test_failures_become_rows_and_sweep_goes_on(tmp_path, failing_variants):
@@ -139,3 +146,39 @@ def test_git_state_env_override_wins(monkeypatch) -> None:
     monkeypatch.delenv("ATTNBENCH_GIT_SHA")
     sha, _ = git_state()
     assert sha != "0123abc"
+
+
+def test_backend_detection_prints_nothing_and_bar_shows_eta(tmp_path, capfd):
+    """The profiler's native USDT lines must not land in the progress bar; the bar has an ETA."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    bar = StringIO()
+    config = tiny(variants=("softmax_sdpa",), seq_lens=(32,), suites=("accuracy",),
+                  causal=(False,))
+    run = Sweep(config, tmp_path / "run", console=Console(file=bar, width=200,
+                                                         force_terminal=True)).run(["test"])
+    captured = capfd.readouterr()
+    assert "USDT" not in captured.out + captured.err + bar.getvalue()
+    assert "eta" in bar.getvalue()
+    params = json.loads(load_results(run).params.iloc[0])
+    assert params["backend_ran"] in ("math", "flash", "efficient", "cudnn")
+
+
+def test_cpu_size_estimate_warns_on_a_large_sweep(tmp_path, monkeypatch):
+    import harness.estimate
+    from harness.estimate import attention_gflops, size_warning
+
+    assert 0 < attention_gflops(torch.float32) < 1e5  # the calibration itself
+    # this machine's rate varies with its other load: fix it at a 2-core CPU's typical one
+    monkeypatch.setattr(harness.estimate, "attention_gflops", lambda dtype: 10.0)
+
+    # README's custom-sweep example: bf16, H=16, N up to 16384
+    big = BenchConfig(variants=("softmax_naive", "fmmformer"), suites=("time", "memory"),
+                      seq_lens=(1024, 4096, 16384), heads=16, head_dim=64, dtype="bf16",
+                      causal=(True,), modes=("fwd", "fwd_bwd"))
+    line = size_warning(_Sweep(big, tmp_path / "big"))
+    assert line is not None and line.startswith("warning: 24 cases, roughly ")
+    assert "--seq-lens" in line and line.count("\n") == 0
+    assert size_warning(_Sweep(tiny(), tmp_path / "small")) is None

@@ -10,6 +10,7 @@ import pandas as pd
 from rich.console import Console
 
 from harness.reports.analysis import CLAIM_RULE, claim_check, crossovers, slopes
+from harness.reports.committed import uncommitted_reason
 from harness.reports.compare import compare_runs, parse_threshold, print_comparison
 from harness.reports.data import BEST, CONFIG, Run, load_run, ok_values
 from harness.reports.plots import write_plots
@@ -144,6 +145,11 @@ def _report(args: argparse.Namespace) -> int:
     _check_plot_args(runs, args)
     if args.readme:
         marker_span(args.readme)  # fail before the slow part, not after it
+        for path in [*args.runs, *(args.targets_with or [])]:
+            reason = uncommitted_reason(Path(path), args.readme)
+            if reason:
+                raise UsageError(f"not writing {args.readme}: {reason}; a README shows only "
+                                 "committed results")
     out = console()
     if args.targets_with is not None:  # the targets table is regenerated with the README
         extra = [load_run(p) for p in args.targets_with]

@@ -88,8 +88,11 @@ def compare_runs(
 ) -> Comparison:
     """Join two runs on the case key (plus device) and classify each change of `metric`.
 
-    A change is a regression when it is worse by more than `threshold` AND the two runs'
-    p20..p80 bands do not overlap (where a band exists; deterministic metrics have none).
+    A change is a regression when the medians differ by more than `threshold` AND so do the
+    two runs' p20..p80 bands at their closest: the new run's p20 time must exceed the old
+    run's p80 by more than `threshold` (for rates, the old p20 rate the new p80). Both runs'
+    spread so counts against a verdict. Metrics without a band (memory, accuracy) are judged
+    on their values alone.
     Raises `ResultsError` when `metric` is missing from a run or no case is shared.
     """
     for run, which in ((old, "old"), (new, "new")):
@@ -106,12 +109,23 @@ def compare_runs(
     table = ok[KEY].assign(old=ok["value_old"], new=ok["value_new"])
     with np.errstate(divide="ignore", invalid="ignore"):
         table["ratio"] = np.where(table["old"] == table["new"], 1.0, table["new"] / table["old"])
-    table["noise"] = _noise(table, noise_bands(old.df, metric), noise_bands(new.df, metric))
-    worse = table["ratio"] if metric not in HIGHER_IS_BETTER else 1 / table["ratio"]
-    beyond = table["noise"] != "within"
+    higher = metric in HIGHER_IS_BETTER
+    worse = table["ratio"] if not higher else 1 / table["ratio"]
+    bands = _bands(table, noise_bands(old.df, metric), noise_bands(new.df, metric))
+    known = bands[["lo_old", "hi_old", "lo_new", "hi_new"]].notna().all(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # The change as the two spreads least favour it: the new run's better quantile against
+        # the old run's worse one (and the reverse for an improvement).
+        worse_at_least = np.where(higher, bands["lo_old"] / bands["hi_new"],
+                                  bands["lo_new"] / bands["hi_old"])
+        better_at_least = np.where(higher, bands["lo_new"] / bands["hi_old"],
+                                   bands["lo_old"] / bands["hi_new"])
+    limit = 1 + threshold
+    slower = (worse > limit) & (~known | (worse_at_least > limit))
+    faster = (worse < 1 / limit) & (~known | (better_at_least > limit))
+    table["noise"] = np.where(~known, "n/a", np.where(slower | faster, "beyond", "within"))
     table["change"] = np.select(
-        [(worse > 1 + threshold) & beyond, (worse < 1 / (1 + threshold)) & beyond,
-         (worse > 1 + threshold) | (worse < 1 / (1 + threshold))],
+        [slower, faster, (worse > limit) | (worse < 1 / limit)],
         ["regression", "improvement", "within noise"], default="",
     )  # fmt: skip
     order = table["change"].map({"regression": 0, "improvement": 1}).fillna(2)
@@ -132,14 +146,11 @@ def compare_runs(
     )  # fmt: skip
 
 
-def _noise(table: pd.DataFrame, old: pd.DataFrame, new: pd.DataFrame) -> pd.Series:
-    """'within' when the old and new p20..p80 bands overlap, 'beyond' when not, 'n/a' unknown."""
+def _bands(table: pd.DataFrame, old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """Per row of `table`, the old and new p20..p80 bands (lo_old, hi_old, lo_new, hi_new)."""
     bands = table[KEY].merge(old, on=KEY, how="left").merge(new, on=KEY, how="left",
                                                            suffixes=("_old", "_new"))
-    known = bands[["lo_old", "hi_old", "lo_new", "hi_new"]].notna().all(axis=1)
-    apart = (bands["lo_new"] > bands["hi_old"]) | (bands["hi_new"] < bands["lo_old"])
-    noise = np.where(~known, "n/a", np.where(apart, "beyond", "within"))
-    return pd.Series(noise, index=table.index)
+    return bands.set_axis(table.index)
 
 
 def summary(comp: Comparison) -> str:

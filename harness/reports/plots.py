@@ -14,7 +14,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import LogFormatterSciNotation
+from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation, LogLocator, NullFormatter
 from matplotlib.transforms import blended_transform_factory
 
 from harness.registry import FAMILIES
@@ -41,8 +41,10 @@ def styles(df: pd.DataFrame) -> dict[str, dict]:
 
 
 def only(style: dict[str, dict], df: pd.DataFrame) -> dict[str, dict]:
-    """The styles of the variants that appear in `df` (what a legend should list)."""
-    present = set(df["variant"])
+    """The styles of the variants that have something to draw in `df`: an ok value, or an
+    OOM mark (what a legend should list; skipped and failed variants draw nothing)."""
+    drawn = (df["status"] == "ok") & df["value"].notna() | (df["status"] == "oom")
+    present = set(df.loc[drawn, "variant"])
     return {v: s for v, s in style.items() if v in present}
 
 
@@ -69,6 +71,22 @@ def log2_x(ax: Axes, label: bool = True) -> None:
     ax.xaxis.set_major_formatter(LogFormatterSciNotation(base=2))
     if label:
         ax.set_xlabel("sequence length N")
+
+
+def sparse_log_ticks(ax: Axes, min_ticks: int = 2) -> None:
+    """Label a log x axis with plain numbers at 1 per decade, else 1-2-5, else 1..9 per decade:
+    the coarsest of these that puts `min_ticks` labels inside the current limits. Minor ticks
+    stay unlabelled (matplotlib's own labels of minor ticks collide on short ranges)."""
+    lo, hi = sorted(ax.get_xlim())
+    for subs in ((1.0,), (1.0, 2.0, 5.0), tuple(float(i) for i in range(1, 10))):
+        locator = LogLocator(base=10, subs=subs)
+        inside = [t for t in locator.tick_values(lo, hi) if lo <= t <= hi]
+        if len(inside) >= min_ticks:
+            break
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlim(lo, hi)
 
 
 def no_data(ax: Axes) -> None:
@@ -262,6 +280,7 @@ def accuracy_figure(df: pd.DataFrame, title: str, length: int | None = None,
                         xytext=(0, 3), textcoords="offset points", fontsize=7, color="0.4")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        sparse_log_ticks(ax)
         ax.grid(True, which="major", alpha=0.3)
         ax.set_xlabel(f"{mode} time (ms)")
         ax.set_ylabel("rel. error vs exact softmax")

@@ -1,0 +1,111 @@
+"""Running cases in this process: build a variant for a shape once, then measure each case.
+
+A case that fails at run time (OOM, missing package, kernel error, NaN) becomes a row with a
+status and a reason. The same code runs in the sweep's own process (`--in-process`) and inside
+the isolating worker process (`harness.isolation`).
+"""
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import torch
+
+from harness.config import BenchConfig
+from harness.failures import Failure, classify
+from harness.quiet import silenced_fds
+from harness.registry import Shape, VariantConfig
+from harness.results import Case, Row
+from harness.roofline import Roofline
+from harness.trial import Trial, make_inputs
+from suites import SUITES
+
+Todo = list[tuple[Case, str]]  # (case, suite name) pairs of one variant at one shape
+
+
+class CaseRunner:
+    """Measures the cases of one variant configuration at one shape, in this process."""
+
+    def __init__(self, config: BenchConfig, roofline: Roofline | None = None):
+        self.config = config
+        self.device = torch.device(config.device)
+        self.roofline = roofline
+        self._inputs: tuple[Shape, tuple[torch.Tensor, ...]] | None = None
+
+    def inputs(self, shape: Shape) -> tuple[torch.Tensor, ...]:
+        """Seeded q, k, v of `shape`, made once per shape and shared by its variants."""
+        if self._inputs is None or self._inputs[0] != shape:
+            self._inputs = None
+            self.free_memory()
+            seed = self.config.seed + shape.seq_len
+            self._inputs = (shape, make_inputs(shape, self.device, seed))
+        return self._inputs[1]
+
+    def run_group(self, vc: VariantConfig, shape: Shape, todo: Todo) -> Iterator[list[Row]]:
+        """Yield the rows of each case in `todo`: the variant is built once for all of them."""
+        trial, failure = self.try_prepare(vc, shape)
+        for case, suite_name in todo:
+            yield self.rows_of(trial, failure, case, suite_name)
+
+    def try_prepare(self, vc: VariantConfig, shape: Shape) -> tuple[Trial | None, Failure | None]:
+        """The prepared trial, or the failure every case of this variant at this shape gets."""
+        try:
+            return self.prepare(vc, shape), None
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a result row
+            self.free_memory()
+            return None, classify(exc)
+
+    def rows_of(self, trial: Trial | None, failure: Failure | None, case: Case,
+                suite_name: str) -> list[Row]:
+        """One case's rows: its measurements, or one row with the failure's status."""
+        suite = SUITES[suite_name]
+        if failure is not None:
+            return [Row(case, suite.primary_metric, None, failure.status, failure.reason)]
+        return self.run_case(trial, case, suite)
+
+    def run_case(self, trial: Trial, case: Case, suite) -> list[Row]:
+        trial.flags.clear()
+        try:
+            metrics = suite.run(trial, case.mode)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a result row
+            failure = classify(exc)
+            self.free_memory()
+            return [Row(case, suite.primary_metric, None, failure.status, failure.reason)]
+        bad = [m for m, v in metrics.items() if v != v or v in (float("inf"), float("-inf"))]
+        if bad:
+            return [Row(case, suite.primary_metric, None, "nan", f"non-finite {', '.join(bad)}")]
+        return [Row(case, m, v, "inexact" if m in trial.flags else "ok", trial.flags.get(m, ""),
+                    extra_params=dict(trial.extra_params)) for m, v in metrics.items()]
+
+    def prepare(self, vc: VariantConfig, shape: Shape) -> Trial:
+        """Build the variant for `shape`; raise `Failure` when it cannot or should not run."""
+        spec = vc.spec
+        reason = spec.unavailable_reason(self.device) or spec.unsupported_reason(shape, vc.params)
+        if reason:
+            raise Failure("skipped", reason)
+        inputs = self.inputs(shape)
+        torch.manual_seed(self.config.seed)  # learnable weights start identical in every run
+        fn = vc.build(shape)
+        if isinstance(fn, torch.nn.Module):
+            fn = fn.to(self.device)
+        trial = Trial(vc, fn, shape, inputs, self.device, self.config, self.roofline)
+        out = trial.forward()  # the first call compiles; a NaN here fails every case
+        if not torch.isfinite(out).all():
+            raise Failure("nan", "forward output has NaN or Inf")
+        if hasattr(fn, "detect_backend"):
+            with silenced_fds():  # the profiler prints to the terminal from C++
+                trial.extra_params["backend_ran"] = fn.detect_backend(*inputs)
+        return trial
+
+    def free_memory(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            try:
+                torch.cuda.empty_cache()
+            except RuntimeError:  # a faulted kernel left the context unusable: the case's
+                pass  # row says so, and the isolating worker retires
+
+    def close(self) -> None:
+        """Drop the cached inputs."""
+        self._inputs = None
+        self.free_memory()
