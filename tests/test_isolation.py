@@ -39,7 +39,8 @@ def test_fault_sweep_in_the_worker_gets_each_status(tmp_path):
     run = Sweep(config, tmp_path / "run", options=RunOptions(case_timeout=4)).run(["test"])
     got = statuses(run)
     expected = {}
-    for suite, mode in (("time", "fwd"), ("time", "fwd_bwd"), ("accuracy", "fwd")):
+    for suite, mode in (("time", "fwd"), ("time", "fwd_bwd"), ("accuracy", "fwd"),
+                        ("accuracy", "fwd_bwd")):
         expected.update({
             ("fault_healthy", suite, mode): "ok", ("fault_raise", suite, mode): "error",
             ("fault_nan", suite, mode): "nan", ("fault_oom", suite, mode): "oom",
@@ -51,7 +52,7 @@ def test_fault_sweep_in_the_worker_gets_each_status(tmp_path):
     df = load_results(run)
     reasons = df.drop_duplicates(["variant", "mode", "suite"]).set_index(["variant", "mode"])
     assert "SIGABRT" in reasons.loc[("fault_abort", "fwd"), "reason"].iloc[0]
-    assert "--case-timeout" in reasons.loc[("fault_hang", "fwd_bwd"), "reason"]
+    assert "--case-timeout" in reasons.loc[("fault_hang", "fwd_bwd"), "reason"].iloc[0]
     assert "can't allocate memory" in reasons.loc[("fault_oom", "fwd"), "reason"].iloc[0]
     healthy = df[(df.variant == "fault_healthy") & (df.status == "ok")]
     metrics = {"time_ms", "time_ms_p20", "rel_err_vs_reference", "future_key_leak"}
