@@ -8,6 +8,9 @@
     python run_bench.py compare OLD NEW      # regressions between two runs
     python run_bench.py report RUN_DIR       # claim check, slopes, crossovers
     python run_bench.py targets RUN_DIR      # the kernel performance targets
+    python run_bench.py --inputs minilm      # q, k, v of a real model's attention
+    python run_bench.py capture --model DIR --text FILE --seq-len N --out QKV.safetensors
+    python run_bench.py dropin | lowrank | quality   # real-attention quality (harness.realcli)
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from rich.table import Table
 
 from harness.config import DTYPES, MODES, PRESETS, BenchConfig, ConfigError, default_device
 from harness.config import preset_config, validate, with_overrides
+from harness.inputs import default_lengths
+from harness.interpret import widen_bf16_dots
 from harness.registry import RegistryError, all_variants
 from harness.results import ResultsError, load_results, read_meta
 from harness.runner import Sweep, new_run_dir
@@ -30,6 +35,7 @@ from suites import SUITES
 from variants import load_builtin_variants
 
 REPORT_COMMANDS = ("plot", "compare", "report", "targets")
+REAL_COMMANDS = ("capture", "dropin", "lowrank", "quality")  # harness.realcli
 DEFAULT_ROOT = Path(__file__).resolve().parent / "results" / "runs"
 
 
@@ -80,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "launch path, which dominates short calls)")
     p.add_argument("--accuracy-rows", type=int, help="query rows sampled for references")
     p.add_argument("--seed", type=int)
+    p.add_argument("--inputs", type=csv_list(str), metavar="SOURCE[,SOURCE]",
+                   help="where q, k, v come from: randn (default), minilm (a real model's "
+                        "attention, N <= 512), file:PATH (from `run_bench.py capture`)")
     return p
 
 
@@ -121,13 +130,16 @@ def config_from_args(args) -> tuple[BenchConfig, Path]:
         validate(config)  # e.g. a CUDA run cannot be resumed on a CPU-only machine
         return config, args.resume
     device = args.device or default_device()
+    seq_lens = args.seq_lens
+    if seq_lens is None and args.inputs and "randn" not in args.inputs:
+        seq_lens = default_lengths(args.inputs)  # the preset's lengths may exceed a capture's
     config = with_overrides(
         preset_config(args.preset or "quick", device),
-        variants=args.variant, suites=args.suite, modes=args.mode, seq_lens=args.seq_lens,
+        variants=args.variant, suites=args.suite, modes=args.mode, seq_lens=seq_lens,
         batch=args.batch, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,
         causal=args.causal, params=tuple(args.param) or None, plugins=tuple(args.plugin) or None,
         rep_ms=args.rep_ms, accuracy_rows=args.accuracy_rows, seed=args.seed,
-        cuda_graph=args.cuda_graph or None,
+        cuda_graph=args.cuda_graph or None, inputs=args.inputs,
     )  # fmt: skip
     return config, args.out or new_run_dir(DEFAULT_ROOT, config)
 
@@ -140,7 +152,12 @@ def main(argv: list[str] | None = None) -> int:
             from harness.reports.cli import main as reports_main
 
             return reports_main(argv)
+        if argv and argv[0] in REAL_COMMANDS:
+            from harness.realcli import main as real_main
+
+            return real_main(argv)
         args = build_parser().parse_args(argv)
+        widen_bf16_dots()  # CPU runs of Triton kernels: the interpreter's bf16 dot is wrong
         load_builtin_variants()
         load_plugins(args.plugin)
         if args.list:

@@ -22,12 +22,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from harness.config import DTYPES, BenchConfig, ConfigError
 from harness.environment import fingerprint
+from harness.inputs import sources
 from harness.registry import RegistryError, Shape, VariantConfig, expand_configs, all_variants
 from harness.registry import get_variant, parse_param_overrides
 from harness.results import Case, ResultsWriter, Row, finished_case_keys, load_existing, read_meta
-from harness.results import write_meta
+from harness.results import DetailsWriter, write_meta
 from harness.roofline import Roofline, measure_roofline
-from harness.trial import Trial, make_inputs
+from harness.trial import Trial
 from suites import SUITES, suite_modes
 
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -64,15 +65,17 @@ def check_explicit_lengths(config: BenchConfig, configs: list[VariantConfig]) ->
     if not config.variants:
         return
     for vc in configs:
-        for n in config.seq_lens:
-            for causal in config.causal:
-                shape = Shape(config.batch, config.heads, n, config.head_dim, causal,
-                              config.torch_dtype)
-                if causal not in vc.spec.causal:  # a missing form is a skipped row, not bad input
-                    continue
-                reason = vc.spec.unsupported_reason(shape, vc.params)
-                if reason:
-                    raise RegistryError(f"{vc.label} cannot run N={n} causal={causal}: {reason}")
+        for src in sources(config):
+            for n in config.seq_lens:
+                for causal in config.causal:
+                    shape = src.shape(config, n, causal)
+                    if causal not in vc.spec.causal:  # a missing form is a skipped row
+                        continue
+                    reason = vc.spec.unsupported_reason(shape, vc.params)
+                    if reason:
+                        where = "" if src.name == "randn" else f" on inputs {src.name}"
+                        raise RegistryError(
+                            f"{vc.label} cannot run N={n} causal={causal}{where}: {reason}")
 
 
 def previous_ooms(df) -> dict[tuple, int]:
@@ -99,34 +102,39 @@ class Sweep:
         self.finished = finished_case_keys(existing)
         self.oom_at = previous_ooms(existing)
         self.roofline: Roofline | None = None
+        self.sources = sources(config)
 
-    def shapes(self) -> Iterator[Shape]:
-        for causal in self.config.causal:
-            for n in sorted(self.config.seq_lens):
-                yield Shape(self.config.batch, self.config.heads, n, self.config.head_dim,
-                            causal, self.config.torch_dtype)
+    def shapes(self) -> Iterator[tuple[str, Shape]]:
+        """(inputs name, shape) of every problem of the run: per source, causal, length."""
+        for src in self.sources:
+            for causal in self.config.causal:
+                for n in sorted(self.config.seq_lens):
+                    yield src.name, src.shape(self.config, n, causal)
 
-    def case(self, vc: VariantConfig, shape: Shape, suite: str, mode: str) -> Case:
+    def case(self, vc: VariantConfig, shape: Shape, suite: str, mode: str,
+             inputs: str = "randn") -> Case:
         return Case(
             variant=vc.label, family=vc.spec.family,
             params=json.dumps(vc.params, sort_keys=True), suite=suite, mode=mode,
             batch=shape.batch, heads=shape.heads, seq_len=shape.seq_len,
             head_dim=shape.head_dim, dtype=DTYPE_NAMES[shape.dtype], causal=shape.causal,
-            device=self.device.type,
+            device=self.device.type, inputs=inputs,
         )  # fmt: skip
 
-    def cases_for(self, vc: VariantConfig, shape: Shape) -> list[tuple[Case, str]]:
+    def cases_for(self, vc: VariantConfig, shape: Shape, inputs: str = "randn"
+                  ) -> list[tuple[Case, str]]:
         """(case, suite name) pairs of this variant at this shape still to be run."""
         todo = []
         for name in self.config.suites:
             for mode in suite_modes(SUITES[name], self.config.modes):
-                case = self.case(vc, shape, name, mode)
+                case = self.case(vc, shape, name, mode, inputs)
                 if case.key not in self.finished:
                     todo.append((case, name))
         return todo
 
     def total_cases(self) -> int:
-        return sum(len(self.cases_for(vc, s)) for s in self.shapes() for vc in self.configs)
+        return sum(len(self.cases_for(vc, s, name)) for name, s in self.shapes()
+                   for vc in self.configs)
 
     def write_meta(self, command: list[str]) -> None:
         """Write meta.json; a resumed run keeps its original meta and logs the resume."""
@@ -161,33 +169,42 @@ class Sweep:
             self.roofline = measure_roofline(self.device)
         self.write_meta(command or sys.argv)
         writer = ResultsWriter(self.run_dir, self.run_dir.name)
+        self.details = DetailsWriter(self.run_dir, self.run_dir.name)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn())
         try:
             with Progress(*columns, console=self.console, transient=False) as progress:
                 task = progress.add_task("cases", total=self.total_cases())
-                for shape in self.shapes():
-                    inputs = make_inputs(shape, self.device, self.config.seed + shape.seq_len)
-                    for vc in self.configs:
-                        todo = self.cases_for(vc, shape)
+                by_name = {src.name: src for src in self.sources}
+                for name, shape in self.shapes():
+                    todos = [self.cases_for(vc, shape, name) for vc in self.configs]
+                    if not any(todos):
+                        continue
+                    seed = self.config.seed + shape.seq_len
+                    inputs = by_name[name].tensors(shape, self.device, seed)
+                    for vc, todo in zip(self.configs, todos):
                         if not todo:
                             continue
                         progress.update(task, description=f"{vc.label} N={shape.seq_len}"
-                                        f"{' causal' if shape.causal else ''}")
-                        for rows in self.run_variant(vc, shape, inputs, todo):
+                                        f"{' causal' if shape.causal else ''}"
+                                        f"{'' if name == 'randn' else ' ' + name}")
+                        for rows in self.run_variant(vc, shape, inputs, todo, name):
                             writer.write(rows)
                             progress.advance(task)
                     del inputs
                     self.free_memory()
         finally:
             writer.close()
+            self.details.close()
         return self.run_dir
 
-    def run_variant(self, vc: VariantConfig, shape: Shape, inputs, todo) -> Iterator[list[Row]]:
+    def run_variant(self, vc: VariantConfig, shape: Shape, inputs, todo,
+                    inputs_name: str = "randn") -> Iterator[list[Row]]:
         """Yield the rows of each case of one variant at one shape."""
         trial, failure = None, None
         try:
             trial = self.prepare(vc, shape, inputs)
+            trial.inputs_name = inputs_name
         except Exception as exc:  # noqa: BLE001 - every failure becomes a result row
             failure = classify(exc)
             self.free_memory()
@@ -210,13 +227,17 @@ class Sweep:
             metrics = suite.run(trial, case.mode)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a result row
             failure = classify(exc)
+            trial.details.clear()
             self.free_memory()
             if failure.status == "oom":
                 self.oom_at.setdefault((case.variant, case.causal, case.mode), case.seq_len)
             return [Row(case, suite.primary_metric, None, failure.status, failure.reason)]
         bad = [m for m, v in metrics.items() if v != v or v in (float("inf"), float("-inf"))]
         if bad:
+            trial.details.clear()
             return [Row(case, suite.primary_metric, None, "nan", f"non-finite {', '.join(bad)}")]
+        self.details.write(case, trial.details)
+        trial.details.clear()
         return [Row(case, m, v, extra_params=dict(trial.extra_params)) for m, v in metrics.items()]
 
     def prepare(self, vc: VariantConfig, shape: Shape, inputs) -> Trial:

@@ -37,6 +37,8 @@ class Trial:
     config: BenchConfig
     roofline: Roofline | None = None
     extra_params: dict = field(default_factory=dict)
+    inputs_name: str = "randn"  # the q, k, v source (harness.inputs); captured: batch = layer
+    details: list[dict] = field(default_factory=list)  # per-head values a suite reports
 
     @property
     def learnable(self) -> list[torch.Tensor]:

@@ -9,6 +9,7 @@ from torch import nn
 
 from harness.registry import get_variant
 from harness.trial import Trial
+from suites.realinputs import per_head_metrics
 from variants.softmax import softmax_rows_reference
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -67,9 +68,12 @@ def run_accuracy(trial: Trial, mode: str) -> dict[str, float]:
         "max_abs_err_vs_reference": float((out.double() - ref).abs().max()),
         "rel_err_vs_softmax": relative_error(out, exact),
     }
+    low = None
     if trial.shape.dtype in LOW_PRECISION:
         low = softmax_rows_reference(q, k, v, index, trial.shape.causal)
         metrics["rel_err_softmax_floor"] = relative_error(low, exact)
+    if trial.inputs_name != "randn":  # captured inputs: per (layer, head), suites.realinputs
+        metrics.update(per_head_metrics(trial, out, exact, low))
     if rows is not None:
         trial.extra_params["ref_rows"] = len(rows)
     return metrics
