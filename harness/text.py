@@ -1,8 +1,8 @@
 """Real English prose that ships with Python: the language reference's topics in `pydoc_data`.
 
 The topics are split in two disjoint halves: `prose()` (even-numbered topics, in name order)
-is the text whose windows become captured inputs; `heldout_sentences()` (odd-numbered topics)
-gives the sentences the drop-in comparison embeds. Only prose paragraphs are kept: code
+is the text whose windows become captured inputs; `heldout_sentences()` and
+`heldout_passages()` (odd-numbered topics) give the texts the drop-in comparison embeds. Only prose paragraphs are kept: code
 samples (indented lines), grammar rules and heading underlines are dropped.
 """
 from __future__ import annotations
@@ -56,3 +56,18 @@ def heldout_sentences(count: int, min_words: int = 6, max_words: int = 40) -> li
                 if len(out) == count:
                     return out
     return out
+
+
+def heldout_passages(count: int, min_words: int = 60, max_words: int = 180) -> list[str]:
+    """The first `count` paragraphs of `min_words`..`max_words` words of the odd-numbered
+    topics (disjoint from `prose()`), in document order, without repeats."""
+    out: list[str] = []
+    for paragraph in _topics()[1]:
+        if min_words <= len(paragraph.split()) <= max_words and paragraph not in out:
+            out.append(paragraph)
+            if len(out) == count:
+                break
+    return out
+
+
+HELDOUT = {"sentences": heldout_sentences, "passages": heldout_passages}
