@@ -25,6 +25,7 @@ from rich.table import Table
 
 from harness.config import DTYPES, MODES, PRESETS, BenchConfig, ConfigError, default_device
 from harness.config import preset_config, validate, with_overrides
+from harness.inputs import CHOICES as INPUT_CHOICES
 from harness.inputs import default_lengths
 from harness.interpret import widen_bf16_dots
 from harness.registry import RegistryError, all_variants
@@ -118,6 +119,7 @@ def print_listing(console: Console, device: str) -> None:
     console.print(f"modes: {', '.join(MODES)}")
     console.print(f"presets: {', '.join(PRESETS)}")
     console.print(f"dtypes: {', '.join(DTYPES)}")
+    console.print(f"inputs: {', '.join(INPUT_CHOICES)}")
 
 
 def config_from_args(args) -> tuple[BenchConfig, Path]:

@@ -49,20 +49,29 @@ class QKV:
 
 
 def load_model(model_dir: str | Path):
-    """(model, tokenizer) of a local Hugging Face model directory, in eval mode, on the CPU.
+    """(model, tokenizer) of a local Hugging Face model directory (or a `.gguf` file, which
+    transformers dequantizes; that needs the `gguf` and `accelerate` packages), in eval mode,
+    on the CPU.
 
     Nothing is downloaded (`local_files_only`). Raises `CaptureError` when the directory or
     its config is missing or transformers cannot build the model.
     """
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging
 
+    logging.set_verbosity_error()  # no progress bars or notes: errors stay one line
+    logging.disable_progress_bar()
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise CaptureError(f"no Hugging Face model at {model_dir} (expected {model_dir}/config.json)")
+    options: dict = {"local_files_only": True}
+    if model_dir.suffix == ".gguf" and model_dir.is_file():
+        model_dir, options["gguf_file"] = model_dir.parent, model_dir.name
+    elif not (model_dir / "config.json").is_file():
+        raise CaptureError(f"no Hugging Face model at {model_dir} "
+                           f"(expected {model_dir}/config.json or a .gguf file)")
     try:
-        model = AutoModel.from_pretrained(model_dir, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
+        model = AutoModel.from_pretrained(model_dir, **options)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, **options)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
         raise CaptureError(f"cannot load the model at {model_dir}: {_first_line(exc)}") from None
     return model.eval(), tokenizer
 

@@ -99,13 +99,13 @@ def compare(exact: torch.Tensor, approx: torch.Tensor) -> dict[str, float]:
 
 def dropin_table(model, tokenizer, configs: list[VariantConfig], sentences: list[str],
                  dtype: torch.dtype = torch.float32, device: str = "cpu") -> pd.DataFrame:
-    """One row per variant: status, mean and min cosine to the exact model's embeddings,
-    retrieval@1, over `sentences`. A variant that cannot run is a row with its reason."""
+    """One row per variant: the number of texts, mean and min cosine to the exact model's
+    embeddings, retrieval@1, status. A variant that cannot run is a row with its reason."""
     exact = embed(model, tokenizer, sentences)
     rows = []
     for vc in configs:
         row = {"variant": vc.label, "family": vc.spec.family, "dtype": str(dtype).split(".")[-1],
-               "sentences": len(sentences)}
+               "count": len(sentences)}
         reason = vc.spec.unavailable_reason(torch.device(device))
         if reason is None:
             try:

@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     cap = sub.add_parser("capture", help="capture q, k, v of every attention layer of a model")
-    cap.add_argument("--model", type=Path, required=True, help="local Hugging Face model dir")
+    cap.add_argument("--model", type=Path, required=True,
+                     help="local Hugging Face model dir (or a .gguf file)")
     cap.add_argument("--text", type=Path, required=True, help="a text file to run the model on")
     cap.add_argument("--seq-len", type=int, required=True, help="tokens N to capture")
     cap.add_argument("--out", type=Path, required=True, help="output .safetensors file")

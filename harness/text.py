@@ -2,8 +2,9 @@
 
 The topics are split in two disjoint halves: `prose()` (even-numbered topics, in name order)
 is the text whose windows become captured inputs; `heldout_sentences()` and
-`heldout_passages()` (odd-numbered topics) give the texts the drop-in comparison embeds. Only prose paragraphs are kept: code
-samples (indented lines), grammar rules and heading underlines are dropped.
+`heldout_passages()` (odd-numbered topics) give the texts the drop-in comparison embeds.
+Only prose paragraphs are kept: code samples (indented lines), grammar rules and heading
+underlines are dropped.
 """
 from __future__ import annotations
 

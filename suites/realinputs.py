@@ -22,7 +22,8 @@ def head_errors(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 def summaries(name: str, errors: torch.Tensor) -> dict[str, float]:
     """`{name}_head_median`, `_head_p90`, `_head_max` of `errors` over every (layer, head)."""
     flat = errors.flatten()
-    return {f"{name}_head_{label}": float(torch.quantile(flat, q)) for label, q in SUMMARIES.items()}
+    return {f"{name}_head_{label}": float(torch.quantile(flat, q))
+            for label, q in SUMMARIES.items()}
 
 
 def per_head_metrics(trial: Trial, out: torch.Tensor, exact: torch.Tensor,
