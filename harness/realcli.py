@@ -230,19 +230,24 @@ def _quality(args: argparse.Namespace) -> int:
         if points.empty:
             raise UsageError(f"no variant has both non-causal accuracy rows in {args.run} and "
                              f"fwd time_ms rows at N={n} in {args.speed_run}")
+        n_acc = int(table["N"].iloc[0])
         figures.append(quality_vs_speed(
-            points, "median rel_err_vs_softmax over MiniLM heads (non-causal)",
+            points, f"median rel_err_vs_softmax over {table['inputs'].iloc[0]} heads, "
+                    f"N={n_acc}, non-causal",
             f"quality vs speed: time at N={n}, fwd, non-causal, bf16 ({where})",
             plots / "quality-vs-speed")[0])
         if dropin is not None and (dropin["status"] == "ok").any():
             wide = dropin_table(dropin)
-            col = next(c for c in wide.columns if c.endswith("mean cosine"))
+            cols = [c for c in wide.columns if c.endswith("mean cosine")]
+            # the kind most variants ran on; passages (the longer texts) on a tie
+            col = max(cols, key=lambda c: (wide[c].notna().sum(), c.startswith("passages")))
             wide = wide.assign(loss=1.0 - wide[col]).rename(columns={"loss": "one_minus"})
             points = speed_points(wide, speed.df, "one_minus", n)
             points["x"] = points["x"].clip(lower=1e-7)  # exact variants sit at the left edge
             if not points.empty:
                 figures.append(quality_vs_speed(
-                    points, f"1 - mean cosine to the exact model ({col.split()[0]}, drop-in)",
+                    points, f"1 - mean cosine to the exact model, drop-in, held-out "
+                            f"{col.split()[0]} (clipped at 1e-7)",
                     f"drop-in quality vs speed: time at N={n}, fwd, non-causal ({where})",
                     plots / "dropin-vs-speed")[0])
         note = (f"Speed: `time_ms` of the fwd, non-causal rows at N={n} of "
