@@ -9,6 +9,9 @@
     python run_bench.py compare OLD NEW      # regressions between two runs
     python run_bench.py report RUN_DIR       # claim check, slopes, crossovers
     python run_bench.py targets RUN_DIR      # the kernel performance targets
+    python run_bench.py --inputs minilm      # q, k, v of a real model's attention
+    python run_bench.py capture --model DIR --text FILE --seq-len N --out QKV.safetensors
+    python run_bench.py dropin | lowrank | quality   # real-attention quality (harness.realcli)
 
 `python run_bench.py plot|compare|report|targets --help` describes each report command.
 """
@@ -28,6 +31,8 @@ from harness.config import DTYPES, MODES, PRESETS, BenchConfig, ConfigError, Run
 from harness.config import default_device, flag, preset_config, validate, validate_options
 from harness.config import with_overrides
 from harness.plugins import load_plugins, plugin_path
+from harness.inputs import CHOICES as INPUT_CHOICES
+from harness.inputs import default_lengths
 from harness.registry import RegistryError, all_variants
 from harness.results import META_FILE, RESULTS_FILE, ResultsError, load_existing, load_results
 from harness.results import finished_case_keys, read_meta
@@ -38,6 +43,7 @@ from suites import SUITES
 from variants import load_builtin_variants
 
 REPORT_COMMANDS = ("plot", "compare", "report", "targets")
+REAL_COMMANDS = ("capture", "dropin", "lowrank", "quality")  # harness.realcli
 DEFAULT_ROOT = Path(__file__).resolve().parent / "results" / "runs"
 
 
@@ -118,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{RunOptions.case_timeout:g})")
     p.add_argument("--fail-fast", action="store_true",
                    help="stop at the first row whose status is not ok, exit 1")
+    p.add_argument("--inputs", type=csv_list(str), metavar="SOURCE[,SOURCE]",
+                   help="where q, k, v come from: randn (default), minilm (a real model's "
+                        "attention, N <= 512), file:PATH (from `run_bench.py capture`)")
     return p
 
 
@@ -128,6 +137,7 @@ CONFIG_FLAGS = {
     "dtype": "dtype", "causal": "causal", "param": "params", "plugin": "plugins",
     "device": "device", "rep_ms": "rep_ms", "min_samples": "min_samples",
     "accuracy_rows": "accuracy_rows", "seed": "seed", "cuda_graph": "cuda_graph",
+    "inputs": "inputs",
 }  # fmt: skip
 
 
@@ -149,6 +159,7 @@ def print_listing(console: Console, device: str) -> None:
     console.print(f"modes: {', '.join(MODES)}")
     console.print(f"presets: {', '.join(PRESETS)}")
     console.print(f"dtypes: {', '.join(DTYPES)}")
+    console.print(f"inputs: {', '.join(INPUT_CHOICES)}")
 
 
 def requested(args) -> dict:
@@ -206,8 +217,10 @@ def config_from_args(args) -> tuple[BenchConfig, Path]:
     if args.resume:
         return resumed_config(args.resume, args), args.resume
     device = args.device or default_device()
-    config = with_overrides(preset_config(args.preset or "quick", device), **{
-        k: v for k, v in requested(args).items() if k not in ("preset", "device")})
+    overrides = {k: v for k, v in requested(args).items() if k not in ("preset", "device")}
+    if "seq_lens" not in overrides and args.inputs and "randn" not in args.inputs:
+        overrides["seq_lens"] = default_lengths(args.inputs)  # a capture's lengths
+    config = with_overrides(preset_config(args.preset or "quick", device), **overrides)
     if args.out:
         check_new_run_dir(args.out)
     return config, args.out or new_run_dir(DEFAULT_ROOT, config)
@@ -243,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
             from harness.reports.cli import main as reports_main
 
             return reports_main(argv)
+        if argv and argv[0] in REAL_COMMANDS:
+            from harness.realcli import main as real_main
+
+            return real_main(argv)
         args = build_parser().parse_args(argv)
         load_builtin_variants()
         load_plugins(args.plugin or ())

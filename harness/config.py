@@ -40,6 +40,7 @@ class BenchConfig:
     accuracy_rows: int = 1024  # query rows sampled for float64 references above this N
     seed: int = 0
     cuda_graph: bool = False  # time CUDA-graph replays: the GPU without the Python launch path
+    inputs: tuple[str, ...] = ("randn",)  # q, k, v sources: randn, minilm, file:PATH
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -141,6 +142,9 @@ def validate(config: BenchConfig) -> None:
                               f"got {value!r}")
     if not config.seq_lens or any(not _is_int(n) or n < 1 for n in config.seq_lens):
         raise ConfigError(f"sequence lengths must be positive integers, got {list(config.seq_lens)}")
+    from harness.inputs import sources
+
+    sources(config)  # unknown names, unreadable files, lengths a source does not hold
 
 
 def validate_options(options: RunOptions) -> None:

@@ -17,7 +17,8 @@ from harness.quiet import silenced_fds
 from harness.registry import Shape, VariantConfig
 from harness.results import Case, Row
 from harness.roofline import Roofline
-from harness.trial import Trial, make_inputs
+from harness.inputs import source
+from harness.trial import Trial
 from suites import SUITES
 
 Todo = list[tuple[Case, str]]  # (case, suite name) pairs of one variant at one shape
@@ -30,27 +31,30 @@ class CaseRunner:
         self.config = config
         self.device = torch.device(config.device)
         self.roofline = roofline
-        self._inputs: tuple[Shape, tuple[torch.Tensor, ...]] | None = None
+        self._inputs: tuple[tuple[str, Shape], tuple[torch.Tensor, ...]] | None = None
 
-    def inputs(self, shape: Shape) -> tuple[torch.Tensor, ...]:
-        """Seeded q, k, v of `shape`, made once per shape and shared by its variants."""
-        if self._inputs is None or self._inputs[0] != shape:
+    def inputs(self, shape: Shape, name: str = "randn") -> tuple[torch.Tensor, ...]:
+        """q, k, v of `shape` from input source `name` (`harness.inputs`; randn seeded by the
+        length), made once per (source, shape) and shared by its variants."""
+        if self._inputs is None or self._inputs[0] != (name, shape):
             self._inputs = None
             self.free_memory()
             seed = self.config.seed + shape.seq_len
-            self._inputs = (shape, make_inputs(shape, self.device, seed))
+            self._inputs = ((name, shape), source(name).tensors(shape, self.device, seed))
         return self._inputs[1]
 
-    def run_group(self, vc: VariantConfig, shape: Shape, todo: Todo) -> Iterator[list[Row]]:
+    def run_group(self, vc: VariantConfig, shape: Shape, todo: Todo,
+                  inputs: str = "randn") -> Iterator[list[Row]]:
         """Yield the rows of each case in `todo`: the variant is built once for all of them."""
-        trial, failure = self.try_prepare(vc, shape)
+        trial, failure = self.try_prepare(vc, shape, inputs)
         for case, suite_name in todo:
             yield self.rows_of(trial, failure, case, suite_name)
 
-    def try_prepare(self, vc: VariantConfig, shape: Shape) -> tuple[Trial | None, Failure | None]:
+    def try_prepare(self, vc: VariantConfig, shape: Shape,
+                    inputs: str = "randn") -> tuple[Trial | None, Failure | None]:
         """The prepared trial, or the failure every case of this variant at this shape gets."""
         try:
-            return self.prepare(vc, shape), None
+            return self.prepare(vc, shape, inputs), None
         except Exception as exc:  # noqa: BLE001 - every failure becomes a result row
             self.free_memory()
             return None, classify(exc)
@@ -65,6 +69,7 @@ class CaseRunner:
 
     def run_case(self, trial: Trial, case: Case, suite) -> list[Row]:
         trial.flags.clear()
+        trial.details.clear()
         try:
             metrics = suite.run(trial, case.mode)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a result row
@@ -74,21 +79,25 @@ class CaseRunner:
         bad = [m for m, v in metrics.items() if v != v or v in (float("inf"), float("-inf"))]
         if bad:
             return [Row(case, suite.primary_metric, None, "nan", f"non-finite {', '.join(bad)}")]
-        return [Row(case, m, v, "inexact" if m in trial.flags else "ok", trial.flags.get(m, ""),
+        rows = [Row(case, m, v, "inexact" if m in trial.flags else "ok", trial.flags.get(m, ""),
                     extra_params=dict(trial.extra_params)) for m, v in metrics.items()]
+        if rows:
+            rows[0].details = list(trial.details)
+        return rows
 
-    def prepare(self, vc: VariantConfig, shape: Shape) -> Trial:
+    def prepare(self, vc: VariantConfig, shape: Shape, inputs_name: str = "randn") -> Trial:
         """Build the variant for `shape`; raise `Failure` when it cannot or should not run."""
         spec = vc.spec
         reason = spec.unavailable_reason(self.device) or spec.unsupported_reason(shape, vc.params)
         if reason:
             raise Failure("skipped", reason)
-        inputs = self.inputs(shape)
+        inputs = self.inputs(shape, inputs_name)
         torch.manual_seed(self.config.seed)  # learnable weights start identical in every run
         fn = vc.build(shape)
         if isinstance(fn, torch.nn.Module):
             fn = fn.to(self.device)
-        trial = Trial(vc, fn, shape, inputs, self.device, self.config, self.roofline)
+        trial = Trial(vc, fn, shape, inputs, self.device, self.config, self.roofline,
+                      inputs_name=inputs_name)
         out = trial.forward()  # the first call compiles; a NaN here fails every case
         if not torch.isfinite(out).all():
             raise Failure("nan", "forward output has NaN or Inf")

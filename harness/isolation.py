@@ -109,7 +109,8 @@ class IsolatedRunner:
         self.case_timeout = case_timeout
         self.worker: Worker | None = None
 
-    def run_group(self, vc: VariantConfig, shape: Shape, todo: Todo) -> Iterator[list[Row]]:
+    def run_group(self, vc: VariantConfig, shape: Shape, todo: Todo,
+                  inputs: str = "randn") -> Iterator[list[Row]]:
         """Yield the rows of each case in `todo`, in order, whatever happens to the worker."""
         pending = list(todo)
         while pending:
@@ -117,7 +118,7 @@ class IsolatedRunner:
                 self.worker = Worker(self.config, self.roofline, self.log_path)
             prepared = False
             try:
-                self.worker.send(("job", vc.spec.name, vc.params, shape, pending))
+                self.worker.send(("job", vc.spec.name, vc.params, shape, inputs, pending))
                 while True:  # until the worker says the job is done (or retires)
                     kind, payload = self.worker.receive(self.case_timeout)
                     if kind == "prepared":
@@ -175,8 +176,9 @@ def worker_main(conn: Connection, config: dict, roofline: dict | None, log_path:
             job = conn.recv()
         except EOFError:
             return
-        _, name, params, shape, todo = job
-        trial, failure = runner.try_prepare(VariantConfig(get_variant(name), params), shape)
+        _, name, params, shape, inputs, todo = job
+        trial, failure = runner.try_prepare(VariantConfig(get_variant(name), params), shape,
+                                            inputs)
         conn.send(("prepared", None))
         poisoned = False
         for case, suite_name in todo:

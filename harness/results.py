@@ -11,11 +11,15 @@ import pandas as pd
 
 COLUMNS = (
     "run_id", "variant", "family", "params", "suite", "mode", "batch", "heads", "seq_len",
-    "head_dim", "dtype", "causal", "device", "metric", "value", "unit", "status", "reason",
+    "head_dim", "dtype", "causal", "device", "inputs", "metric", "value", "unit", "status",
+    "reason",
 )  # fmt: skip
+# Columns a results file may lack (written before they existed), with the value they then mean.
+OPTIONAL_COLUMNS = {"inputs": "randn"}
 # The columns that identify one case; a resumed run skips cases whose key is already written.
 CASE_KEY = (
     "variant", "suite", "mode", "batch", "heads", "seq_len", "head_dim", "dtype", "causal",
+    "inputs",
 )  # fmt: skip
 # `inexact`: a measured value beyond the limit its suite states (the value is kept).
 STATUSES = ("ok", "oom", "skipped", "error", "nan", "timeout", "inexact")
@@ -38,9 +42,17 @@ METRIC_UNITS = {
     "floor_ratio": "x",
     **{f"rel_err_{g}_{kind}": "ratio" for g in ("dq", "dk", "dv", "dweights")
        for kind in ("vs_reference", "floor")},
+    **{f"{m}_head_{q}": "ratio" for m in ("rel_err_vs_softmax", "rel_err_softmax_floor")
+       for q in ("median", "p90", "max")},
 }
 RESULTS_FILE = "results.csv"
 META_FILE = "meta.json"
+# Per-head values of captured inputs (batch index = layer): one row per (case, layer, head).
+DETAILS_FILE = "heads.csv"
+DETAIL_COLUMNS = (
+    "run_id", "variant", "inputs", "dtype", "device", "causal", "seq_len", "layer", "head",
+    "rel_err_vs_softmax", "rel_err_softmax_floor",
+)  # fmt: skip
 
 
 class ResultsError(ValueError):
@@ -63,6 +75,7 @@ class Case:
     dtype: str
     causal: bool
     device: str
+    inputs: str = "randn"
 
     @property
     def key(self) -> tuple:
@@ -79,6 +92,9 @@ class Row:
     status: str = "ok"
     reason: str = ""
     extra_params: dict = field(default_factory=dict)
+    # Per-head values the case's suite reported (captured inputs), for `heads.csv`; a case's
+    # first row carries them.
+    details: list[dict] = field(default_factory=list)
 
     def as_dict(self, run_id: str) -> dict:
         d = asdict(self.case)
@@ -97,6 +113,8 @@ class ResultsWriter:
         self.path = Path(run_dir) / RESULTS_FILE
         self.run_id = run_id
         new = not self.path.exists() or self.path.stat().st_size == 0
+        if not new:
+            upgrade_columns(self.path)
         self._file = open(self.path, "a", newline="")
         self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS, lineterminator="\n")
         if new:
@@ -110,6 +128,48 @@ class ResultsWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+class DetailsWriter:
+    """Appends per-head rows to `heads.csv` (created on the first row), flushed per case."""
+
+    def __init__(self, run_dir: Path, run_id: str):
+        self.path = Path(run_dir) / DETAILS_FILE
+        self.run_id = run_id
+        self._file = None
+        self._writer = None
+
+    def write(self, case: Case, details: list[dict]) -> None:
+        if not details:
+            return
+        if self._file is None:
+            new = not self.path.exists() or self.path.stat().st_size == 0
+            self._file = open(self.path, "a", newline="")
+            self._writer = csv.DictWriter(self._file, fieldnames=DETAIL_COLUMNS, restval="")
+            if new:
+                self._writer.writeheader()
+        base = {c: getattr(case, c) for c in DETAIL_COLUMNS if hasattr(case, c)}
+        for detail in details:
+            self._writer.writerow({**base, "run_id": self.run_id, **detail})
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def load_details(run_dir: str | Path) -> pd.DataFrame:
+    """The per-head rows of a run (empty when it has none); the newest row of a repeated
+    (variant, inputs, dtype, device, causal, seq_len, layer, head) wins."""
+    path = Path(run_dir) / DETAILS_FILE
+    if not path.is_file() or path.stat().st_size == 0:
+        return pd.DataFrame(columns=list(DETAIL_COLUMNS))
+    df = pd.read_csv(path, keep_default_na=False, dtype={"variant": str, "inputs": str})
+    for col in ("rel_err_vs_softmax", "rel_err_softmax_floor"):
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    df["causal"] = df["causal"].astype(str).str.lower().isin(["true", "1"])
+    key = [c for c in DETAIL_COLUMNS[1:9]]
+    return df.drop_duplicates(key, keep="last").reset_index(drop=True)
 
 
 def load_results(path: str | Path) -> pd.DataFrame:
@@ -128,10 +188,13 @@ def load_results(path: str | Path) -> pd.DataFrame:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise ResultsError(f"{path} is not a readable CSV: {str(exc).splitlines()[0]}") from None
-    missing = [c for c in COLUMNS if c not in df.columns]
+    missing = [c for c in COLUMNS if c not in df.columns and c not in OPTIONAL_COLUMNS]
     if missing:
         raise ResultsError(f"{path} is not an attnbench results file: missing {', '.join(missing)}")
     check_cells(df, path)
+    for col, value in OPTIONAL_COLUMNS.items():
+        if col not in df.columns:
+            df.insert(COLUMNS.index(col), col, value)
     df["value"] = pd.to_numeric(df["value"], errors="coerce")
     for col in INT_CELLS:
         df[col] = df[col].astype(int)
@@ -171,6 +234,14 @@ def _is_positive_int(cell: str) -> bool:
         return int(cell) >= 1
     except ValueError:
         return False
+def upgrade_columns(path: Path) -> None:
+    """Rewrite a results file whose header lacks an optional column, adding that column with
+    the value it means, so that rows appended in today's column order line up."""
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), [])
+    if all(c in header for c in COLUMNS):
+        return
+    load_results(path).to_csv(path, index=False, columns=list(COLUMNS))
 
 
 def load_existing(run_dir: Path) -> pd.DataFrame:

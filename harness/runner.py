@@ -24,11 +24,12 @@ from rich.progress import (
 from harness.config import DTYPES, BenchConfig, ConfigError, RunOptions
 from harness.environment import fingerprint
 from harness.executor import CaseRunner
+from harness.inputs import sources
 from harness.failures import Failure, classify  # noqa: F401 - re-exported for callers
 from harness.registry import RegistryError, Shape, VariantConfig, expand_configs, all_variants
 from harness.registry import get_variant, parse_param_overrides
 from harness.results import Case, ResultsWriter, Row, finished_case_keys, load_existing, read_meta
-from harness.results import write_meta
+from harness.results import DetailsWriter, write_meta
 from harness.roofline import Roofline, measure_roofline
 from suites import SUITES, suite_modes
 
@@ -43,12 +44,18 @@ def resolve_configs(config: BenchConfig) -> list[VariantConfig]:
     return expand_configs(names, parse_param_overrides(config.params))
 
 
+def sweep_problems(config: BenchConfig) -> Iterator[tuple[str, Shape]]:
+    """(inputs name, shape) of every problem of the sweep: per input source (which fixes the
+    shape of captured inputs), causal flags, then lengths in increasing order."""
+    for src in sources(config):
+        for causal in config.causal:
+            for n in sorted(config.seq_lens):
+                yield src.name, src.shape(config, n, causal)
+
+
 def sweep_shapes(config: BenchConfig) -> Iterator[Shape]:
-    """Every shape of the sweep: causal flags outermost, then lengths in increasing order."""
-    for causal in config.causal:
-        for n in sorted(config.seq_lens):
-            yield Shape(config.batch, config.heads, n, config.head_dim, causal,
-                        config.torch_dtype)
+    """Every shape of the sweep (see `sweep_problems`)."""
+    return (shape for _, shape in sweep_problems(config))
 
 
 def check_explicit_lengths(config: BenchConfig, configs: list[VariantConfig]) -> None:
@@ -122,30 +129,33 @@ class Sweep:
         self.written = 0
         self.stopped_at: Row | None = None
 
-    def shapes(self) -> Iterator[Shape]:
-        return sweep_shapes(self.config)
+    def problems(self) -> Iterator[tuple[str, Shape]]:
+        return sweep_problems(self.config)
 
-    def case(self, vc: VariantConfig, shape: Shape, suite: str, mode: str) -> Case:
+    def case(self, vc: VariantConfig, shape: Shape, suite: str, mode: str,
+             inputs: str = "randn") -> Case:
         return Case(
             variant=vc.label, family=vc.spec.family,
             params=json.dumps(vc.params, sort_keys=True), suite=suite, mode=mode,
             batch=shape.batch, heads=shape.heads, seq_len=shape.seq_len,
             head_dim=shape.head_dim, dtype=DTYPE_NAMES[shape.dtype], causal=shape.causal,
-            device=self.device.type,
+            device=self.device.type, inputs=inputs,
         )  # fmt: skip
 
-    def cases_for(self, vc: VariantConfig, shape: Shape) -> list[tuple[Case, str]]:
+    def cases_for(self, vc: VariantConfig, shape: Shape,
+                  inputs: str = "randn") -> list[tuple[Case, str]]:
         """(case, suite name) pairs of this variant at this shape still to be run."""
         todo = []
         for name in self.config.suites:
             for mode in suite_modes(SUITES[name], self.config.modes):
-                case = self.case(vc, shape, name, mode)
+                case = self.case(vc, shape, name, mode, inputs)
                 if case.key not in self.finished:
                     todo.append((case, name))
         return todo
 
     def total_cases(self) -> int:
-        return sum(len(self.cases_for(vc, s)) for s in self.shapes() for vc in self.configs)
+        return sum(len(self.cases_for(vc, shape, name))
+                   for name, shape in self.problems() for vc in self.configs)
 
     def write_meta(self, command: list[str]) -> None:
         """Write meta.json; a resumed run keeps its original meta and logs the resume."""
@@ -190,21 +200,24 @@ class Sweep:
             torch.cuda.empty_cache()
         self.write_meta(command or sys.argv)
         writer = ResultsWriter(self.run_dir, self.run_dir.name)
+        details = DetailsWriter(self.run_dir, self.run_dir.name)
         executor = self.executor()
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
         try:
             with Progress(*columns, console=self.console, transient=False) as progress:
                 task = progress.add_task("cases", total=self.total_cases())
-                for shape in self.shapes():
+                for name, shape in self.problems():
                     for vc in self.configs:
-                        todo = self.cases_for(vc, shape)
+                        todo = self.cases_for(vc, shape, name)
                         if not todo:
                             continue
                         progress.update(task, description=f"{vc.label} N={shape.seq_len}"
-                                        f"{' causal' if shape.causal else ''}")
-                        for rows in self.run_variant(executor, vc, shape, todo):
+                                        f"{' causal' if shape.causal else ''}"
+                                        f"{'' if name == 'randn' else ' ' + name}")
+                        for rows in self.run_variant(executor, vc, shape, todo, name):
                             writer.write(rows)
+                            details.write(rows[0].case, rows[0].details)
                             self.written += 1
                             progress.advance(task)
                             failed = [r for r in rows if r.status != "ok"]
@@ -216,9 +229,11 @@ class Sweep:
         finally:
             executor.close()
             writer.close()
+            details.close()
         return self.run_dir
 
-    def run_variant(self, executor, vc: VariantConfig, shape: Shape, todo) -> Iterator[list[Row]]:
+    def run_variant(self, executor, vc: VariantConfig, shape: Shape, todo,
+                    inputs: str = "randn") -> Iterator[list[Row]]:
         """Yield the rows of each case of one variant at one shape; lengths above one where
         the same (variant, causal, mode) ran out of memory are `oom` rows without running."""
         to_run = []
@@ -231,7 +246,7 @@ class Sweep:
                 to_run.append((case, suite_name))
         if not to_run:
             return
-        for rows in executor.run_group(vc, shape, to_run):
+        for rows in executor.run_group(vc, shape, to_run, inputs):
             if any(r.status == "oom" for r in rows):
                 self.oom_at.setdefault((vc.label, shape.causal, rows[0].case.mode), shape.seq_len)
             yield rows

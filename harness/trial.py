@@ -39,6 +39,8 @@ class Trial:
     extra_params: dict = field(default_factory=dict)
     # Metrics of the current case that a suite flags `inexact`, with the reason.
     flags: dict[str, str] = field(default_factory=dict)
+    inputs_name: str = "randn"  # the q, k, v source (harness.inputs); captured: batch = layer
+    details: list[dict] = field(default_factory=list)  # per-head values a suite reports
 
     @property
     def learnable(self) -> list[torch.Tensor]:

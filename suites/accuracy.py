@@ -16,6 +16,7 @@ from torch import nn
 from harness.registry import get_variant
 from harness.trial import Trial
 from suites.causality import check_causal
+from suites.realinputs import per_head_metrics
 from variants.softmax import softmax_rows_reference
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -137,9 +138,12 @@ def forward_metrics(trial: Trial, rows) -> tuple[dict[str, float], str]:
         "max_abs_err_vs_reference": float((out.double() - ref).abs().max()),
         "rel_err_vs_softmax": relative_error(out, exact),
     }
+    low_exact = None
     if trial.shape.dtype in LOW_PRECISION:
         low_exact = exact_softmax(trial, trial.shape.dtype, rows)
         metrics["rel_err_softmax_floor"] = relative_error(low_exact, exact)
+    if trial.inputs_name != "randn":  # captured inputs: per (layer, head), suites.realinputs
+        metrics.update(per_head_metrics(trial, out, exact, low_exact))
     return metrics, reason
 
 

@@ -1,0 +1,122 @@
+"""Where a sweep's q, k, v come from: the `--inputs` axis.
+
+- `randn`: seeded `torch.randn` of the configured shape (`harness.trial.make_inputs`).
+- `minilm`: q, k, v of every layer and head of all-MiniLM-L6-v2 on the first N tokens of
+  Python's own documentation prose (N <= 512), captured when first asked for.
+- `file:PATH`: a q, k, v file written by `run_bench.py capture` (`harness.capture`); a length
+  N below the file's takes its first N positions.
+
+A captured source fixes the problem's shape: batch = the model's layers, heads and head_dim the
+model's; only the length, causality and dtype come from the configuration. Its batch index is
+the layer, so per-head results name (layer, head) as (batch index, head index).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from harness.capture import QKV, CaptureError, load_qkv, read_header
+from harness.config import BenchConfig, ConfigError
+from harness.registry import Shape
+from harness.trial import make_inputs
+
+RANDN = "randn"
+CHOICES = ("randn", "minilm", "file:PATH")
+
+
+@dataclass(frozen=True)
+class RandnInputs:
+    """Seeded normal q, k, v of the configured shape."""
+
+    name: str = RANDN
+    captured: bool = False
+    default_lengths: tuple[int, ...] = ()
+
+    def shape(self, config: BenchConfig, n: int, causal: bool) -> Shape:
+        return Shape(config.batch, config.heads, n, config.head_dim, causal, config.torch_dtype)
+
+    def check_length(self, n: int) -> None:
+        pass
+
+    def tensors(self, shape: Shape, device: torch.device, seed: int) -> tuple[torch.Tensor, ...]:
+        return make_inputs(shape, device, seed)
+
+
+@dataclass(frozen=True)
+class CapturedInputs:
+    """q, k, v captured from a model: `dims` = (layers, heads, max N, head_dim)."""
+
+    name: str
+    dims: tuple[int, int, int, int]
+    loader: object  # n -> QKV of length n
+    captured: bool = True
+
+    @property
+    def default_lengths(self) -> tuple[int, ...]:
+        top = self.dims[2]
+        return tuple(n for n in (128, 256) if n < top) + (top,)
+
+    def shape(self, config: BenchConfig, n: int, causal: bool) -> Shape:
+        layers, heads, _, head_dim = self.dims
+        return Shape(layers, heads, n, head_dim, causal, config.torch_dtype)
+
+    def check_length(self, n: int) -> None:
+        if n > self.dims[2]:
+            raise ConfigError(f"inputs '{self.name}' hold N <= {self.dims[2]}; got N={n}")
+
+    def qkv(self, n: int) -> QKV:
+        try:
+            return self.loader(n)
+        except CaptureError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def tensors(self, shape: Shape, device: torch.device, seed: int) -> tuple[torch.Tensor, ...]:
+        qkv = self.qkv(shape.seq_len)
+        return tuple(t.to(device=device, dtype=shape.dtype) for t in (qkv.q, qkv.k, qkv.v))
+
+
+@functools.cache
+def _file_qkv(path: str) -> QKV:
+    return load_qkv(path)
+
+
+def source(spec: str) -> RandnInputs | CapturedInputs:
+    """The input source named by `spec`; `ConfigError` (one line) for anything else."""
+    if spec == RANDN:
+        return RandnInputs()
+    try:
+        if spec == "minilm":
+            from harness import minilm
+
+            layers, heads, head_dim = minilm.dims()
+            return CapturedInputs("minilm", (layers, heads, minilm.MAX_LEN, head_dim),
+                                  minilm.capture)
+        if spec.startswith("file:") and len(spec) > 5:
+            path = str(Path(spec[5:]).resolve())
+            shapes, _ = read_header(path)
+            return CapturedInputs(spec, shapes["q"], lambda n: _file_qkv(path).prefix(n))
+    except CaptureError as exc:
+        raise ConfigError(str(exc)) from None
+    raise ConfigError(f"unknown inputs '{spec}'; valid: {', '.join(CHOICES)}")
+
+
+def sources(config: BenchConfig) -> list[RandnInputs | CapturedInputs]:
+    """The configuration's input sources, each checked against its lengths."""
+    out = [source(spec) for spec in config.inputs]
+    for src in out:
+        for n in config.seq_lens:
+            src.check_length(n)
+    return out
+
+
+def default_lengths(specs) -> tuple[int, ...]:
+    """Lengths a run on captured sources takes when none are given: the first captured
+    source's (up to its full length); `ConfigError` for a bad source name."""
+    for spec in specs:
+        src = source(spec)
+        if src.captured:
+            return src.default_lengths
+    return ()

