@@ -54,12 +54,12 @@ def estimate_seconds(sweep) -> float:
              "fp64": attention_gflops(torch.float64)}
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     total = 0.0
-    for shape in sweep.shapes():
+    for name, shape in sweep.problems():
         for vc in sweep.configs:
             spec = vc.spec
             if spec.unavailable_reason(sweep.device) or spec.unsupported_reason(shape, vc.params):
                 continue
-            todo = sweep.cases_for(vc, shape)
+            todo = sweep.cases_for(vc, shape, name)
             if not todo:
                 continue
             slow = INTERPRETER_SLOWDOWN if interpret and interpreted(vc) else 1.0

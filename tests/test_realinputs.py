@@ -14,6 +14,7 @@ from harness import minilm
 from harness.capture import QKV, CaptureError, capture_qkv, load_model, load_qkv, save_qkv
 from harness.capture import token_ids
 from harness.config import BenchConfig
+from harness.registry import Shape, all_variants
 from harness.lowrank import energy_rank, residual_spectra, verdict
 from harness.results import COLUMNS, ResultsWriter, load_details, load_results
 from harness.runner import Sweep
@@ -120,9 +121,18 @@ def test_capture_command_writes_loadable_files(bert, llama_dir, tmp_path, capsys
         assert qkv.meta["format"] == "attnbench.qkv"
 
 
+def no_form(spec) -> tuple[str, ...]:
+    """The reasons a variant gives for a causal form it lacks (a skipped row, not bad input)."""
+    return tuple(f"{spec.name} has no {form} form" for form in ("causal", "non-causal"))
+
+
 def test_every_variant_on_captured_inputs(small_capture, tmp_path):
+    shapes = [Shape(2, 4, 40, 32, causal) for causal in (False, True)]
+    builtins = tuple(  # the built-ins that take the shape (not other test modules' plugins)
+        s.name for s in all_variants() if s.factory.__module__.startswith("variants.")
+        and all(s.unsupported_reason(shape, s.params) in (None, *no_form(s)) for shape in shapes))
     config = BenchConfig(inputs=(f"file:{small_capture}",), seq_lens=(40,), suites=("accuracy",),
-                         accuracy_rows=1024)
+                         accuracy_rows=1024, variants=builtins)
     run = Sweep(config, tmp_path / "run").run(["test"])
     df = load_results(run)
     assert set(df.inputs) == {f"file:{small_capture}"}
