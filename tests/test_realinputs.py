@@ -286,15 +286,20 @@ def test_bad_input_is_one_line_exit_2(tmp_path, small_capture, capsys):
         (["lowrank", "--inputs", "randn", "--out", str(tmp_path)], "lowrank needs captured"),
         (["dropin", "--texts", "poems", "--out", str(tmp_path)],
          "unknown --texts 'poems'; valid: sentences, passages"),
+        (["capture", "--model", str(minilm.model_dir()), "--text", str(text), "--seq-len", "64",
+          "--out", str(tmp_path / "o.safetensors")],
+         "the text has 6 tokens; --seq-len 64 needs at least 64"),
     ]
     for args, expected in cases:
         device = ["--device", "cpu"] if args[0].startswith("--") else []
         code = run_bench.main([*args, *device])
         lines = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and expected in lines[0], (args, lines)
-    # One end to end: a separate process, its whole stderr.
-    short = run_cli("capture", "--model", str(minilm.model_dir()), "--text", str(text),
-                    "--seq-len", "64", "--out", str(tmp_path / "o.safetensors"))
-    lines = short.stderr.strip().splitlines()
-    assert short.returncode == 2 and len(lines) == 1, short.stderr[-2000:]
-    assert "the text has 6 tokens; --seq-len 64 needs at least 64" in lines[0]
+    # End to end: a separate process, its whole stderr.
+    for args in (["--inputs", f"file:{wrong}", "--device", "cpu"],
+                 ["capture", "--model", str(tmp_path / "none"), "--text", str(text),
+                  "--seq-len", "8", "--out", str(tmp_path / "o.safetensors")]):
+        result = run_cli(*args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
