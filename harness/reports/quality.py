@@ -115,7 +115,8 @@ def section(run: Run, length: int | None, figures: list[Path], readme_dir: Path,
         lines += ["**Drop-in model quality** (MiniLM with the variant as every layer's "
                   "attention, no training; cosine of each text's embedding to the exact model's, "
                   "and retrieval@1: the share of texts whose nearest exact embedding is their "
-                  "own; held-out sentences and passages of Python's documentation).", "",
+                  "own; held-out sentences and passages of Python's documentation; a blank cell: "
+                  "not run on that kind of text).", "",
                   markdown_table(dropin_table(dropin)), ""]
     low = lowrank_tables(run.dir)
     if low is not None:
