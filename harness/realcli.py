@@ -250,7 +250,10 @@ def _quality(args: argparse.Namespace) -> int:
                     plots / "dropin-vs-speed")[0])
         note = (f"Speed: `time_ms` of the fwd, non-causal rows at N={n} of "
                 f"`{Path(args.speed_run).as_posix()}` ({where}); quality from this CPU run. "
-                "Variants missing from either run have no point.")
+                "Variants missing from either run have no point. Held-out sentences are short "
+                "(tens of tokens): a variant that is exact below some length (FMA below 2m, "
+                "a window wider than the text) scores as exact on them; passages, where run, "
+                "are the stricter test.")
         print(f"wrote {len(figures)} figures to {plots}")
     if args.readme:
         rewrite_readme(args.readme, section(run, args.length, figures,

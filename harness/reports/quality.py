@@ -63,13 +63,13 @@ def speed_points(quality: pd.DataFrame, speed: pd.DataFrame, x: str, n: int,
     return joined.dropna().reset_index()
 
 
-def lowrank_tables(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame] | None:
-    """(rank summary per k, verdict) from the run's lowrank.csv, or None without one."""
+def lowrank_tables(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, int] | None:
+    """(rank summary per k, verdict, N) from the run's lowrank.csv, or None without one."""
     path = Path(run_dir) / LOWRANK_FILE
     if not path.is_file():
         return None
     ranks = pd.read_csv(path)
-    return rank_summary(ranks), verdict(ranks)
+    return rank_summary(ranks), verdict(ranks), int(ranks["seq_len"].max())
 
 
 def dropin_rows(run_dir: Path) -> pd.DataFrame | None:
@@ -115,15 +115,21 @@ def section(run: Run, length: int | None, figures: list[Path], readme_dir: Path,
         lines += ["**Drop-in model quality** (MiniLM with the variant as every layer's "
                   "attention, no training; cosine of each text's embedding to the exact model's, "
                   "and retrieval@1: the share of texts whose nearest exact embedding is their "
-                  "own; held-out sentences and passages of Python's documentation).", "",
+                  "own; held-out sentences and passages of Python's documentation; a blank cell: "
+                  "not run on that kind of text).", "",
                   markdown_table(dropin_table(dropin)), ""]
     low = lowrank_tables(run.dir)
     if low is not None:
-        summary, verdicts = low
+        summary, verdicts, n_maps = low
         lines += [f"**Low-rank claim** (\"r <= {CLAIM_RANK} at k = {CLAIM_K}\"): rank of "
-                  "A - band_k(A) for 90% and 99% of its energy over MiniLM's heads; "
+                  "A - band_k(A) for 90% and 99% of its energy over the heads' maps at "
+                  f"N={n_maps}; "
                   "`residual_energy_median`: the residual's share of the map's energy.", "",
                   markdown_table(verdicts), "", markdown_table(summary), ""]
+        for name in ("lowrank-map-band-residual", "lowrank-rank-histogram"):
+            png = run.dir / "plots" / f"{name}.png"
+            if png.is_file():
+                lines += [f"![{name}]({rel(png)})", ""]
     for png in figures:
         lines += [f"![{png.stem}]({rel(png)})", ""]
     if speed_note:
