@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from harness.config import DTYPES, MODES, PRESETS, BenchConfig, ConfigError, RunOptions
+from harness.config import DTYPES, PRESETS, BenchConfig, ConfigError, RunOptions
 from harness.config import default_device, flag, preset_config, validate, validate_options
 from harness.config import with_overrides
 from harness.plugins import load_plugins, plugin_path
@@ -38,8 +38,9 @@ from harness.results import META_FILE, RESULTS_FILE, ResultsError, load_existing
 from harness.results import finished_case_keys, read_meta
 from harness.runner import Sweep, new_run_dir
 from harness.estimate import size_warning
+from harness.suite import MODES, SuiteError, all_suites, suite_names
 from harness.summary import summary_tables
-from suites import SUITES
+from suites import load_builtin_suites
 from variants import load_builtin_variants
 
 REPORT_COMMANDS = ("plot", "compare", "report", "targets")
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list variants, suites, presets and exit")
     p.add_argument("--preset", help=f"named configuration: {', '.join(PRESETS)} (default quick)")
     p.add_argument("--variant", type=csv_list(str), help="comma list of variants (default: all)")
-    p.add_argument("--suite", type=csv_list(str), help=f"comma list of {', '.join(SUITES)}")
+    p.add_argument("--suite", type=csv_list(str), help=f"comma list of {', '.join(suite_names())}")
     p.add_argument("--mode", type=csv_list(str), help=f"comma list of {', '.join(MODES)}")
     p.add_argument("--seq-lens", type=csv_list(int), help="comma list of sequence lengths")
     p.add_argument("--batch", type=number(int))
@@ -155,7 +156,8 @@ def print_listing(console: Console, device: str) -> None:
         reason = spec.unavailable_reason(torch.device(device))
         table.add_row(spec.name, spec.family, forms, escape(params), "yes" if reason is None else escape(reason))
     console.print(table)
-    console.print(f"suites: {', '.join(SUITES)}")
+    console.print("suites: " + ", ".join(f"{s.name}{'' if s.default else ' (on request)'}"
+                                         for s in all_suites()))
     console.print(f"modes: {', '.join(MODES)}")
     console.print(f"presets: {', '.join(PRESETS)}")
     console.print(f"dtypes: {', '.join(DTYPES)}")
@@ -260,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             from harness.realcli import main as real_main
 
             return real_main(argv)
+        load_builtin_suites()
         args = build_parser().parse_args(argv)
         load_builtin_variants()
         load_plugins(args.plugin or ())
@@ -271,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:
             load_plugins(config.plugins)
         sweep = Sweep(config, run_dir, options=options)
-    except (RegistryError, ConfigError, ResultsError) as exc:
+    except (RegistryError, ConfigError, ResultsError, SuiteError) as exc:
         print(f"run_bench.py: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -18,8 +18,8 @@ from harness.registry import Shape, VariantConfig
 from harness.results import Case, Row
 from harness.roofline import Roofline
 from harness.inputs import source
+from harness.suite import Suite, get_suite
 from harness.trial import Trial
-from suites import SUITES
 
 Todo = list[tuple[Case, str]]  # (case, suite name) pairs of one variant at one shape
 
@@ -62,12 +62,12 @@ class CaseRunner:
     def rows_of(self, trial: Trial | None, failure: Failure | None, case: Case,
                 suite_name: str) -> list[Row]:
         """One case's rows: its measurements, or one row with the failure's status."""
-        suite = SUITES[suite_name]
+        suite = get_suite(suite_name)
         if failure is not None:
-            return [Row(case, suite.primary_metric, None, failure.status, failure.reason)]
+            return [Row(case, suite.primary, None, failure.status, failure.reason)]
         return self.run_case(trial, case, suite)
 
-    def run_case(self, trial: Trial, case: Case, suite) -> list[Row]:
+    def run_case(self, trial: Trial, case: Case, suite: Suite) -> list[Row]:
         trial.flags.clear()
         trial.details.clear()
         try:
@@ -75,10 +75,15 @@ class CaseRunner:
         except Exception as exc:  # noqa: BLE001 - every failure becomes a result row
             failure = classify(exc)
             self.free_memory()
-            return [Row(case, suite.primary_metric, None, failure.status, failure.reason)]
+            return [Row(case, suite.primary, None, failure.status, failure.reason)]
+        undeclared = [m for m in metrics if m not in suite.metrics]
+        if undeclared:
+            return [Row(case, suite.primary, None, "error",
+                        f"suite {suite.name} returned undeclared metric(s) "
+                        f"{', '.join(undeclared)}; declare them in its register_suite(metrics=...)")]
         bad = [m for m, v in metrics.items() if v != v or v in (float("inf"), float("-inf"))]
         if bad:
-            return [Row(case, suite.primary_metric, None, "nan", f"non-finite {', '.join(bad)}")]
+            return [Row(case, suite.primary, None, "nan", f"non-finite {', '.join(bad)}")]
         rows = [Row(case, m, v, "inexact" if m in trial.flags else "ok", trial.flags.get(m, ""),
                     extra_params=dict(trial.extra_params)) for m, v in metrics.items()]
         if rows:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.suite import metric_unit
+
 COLUMNS = (
     "run_id", "variant", "family", "params", "suite", "mode", "batch", "heads", "seq_len",
     "head_dim", "dtype", "causal", "device", "inputs", "metric", "value", "unit", "status",
@@ -25,26 +27,6 @@ CASE_KEY = (
 STATUSES = ("ok", "oom", "skipped", "error", "nan", "timeout", "inexact")
 INT_CELLS = ("batch", "heads", "seq_len", "head_dim")
 BOOL_CELLS = ("true", "false", "1", "0")
-METRIC_UNITS = {
-    "time_ms": "ms",
-    "time_ms_p20": "ms",
-    "time_ms_p80": "ms",
-    "peak_mem_mib": "MiB",
-    "tflops": "TFLOP/s",
-    "gbps": "GB/s",
-    "roofline_frac": "fraction",
-    "rel_err_vs_reference": "ratio",
-    "rel_err_vs_softmax": "ratio",
-    "max_abs_err_vs_reference": "abs",
-    "rel_err_softmax_floor": "ratio",
-    "future_key_leak": "ratio",
-    "rel_err_floor": "ratio",
-    "floor_ratio": "x",
-    **{f"rel_err_{g}_{kind}": "ratio" for g in ("dq", "dk", "dv", "dweights")
-       for kind in ("vs_reference", "floor")},
-    **{f"{m}_head_{q}": "ratio" for m in ("rel_err_vs_softmax", "rel_err_softmax_floor")
-       for q in ("median", "p90", "max")},
-}
 RESULTS_FILE = "results.csv"
 META_FILE = "meta.json"
 # Per-head values of captured inputs (batch index = layer): one row per (case, layer, head).
@@ -102,7 +84,7 @@ class Row:
             d["params"] = json.dumps({**json.loads(d["params"] or "{}"), **self.extra_params},
                                      sort_keys=True)
         d.update(run_id=run_id, metric=self.metric, value=self.value,
-                 unit=METRIC_UNITS.get(self.metric, ""), status=self.status, reason=self.reason)
+                 unit=metric_unit(self.metric), status=self.status, reason=self.reason)
         return {c: d[c] for c in COLUMNS}
 
 

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from harness.config import BenchConfig
 from harness.registry import Shape, VariantConfig
 from harness.roofline import Roofline
+
+if TYPE_CHECKING:
+    from harness.config import BenchConfig
 
 # Useful work of a backward pass relative to the forward (two matmuls per forward matmul),
 # and the bytes it moves (q, k, v, o, dO read; dq, dk, dv written: twice the forward's 4).

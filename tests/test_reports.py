@@ -16,7 +16,8 @@ from harness.reports.cli import main
 from harness.reports.data import load_run, tidy
 from harness.reports.plots import accuracy_figure, scaling_figure
 from harness.reports.readme import END, START
-from harness.results import COLUMNS, METRIC_UNITS, ResultsError
+from harness.results import COLUMNS, ResultsError
+from harness.suite import metric_unit
 
 FMM = json.dumps({"bandwidth": 30, "blend": "sigmoid", "kernels": 3})
 META = {"run_id": "r1", "command": "python run_bench.py run", "preset": "fig6", "device": "cuda",
@@ -31,7 +32,7 @@ def row(variant: str = "softmax_naive", family: str = "softmax", n: int = 1024,
              batch=1, heads=2, seq_len=n, head_dim=64, dtype="bf16", causal=False, device="cuda",
              metric="time_ms", value=value, unit="", status="ok", reason="")
     r.update(over)
-    r["unit"] = METRIC_UNITS.get(r["metric"], "")
+    r["unit"] = metric_unit(r["metric"])
     if r["status"] != "ok":
         r["value"] = None
     return r

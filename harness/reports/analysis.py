@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 
 from harness.reports.data import (
-    BEST, CASE_COLS, CONFIG, NAIVE, SUITE_METRIC, baseline_values, ok_values, params_of,
+    BEST, CASE_COLS, CONFIG, NAIVE, baseline_values, ok_values, params_of, scaling_metrics,
 )  # fmt: skip
+from harness.suite import get_suite
 
 
 def fit_slope(lengths: np.ndarray, values: np.ndarray) -> float:
@@ -27,7 +28,7 @@ def slopes(df: pd.DataFrame, fit_from: int = 0) -> pd.DataFrame:
     ok points: `slope`, `points` and the fit's range `from_len`..`to_len`.
     """
     out = []
-    for suite, metric in SUITE_METRIC.items():
+    for suite, metric in scaling_metrics().items():
         rows = ok_values(df, suite, metric)
         rows = rows[(rows["value"] > 0) & (rows["seq_len"] >= fit_from)]
         for key, grp in rows.groupby([*CONFIG, "variant", "mode", "causal"], sort=False):
@@ -113,7 +114,7 @@ class Claim:
     @property
     def metric(self) -> str:
         """The metric the claim's suite measures (time_ms or peak_mem_mib)."""
-        return SUITE_METRIC[self.suite]
+        return get_suite(self.suite).primary
 
 
 # FMMformer paper, Figure 6 (rank 3 + band 30 vs softmax, on an RTX 3090 Ti).

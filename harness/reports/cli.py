@@ -17,6 +17,7 @@ from harness.reports.plots import write_plots
 from harness.reports.readme import TARGETS_FILE, marker_span, rewrite, results_section, run_section
 from harness.reports.tables import console, drop_constant, markdown_table, rich_table
 from harness.reports.targets import N_TARGET, accuracy_side_by_side, evaluate_targets
+from suites import load_builtin_suites
 
 
 class UsageError(ValueError):
@@ -78,6 +79,7 @@ def _threshold(text: str) -> float:
 
 def main(argv: list[str]) -> int:
     """Run one subcommand; returns the exit code (2 with a one-line error on bad input)."""
+    load_builtin_suites()  # metric units, directions and the scaling suites
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
