@@ -2,7 +2,10 @@
 
 A case that fails at run time (OOM, missing package, kernel error, NaN) becomes a row with a
 status and a reason. The same code runs in the sweep's own process (`--in-process`) and inside
-the isolating worker process (`harness.isolation`).
+the isolating worker process (`harness.isolation`). What a case observes rather than
+configures (the SDPA backend that ran, the rows an accuracy reference compared, and whatever a
+built variant's `observations()` method returns after the measured calls, e.g. the launch
+configuration a kernel chose) goes to the rows' `observed` column.
 """
 from __future__ import annotations
 
@@ -68,10 +71,14 @@ class CaseRunner:
         return self.run_case(trial, case, suite)
 
     def run_case(self, trial: Trial, case: Case, suite: Suite) -> list[Row]:
+        """The rows of one case: each metric the suite returns, with what was observed."""
         trial.flags.clear()
         trial.details.clear()
+        trial.observed = dict(trial.built)
         try:
             metrics = suite.run(trial, case.mode)
+            if hasattr(trial.fn, "observations"):  # e.g. the launch config a kernel chose
+                trial.observed.update(trial.fn.observations())
         except Exception as exc:  # noqa: BLE001 - every failure becomes a result row
             failure = classify(exc)
             self.free_memory()
@@ -85,7 +92,7 @@ class CaseRunner:
         if bad:
             return [Row(case, suite.primary, None, "nan", f"non-finite {', '.join(bad)}")]
         rows = [Row(case, m, v, "inexact" if m in trial.flags else "ok", trial.flags.get(m, ""),
-                    extra_params=dict(trial.extra_params)) for m, v in metrics.items()]
+                    observed=dict(trial.observed)) for m, v in metrics.items()]
         if rows:
             rows[0].details = list(trial.details)
         return rows
@@ -108,7 +115,7 @@ class CaseRunner:
             raise Failure("nan", "forward output has NaN or Inf")
         if hasattr(fn, "detect_backend"):
             with silenced_fds():  # the profiler prints to the terminal from C++
-                trial.extra_params["backend_ran"] = fn.detect_backend(*inputs)
+                trial.built["backend_ran"] = fn.detect_backend(*inputs)
         return trial
 
     def free_memory(self) -> None:

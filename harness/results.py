@@ -12,12 +12,12 @@ import pandas as pd
 from harness.suite import metric_unit
 
 COLUMNS = (
-    "run_id", "variant", "family", "params", "suite", "mode", "batch", "heads", "seq_len",
-    "head_dim", "dtype", "causal", "device", "inputs", "metric", "value", "unit", "status",
-    "reason",
+    "run_id", "variant", "family", "params", "observed", "suite", "mode", "batch", "heads",
+    "seq_len", "head_dim", "dtype", "causal", "device", "inputs", "metric", "value", "unit",
+    "status", "reason",
 )  # fmt: skip
 # Columns a results file may lack (written before they existed), with the value they then mean.
-OPTIONAL_COLUMNS = {"inputs": "randn"}
+OPTIONAL_COLUMNS = {"observed": "{}", "inputs": "randn"}
 # The columns that identify one case; a resumed run skips cases whose key is already written.
 CASE_KEY = (
     "variant", "suite", "mode", "batch", "heads", "seq_len", "head_dim", "dtype", "causal",
@@ -66,24 +66,26 @@ class Case:
 
 @dataclass
 class Row:
-    """A result row: the case, one metric and the status it ended with."""
+    """A result row: the case, one metric and the status it ended with.
+
+    `observed` holds facts of the run that are not configuration (the SDPA backend that ran,
+    the reference rows compared, a kernel's chosen launch configuration): the CSV's `observed`
+    column, a JSON object beside `params`.
+    """
 
     case: Case
     metric: str
     value: float | None
     status: str = "ok"
     reason: str = ""
-    extra_params: dict = field(default_factory=dict)
+    observed: dict = field(default_factory=dict)
     # Per-head values the case's suite reported (captured inputs), for `heads.csv`; a case's
     # first row carries them.
     details: list[dict] = field(default_factory=list)
 
     def as_dict(self, run_id: str) -> dict:
         d = asdict(self.case)
-        if self.extra_params:
-            d["params"] = json.dumps({**json.loads(d["params"] or "{}"), **self.extra_params},
-                                     sort_keys=True)
-        d.update(run_id=run_id, metric=self.metric, value=self.value,
+        d.update(run_id=run_id, observed=json.dumps(self.observed, sort_keys=True, default=str), metric=self.metric, value=self.value,
                  unit=metric_unit(self.metric), status=self.status, reason=self.reason)
         return {c: d[c] for c in COLUMNS}
 

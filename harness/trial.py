@@ -39,7 +39,11 @@ class Trial:
     device: torch.device
     config: BenchConfig
     roofline: Roofline | None = None
-    extra_params: dict = field(default_factory=dict)
+    # Facts observed while building the variant (e.g. `backend_ran`), kept for every case.
+    built: dict = field(default_factory=dict)
+    # Facts observed in the current case (`built` plus what the suite and variant report),
+    # written to the rows' `observed` column.
+    observed: dict = field(default_factory=dict)
     # Metrics of the current case that a suite flags `inexact`, with the reason.
     flags: dict[str, str] = field(default_factory=dict)
     inputs_name: str = "randn"  # the q, k, v source (harness.inputs); captured: batch = layer

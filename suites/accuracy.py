@@ -215,7 +215,7 @@ def run_accuracy(trial: Trial, mode: str) -> dict[str, float]:
     `future_key_leak` (an error row when the output reads future keys, `suites.causality`).
 
     At lengths above `config.accuracy_rows` the comparison uses that many seeded query rows
-    (each exact at O(N D) cost; dO is zero elsewhere); the count is recorded as `ref_rows`.
+    (each exact at O(N D) cost; dO is zero elsewhere); the count is observed as `ref_rows`.
     """
     n = trial.shape.seq_len
     rows = sampled_rows(n, trial.config.accuracy_rows, trial.config.seed, trial.device)
@@ -225,7 +225,7 @@ def run_accuracy(trial: Trial, mode: str) -> dict[str, float]:
     else:
         metrics, reason = gradient_metrics(trial, rows)
     if rows is not None:
-        trial.extra_params["ref_rows"] = len(rows)
+        trial.observed["ref_rows"] = len(rows)
     if reason:
         trial.flags["floor_ratio"] = reason
     return metrics
