@@ -7,8 +7,8 @@
     python run_bench.py --resume RUN_DIR     # finish an interrupted run
     python run_bench.py plot RUN_DIR         # figures from a results CSV
     python run_bench.py compare OLD NEW      # regressions between two runs
-    python run_bench.py report RUN_DIR       # claim check, slopes, crossovers
-    python run_bench.py targets RUN_DIR      # the kernel performance targets
+    python run_bench.py report RUN_DIR       # slopes, crossovers, the studies' tables
+    python run_bench.py targets RUN_DIR      # the FMMformer study's kernel targets
     python run_bench.py --inputs minilm      # q, k, v of a real model's attention
     python run_bench.py capture --model DIR --text FILE --seq-len N --out QKV.safetensors
     python run_bench.py dropin | lowrank | quality   # real-attention quality (harness.realcli)
@@ -43,7 +43,6 @@ from harness.summary import summary_tables
 from suites import load_builtin_suites
 from variants import load_builtin_variants
 
-REPORT_COMMANDS = ("plot", "compare", "report", "targets")
 REAL_COMMANDS = ("capture", "dropin", "lowrank", "quality")  # harness.realcli
 DEFAULT_ROOT = Path(__file__).resolve().parent / "results" / "runs"
 
@@ -254,14 +253,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     console = Console(width=None if sys.stdout.isatty() else 160)
     try:
-        if argv and argv[0] in REPORT_COMMANDS:
-            from harness.reports.cli import main as reports_main
-
-            return reports_main(argv)
         if argv and argv[0] in REAL_COMMANDS:
             from harness.realcli import main as real_main
 
             return real_main(argv)
+        if argv and not argv[0].startswith("-"):  # plot, compare, report, a study's command
+            from harness.reports.cli import main as reports_main
+
+            return reports_main(argv)
         load_builtin_suites()
         args = build_parser().parse_args(argv)
         load_builtin_variants()

@@ -18,7 +18,6 @@ ROW_KEY = (*CASE_KEY, "device", "metric")
 INT_COLUMNS = ("batch", "heads", "seq_len", "head_dim")
 # A measured case within one run, less variant and suite: what baselines are matched on.
 CASE_COLS = (*CONFIG, "mode", "causal", "seq_len")
-NAIVE = "softmax_naive"  # the FMMformer paper's baseline
 BEST = "best"  # per case, the best ok softmax-family variant
 FLOOR = "rel_err_softmax_floor"  # metric: exact softmax's own low-precision error (accuracy)
 

@@ -1,8 +1,8 @@
-"""The kernel performance targets (issues 3 and 5), evaluated from a run's measured rows.
+"""Performance targets of the FMMformer and FMA Triton kernels, evaluated from a run's rows.
 
-Every target is read off the results CSV of one run (H100, bf16, B=1, H=16, D=64,
-N=65536 in the issues) and the roofline in its meta.json; nothing here is hard-coded
-but the targets themselves.
+Every target is read off the results CSV of one run (bf16, B=1, H=16, D=64, N=65536 by
+default) and the roofline in its meta.json; nothing here is hard-coded but the targets
+themselves.
 """
 from __future__ import annotations
 
@@ -61,9 +61,10 @@ Check = Callable[[Lookup], tuple[float | None, float | None]]  # (measured, requ
 
 @dataclass(frozen=True)
 class Target:
-    """A target: `measured <= required` (or >= when `higher_is_better`)."""
+    """A target of one group of kernels: `measured <= required` (or >= when
+    `higher_is_better`)."""
 
-    issue: int
+    group: str
     name: str
     check: Check
     higher_is_better: bool = False
@@ -80,7 +81,7 @@ class Target:
             met = measured >= required if self.higher_is_better else measured <= required
             verdict = "met" if met else "missed"
         sign = ">=" if self.higher_is_better else "<="
-        return {"issue": self.issue, "target": self.name, "measured": measured,
+        return {"group": self.group, "target": self.name, "measured": measured,
                 "required": None if required is None else f"{sign} {required:.3g}{self.unit}",
                 "verdict": verdict}
 
@@ -104,46 +105,48 @@ def _peer_sum(look: Lookup, mode: str, causal: bool):
     return _sum(look.time("window_flex", mode, causal), linear)
 
 
+# The FMMformer kernels (window, linear and their blend) and the Fast Multipole Attention ones.
+FMM, FMA = "fmmformer", "fma"
 TARGETS: list[Target] = [
-    Target(3, "1. fmmformer_triton fwd non-causal GB/s (q,k,v,o once) >= 50% of copy",
+    Target(FMM, "1. fmmformer_triton fwd non-causal GB/s (q,k,v,o once) >= 50% of copy",
            lambda L: (L.value("fmmformer_triton", "gbps"), _ratio(L.copy_gbps, 2)), True, " GB/s"),
-    *[Target(3, f"2. fmmformer_triton {m}{' causal' if c else ''} time <= "
+    *[Target(FMM, f"2. fmmformer_triton {m}{' causal' if c else ''} time <= "
                 f"(window_flex + best linear) / {f}",
              lambda L, m=m, c=c, f=f: (L.time("fmmformer_triton", m, c),
                                        _ratio(_peer_sum(L, m, c), f)), unit=" ms")
       for m, f in (("fwd", 2.0), ("fwd_bwd", 1.5)) for c in (False, True)],
-    *[Target(3, f"3. fmmformer_triton fwd_bwd / fwd{' causal' if c else ''}",
+    *[Target(FMM, f"3. fmmformer_triton fwd_bwd / fwd{' causal' if c else ''}",
              lambda L, c=c: (_ratio(L.time("fmmformer_triton", "fwd_bwd", c),
                                     L.time("fmmformer_triton", "fwd", c)), 4.0))
       for c in (False, True)],
-    *[Target(3, f"4. window_triton{'' if k == 30 else f'[k={k}]'} {m}{' causal' if c else ''} "
+    *[Target(FMM, f"4. window_triton{'' if k == 30 else f'[k={k}]'} {m}{' causal' if c else ''} "
                 f"/ window_flex",
              lambda L, k=k, m=m, c=c: (_ratio(
                  L.time("window_triton" if k == 30 else f"window_triton[k={k}]", m, c),
                  L.time("window_flex" if k == 30 else f"window_flex[k={k}]", m, c)), 1.2))
       for k in (30, 256) for m in ("fwd", "fwd_bwd") for c in (False, True)],
-    *[Target(3, f"5. linear_triton causal {m} time <= linear_fla",
+    *[Target(FMM, f"5. linear_triton causal {m} time <= linear_fla",
              lambda L, m=m: (L.time("linear_triton", m, True), L.time("linear_fla", m, True)),
              unit=" ms") for m in ("fwd", "fwd_bwd")],
-    Target(3, "5. linear_triton fwd non-causal GB/s >= 50% of copy",
+    Target(FMM, "5. linear_triton fwd non-causal GB/s >= 50% of copy",
            lambda L: (L.value("linear_triton", "gbps"), _ratio(L.copy_gbps, 2)), True, " GB/s"),
-    Target(3, "6. fmmformer_triton fwd peak extra memory <= 1.1 x output",
+    Target(FMM, "6. fmmformer_triton fwd peak extra memory <= 1.1 x output",
            lambda L: (L.value("fmmformer_triton", "peak_mem_mib"), 1.1 * L.output_mib()),
            unit=" MiB"),
-    Target(3, "7. fmmformer_triton causal fwd / non-causal fwd",
+    Target(FMM, "7. fmmformer_triton causal fwd / non-causal fwd",
            lambda L: (_ratio(L.time("fmmformer_triton", "fwd", True),
                              L.time("fmmformer_triton"),), 1.5)),
-    *[Target(5, f"1. softmax_sdpa / fma_triton fwd{' causal' if c else ''} speed-up",
+    *[Target(FMA, f"1. softmax_sdpa / fma_triton fwd{' causal' if c else ''} speed-up",
              lambda L, c=c: (_ratio(L.time("softmax_sdpa", "fwd", c),
                                     L.time("fma_triton", "fwd", c)), 50.0), True)
       for c in (False, True)],
-    Target(5, "1. fma_triton fwd non-causal GB/s >= 40% of copy",
+    Target(FMA, "1. fma_triton fwd non-causal GB/s >= 40% of copy",
            lambda L: (L.value("fma_triton", "gbps"), None if L.copy_gbps is None
                       else 0.4 * L.copy_gbps), True, " GB/s"),
-    *[Target(5, f"2. fma_triton fwd {q} log-log slope 2^14..N{' causal' if c else ''}",
+    *[Target(FMA, f"2. fma_triton fwd {q} log-log slope 2^14..N{' causal' if c else ''}",
              lambda L, q=q, c=c: (L.slope("fma_triton", q, c), 1.2))
       for q in ("time_ms", "peak_mem_mib") for c in (False, True)],
-    *[Target(5, f"3. fma_triton fwd_bwd / fwd{' causal' if c else ''}",
+    *[Target(FMA, f"3. fma_triton fwd_bwd / fwd{' causal' if c else ''}",
              lambda L, c=c: (_ratio(L.time("fma_triton", "fwd_bwd", c),
                                     L.time("fma_triton", "fwd", c)), 4.0))
       for c in (False, True)],
@@ -151,13 +154,13 @@ TARGETS: list[Target] = [
 
 
 def evaluate_targets(df: pd.DataFrame, meta: dict, n: int = N_TARGET) -> pd.DataFrame:
-    """One row per target: issue, target, measured, required, verdict."""
+    """One row per target: group, target, measured, required, verdict."""
     look = Lookup(df, meta, n)
     return pd.DataFrame([t.evaluate(look) for t in TARGETS])
 
 
 def accuracy_side_by_side(df: pd.DataFrame, n: int = N_TARGET) -> pd.DataFrame:
-    """rel_err_vs_softmax of the FMA and FMMformer variants at length n (issue 5, target 4)."""
+    """rel_err_vs_softmax of the FMA and FMMformer variants at length n, side by side."""
     rows = df[(df.metric.isin(["rel_err_vs_softmax", "rel_err_softmax_floor"]))
               & (df.family.isin(["fmm", "multipole"])) & (df.seq_len == n) & (df.status == "ok")]
     table = rows.pivot_table(index=["variant", "causal"], columns="metric", values="value",
