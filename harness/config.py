@@ -1,4 +1,4 @@
-"""Run configuration: one frozen dataclass plus named presets (SPEC 2, presets), and the
+"""Run configuration: one frozen dataclass plus named presets, and the
 options of how a sweep is executed (which do not change what it measures)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The tidy results file (SPEC 3): one row per measurement, appended as each case finishes."""
+"""The tidy results file: one row per measurement, appended as each case finishes."""
 from __future__ import annotations
 
 import csv

@@ -1,4 +1,4 @@
-"""Exact softmax attention (SPEC 1.1): the naive baseline, PyTorch SDPA and FlexAttention."""
+"""Exact softmax attention: the naive baseline, PyTorch SDPA and FlexAttention."""
 from __future__ import annotations
 
 import functools
