@@ -22,7 +22,8 @@ class ReadmeError(ValueError):
 
 def headline_table(run: Run) -> pd.DataFrame:
     """Per variant, each scaling metric (time, peak memory) of each (mode, causal) panel at the
-    largest length that has one; a case that did not end ok shows its status."""
+    largest length that has one; a case that did not end ok shows its status. Variants
+    skipped in every case are left out (`skipped_line` names them)."""
     metrics = scaling_metrics()
     rows = run.df[run.df["suite"].isin(list(metrics))
                   & run.df["metric"].isin(list(metrics.values()))]
@@ -41,8 +42,16 @@ def headline_table(run: Run) -> pd.DataFrame:
                      for r in part.itertuples(index=False)}
             table[f"{suite} ({unit}) {panel_title(panel)}"] = cells
     frame = pd.DataFrame(table)
+    frame = frame[~(frame == "SKIPPED").all(axis=1)]
     frame.index.name = f"N={n}"
     return frame.reset_index()
+
+
+def skipped_line(run: Run) -> str:
+    """One line naming the variants skipped in every case of `run` (e.g. CUDA-only on a CPU)."""
+    status = run.df.groupby("variant")["status"].agg(lambda s: (s == "skipped").all())
+    names = sorted(status[status].index)
+    return f"Skipped here (not available on this machine): {', '.join(names)}." if names else ""
 
 
 def run_section(run: Run, figures: list[Path], readme_dir: Path,
@@ -72,6 +81,8 @@ def run_section(run: Run, figures: list[Path], readme_dir: Path,
     table = headline_table(run)
     if not table.empty:
         lines += [markdown_table(table), ""]
+    if skipped_line(run):
+        lines += [skipped_line(run), ""]
     if study_files:
         lines += ["Studies: " + ", ".join(f"[{p.stem}]({rel(p)})" for p in study_files)
                   + ".", ""]
