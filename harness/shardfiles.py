@@ -7,8 +7,9 @@ becomes every row written so far, one row per (case, metric), sorted as a single
 writes them (the sweep's case order); per-process records join meta.json. When every case of
 the sweep is in results.csv, the per-process rows and records are removed: the run directory
 then reads like a single-process one, plus meta.json's `sharding` record. No process waits on
-another: the last to end completes the merge, and a run whose process died is completed by
-`--resume`, which merges first.
+another: the last to end completes the merge. A run whose process died is completed by
+`--resume` (sharded or not: a whole-run resume is the one process of its own share), which
+reads every process's rows and merges at its end.
 """
 from __future__ import annotations
 
@@ -113,12 +114,11 @@ class Merged:
     folded: bool
 
 
-def merge(run_dir: Path, order: list[tuple], drop_parts: bool = False) -> Merged:
+def merge(run_dir: Path, order: list[tuple]) -> Merged:
     """Merge the per-process files of `run_dir` into results.csv, heads.csv and meta.json.
 
     `order` lists the sweep's case keys in the order a single process runs them. Per-process
-    files are removed when every case is written, or when `drop_parts` says no process is
-    still writing (a resume).
+    files are removed once every case is written.
     """
     run_dir = Path(run_dir)
     with run_lock(run_dir):
@@ -130,7 +130,7 @@ def merge(run_dir: Path, order: list[tuple], drop_parts: bool = False) -> Merged
         merge_details(run_dir, order)
         merge_records(run_dir)
         complete = set(order) <= {case_key(r) for r in rows}
-        if parts and (complete or drop_parts):
+        if parts and complete:
             for d in rank_dirs(run_dir):
                 for name in (RESULTS_FILE, DETAILS_FILE, RANK_FILE):
                     (d / name).unlink(missing_ok=True)

@@ -113,11 +113,12 @@ def gpu_uuid(device: torch.device) -> str | None:
 def make_sweep(config: BenchConfig, run_dir: Path, options: RunOptions, shard: Shard | None,
                resume: bool) -> Sweep:
     """This process's sweep: its share of a sharded run, or the whole run. A whole run that
-    continues a sharded one merges the per-process rows first."""
+    continues a sharded one is its only process (share 0 of 1), so that it reads the rows of
+    every process and ends with the merge."""
+    if shard is None and resume and (has_parts(run_dir) or "sharding" in read_meta(run_dir)):
+        shard = Shard(0, 1)
     if shard is not None:
         return ShardedSweep(config, run_dir, shard, resume=resume, options=options)
-    if resume and has_parts(run_dir):
-        merge(run_dir, case_order(Sweep(config, run_dir, options=options)), drop_parts=True)
     return Sweep(config, run_dir, options=options)
 
 

@@ -1,0 +1,42 @@
+"""Test plugin for sharded runs: a variant whose process dies at one length, and one that runs
+out of memory from N = 32 on.
+
+rank_killer is exact attention; when ATTNBENCH_TEST_KILL is set and the process is a torchrun
+rank, building it for N = 32 (non-causal) kills its own process with SIGKILL, as a node failure
+or the kernel's OOM killer would. oom_from_32 raises CUDA's out-of-memory error from N = 32 on,
+so that a sweep records N = 32 as `oom` and larger lengths as skipped after it.
+"""
+import os
+import signal
+
+import torch
+
+from harness.registry import register_variant
+
+
+def attention(q, k, v, causal: bool):
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:
+        n = q.shape[-2]
+        mask = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@register_variant("rank_killer", family="softmax")
+def make_rank_killer(shape):
+    """Exact attention; kills its torchrun process at N = 32 when ATTNBENCH_TEST_KILL is set."""
+    if (shape.seq_len == 32 and not shape.causal and os.environ.get("ATTNBENCH_TEST_KILL")
+            and "RANK" in os.environ):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return lambda q, k, v: attention(q, k, v, shape.causal)
+
+
+@register_variant("oom_from_32", family="softmax")
+def make_oom_from_32(shape):
+    """Exact attention below N = 32; out of memory from N = 32 on."""
+    def call(q, k, v):
+        if shape.seq_len >= 32:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64 GiB")
+        return attention(q, k, v, shape.causal)
+    return call
