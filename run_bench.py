@@ -210,10 +210,13 @@ def _show(value) -> str:
     return str(value)
 
 
-def check_new_run_dir(out: Path) -> None:
-    """A new run needs a directory that holds no run: refuse a file or an existing run."""
+def check_new_run_dir(out: Path, joining: bool = False) -> None:
+    """A new run needs a directory that holds no run: refuse a file or an existing run (which
+    the processes of a sharded run may join: `harness.shardrun` checks it is theirs)."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; expected a directory for the run")
+    if joining:
+        return
     if (out / META_FILE).exists() or (out / RESULTS_FILE).exists():
         raise ConfigError(f"--out {out} already holds a run; finish it with --resume {out}, "
                           f"or choose a new --out directory")
@@ -229,8 +232,8 @@ def config_from_args(args, sharded: bool = False) -> tuple[BenchConfig, Path]:
     if "seq_lens" not in overrides and args.inputs and "randn" not in args.inputs:
         overrides["seq_lens"] = default_lengths(args.inputs)  # a capture's lengths
     config = with_overrides(preset_config(args.preset or "quick", device), **overrides)
-    if args.out and not sharded:
-        check_new_run_dir(args.out)
+    if args.out:
+        check_new_run_dir(args.out, joining=sharded)
     return config, args.out or new_run_dir(DEFAULT_ROOT, config)
 
 

@@ -88,17 +88,22 @@ def read_rows(path: Path, columns: tuple[str, ...]) -> list[dict]:
     return [{**defaults, **{c: r[c] for c in columns if r.get(c) is not None}} for r in rows]
 
 
+def results_paths(run_dir: Path) -> list[Path]:
+    """results.csv, then each process directory's."""
+    return [Path(run_dir) / RESULTS_FILE, *(d / RESULTS_FILE for d in rank_dirs(run_dir))]
+
+
 def all_rows(run_dir: Path) -> list[dict]:
-    """The rows of results.csv, then of each process directory's (text cells)."""
-    paths = [Path(run_dir) / RESULTS_FILE, *(d / RESULTS_FILE for d in rank_dirs(run_dir))]
-    return [row for path in paths for row in read_rows(path, COLUMNS)]
+    """The rows of every results file of the run (text cells)."""
+    return [row for path in results_paths(run_dir) for row in read_rows(path, COLUMNS)]
 
 
 def existing_rows(run_dir: Path) -> pd.DataFrame:
     """Every row written in the run so far, typed as `harness.results.load_results` returns
-    them."""
-    frame = pd.DataFrame(all_rows(run_dir), columns=list(COLUMNS), dtype=str)
-    return typed_results(frame, Path(run_dir) / SHARDS_DIR)
+    them (a malformed cell is a `ResultsError` naming its file and line)."""
+    frames = [typed_results(pd.DataFrame(read_rows(path, COLUMNS), columns=list(COLUMNS),
+                                         dtype=str), path) for path in results_paths(run_dir)]
+    return pd.concat(frames, ignore_index=True)
 
 
 def case_key(row: dict) -> tuple:
