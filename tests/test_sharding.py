@@ -95,6 +95,9 @@ def test_killed_process_leaves_a_run_that_resume_completes(tmp_path, reference):
     assert len(parts.drop_duplicates(list(CASE_KEY))) < 18
     assert run_bench.main(["--resume", str(run), "--in-process"]) == 0
     assert_same_rows(run, reference)
+    final = rows(run).merge(parts, on=[*CASE_KEY, "metric"], suffixes=("", "_before"))
+    assert len(final) == len(parts)  # every row written before the kill is kept, not re-run
+    assert (final.value == final.value_before).all()
     assert not list(run.glob("shards/*/*.csv"))
 
 
