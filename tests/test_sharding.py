@@ -12,8 +12,10 @@ import pandas as pd
 import pytest
 
 import run_bench
+from harness.config import BenchConfig, RunOptions
 from harness.results import CASE_KEY
-from harness.sharding import assign
+from harness.sharding import Shard, assign
+from harness.shardrun import ShardedSweep, make_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN = REPO / "tests" / "plugins" / "dying_rank.py"
@@ -22,6 +24,9 @@ SWEEP = ["--plugin", str(PLUGIN), "--variant", "softmax_naive,rank_killer,oom_fr
          "--seq-lens", "16,32,64", "--heads", "1", "--head-dim", "8", "--mode", "fwd",
          "--non-causal", "--suite", "time,accuracy", "--rep-ms", "1", "--min-samples", "2",
          "--device", "cpu", "--in-process"]
+
+
+IN_PROCESS = RunOptions(isolate=False, case_timeout=0)
 
 
 @pytest.fixture(autouse=True)
@@ -38,6 +43,10 @@ def reference(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("one") / "run"
     assert run_bench.main([*SWEEP, "--out", str(run)]) == 0
     return run
+
+
+def stored_config(run: Path) -> BenchConfig:
+    return BenchConfig.from_dict(json.loads((run / "meta.json").read_text())["config"])
 
 
 def rows(run: Path) -> pd.DataFrame:
@@ -92,7 +101,10 @@ def test_killed_process_leaves_a_run_that_resume_completes(tmp_path, reference):
                        for p in run.glob("shards/*/results.csv")])
     killed = parts[(parts.variant == "rank_killer") & (parts.causal == "False")]
     assert set(killed.seq_len) == {"16"}  # written before the process died at N=32
-    assert len(parts.drop_duplicates(list(CASE_KEY))) < 18
+    written = len(parts.drop_duplicates(list(CASE_KEY)))
+    assert written < 18
+    resume = make_sweep(stored_config(run), run, IN_PROCESS, shard=None, resume=True)
+    assert resume.total_cases() == 18 - written  # only the missing cases run again
     assert run_bench.main(["--resume", str(run), "--in-process"]) == 0
     assert_same_rows(run, reference)
     final = rows(run).merge(parts, on=[*CASE_KEY, "metric"], suffixes=("", "_before"))
@@ -135,6 +147,21 @@ def test_compare_warns_on_a_wide_calibration_spread(tmp_path, reference, capsys)
     assert "processes differ by 25.0% on the calibration case" in capsys.readouterr().err
     run_bench.main(["compare", str(reference), str(new), "--threshold", "30%"])
     assert "calibration" not in capsys.readouterr().err
+
+
+def test_every_case_runs_once_and_each_group_in_one_process(tmp_path, reference):
+    """All lengths of a (variant, causal, mode) in one process: its OOM skips stay exact."""
+    owners, cases = {}, 0
+    for index in range(2):
+        sweep = ShardedSweep(stored_config(reference), tmp_path / "run", Shard(index, 2),
+                             options=IN_PROCESS)
+        for name, shape in sweep.problems():
+            for vc in sweep.configs:
+                for case, _ in sweep.cases_for(vc, shape, name):
+                    owners.setdefault((case.variant, case.causal, case.mode), set()).add(index)
+                    cases += 1
+    assert cases == 18 and len(owners) == 3
+    assert all(len(shards) == 1 for shards in owners.values())
 
 
 def test_shares_are_balanced_and_cover_every_group_once():
