@@ -38,7 +38,7 @@ from harness.inputs import default_lengths
 from harness.registry import RegistryError, all_variants
 from harness.results import META_FILE, RESULTS_FILE, ResultsError, load_existing, load_results
 from harness.results import finished_case_keys, read_meta
-from harness.runner import Sweep, new_run_dir
+from harness.runner import new_run_dir
 from harness.sharding import current_shard, parse_shard, pin_gpu, stop_on_sigterm
 from harness.shardrun import ShardedSweep, make_sweep, require_run_dir
 from harness.estimate import size_warning
