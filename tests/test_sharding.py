@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 import run_bench
-from harness.config import BenchConfig, RunOptions
+from harness.config import BenchConfig, ConfigError, RunOptions
 from harness.results import CASE_KEY
-from harness.sharding import Shard, assign
+from harness.sharding import Shard, assign, pin_gpu
 from harness.shardrun import ShardedSweep, make_sweep
 
 REPO = Path(__file__).resolve().parent.parent
@@ -196,3 +196,16 @@ def test_shard_under_torchrun_is_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert code == 2 and "drop --shard under torchrun" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_torchrun_process_sees_the_gpu_of_its_local_rank():
+    env = {}
+    pin_gpu(Shard(1, 4, local_rank=1), env)
+    assert env["CUDA_VISIBLE_DEVICES"] == "1"
+    env = {"CUDA_VISIBLE_DEVICES": "4,5,6"}
+    pin_gpu(Shard(5, 6, local_rank=2), env)
+    assert env["CUDA_VISIBLE_DEVICES"] == "6"
+    with pytest.raises(ConfigError, match="start at most 3 processes per node"):
+        pin_gpu(Shard(3, 4, local_rank=3), {"CUDA_VISIBLE_DEVICES": "4,5,6"})
+    pin_gpu(Shard(1, 2), env)  # --shard: the scheduler chose the GPU
+    assert env["CUDA_VISIBLE_DEVICES"] == "6"
