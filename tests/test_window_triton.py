@@ -18,7 +18,7 @@ from variants.softmax import softmax_reference
 from variants.window import window_reference
 from variants.window_triton import (
     _key_tile_queries,
-    _query_tile_keys,
+    query_tile_keys,
     window_attention_triton,
     window_bwd,
     window_fwd,
@@ -111,7 +111,7 @@ def _probe_tiles(
     if KEYS:
         lo, mid_lo, mid_hi, hi = _key_tile_queries(start, n, bandwidth, right, BLOCK_M, BLOCK_N)
     else:
-        lo, mid_lo, mid_hi, hi = _query_tile_keys(start, n, bandwidth, right, BLOCK_M, BLOCK_N)
+        lo, mid_lo, mid_hi, hi = query_tile_keys(start, n, bandwidth, right, BLOCK_M, BLOCK_N)
     tl.store(out_ptr + i, lo)
     tl.store(out_ptr + COUNT + i, mid_lo)
     tl.store(out_ptr + 2 * COUNT + i, mid_hi)
