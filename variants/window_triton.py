@@ -128,7 +128,7 @@ def query_tile_keys(m0, N, bandwidth, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.
 
 
 @triton.jit
-def _key_tile_queries(n0, N, bandwidth, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def key_tile_queries(n0, N, bandwidth, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Query tiles that see keys [n0, n0 + BLOCK_N) (key j is seen by i in [j - right, j + k]),
     stepping BLOCK_M; those in [mid_lo, mid_hi) need no mask. Returns (lo, mid_lo, mid_hi, hi)."""
     lo = tl.maximum(n0 - right, 0)
@@ -376,7 +376,7 @@ def _window_bwd_dkdv_kernel(
         right = 0
     else:
         right = bandwidth
-    lo, mid_lo, mid_hi, hi = _key_tile_queries(n0, N, bandwidth, right, BLOCK_M, BLOCK_N)
+    lo, mid_lo, mid_hi, hi = key_tile_queries(n0, N, bandwidth, right, BLOCK_M, BLOCK_N)
     # [BLOCK_N, HEAD_DIM]
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
