@@ -1,8 +1,8 @@
 """Fast Multipole Attention, PyTorch reference: level structure, dense construction, options.
 
-`fma_dense_matrix` and `fma_coverage` (`tests/fma_oracles.py`) rebuild the interaction lists query by query from the
-SPEC 1.5 formulas; `fma_reference` is vectorized over finest blocks. They share only the
-geometry, so agreement checks the lists as well as the arithmetic.
+`fma_dense_matrix` and `fma_coverage` (`tests/fma_oracles.py`) rebuild the interaction lists
+query by query from the SPEC 1.5 formulas; `fma_reference` is vectorized over finest blocks.
+They share only the geometry, so agreement checks the lists as well as the arithmetic.
 """
 from __future__ import annotations
 

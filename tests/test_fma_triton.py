@@ -224,5 +224,5 @@ def test_registration_and_checks():
     assert "head_dim" in spec.unsupported_reason(Shape(1, 2, 100, 80), ok)
     assert "m in" in spec.unsupported_reason(Shape(1, 2, 100, 64), spec.validate({"m": 8}))
     assert "power of two" in spec.unsupported_reason(Shape(1, 2, 100, 64), spec.validate({"p": 3}))
-    with pytest.raises(ValueError, match="head dim"):
+    with pytest.raises(ValueError, match="head_dim"):
         fma_triton(*(torch.randn(1, 1, 8, 24) for _ in range(3)), m=16)

@@ -105,7 +105,7 @@ def test_saved_state_is_small(device):
 
 def test_bad_inputs_raise():
     q, k, v, _ = make_inputs((1, 1, 8, 48), torch.float32, 6, "cpu")
-    with pytest.raises(ValueError, match="head dim"):
+    with pytest.raises(ValueError, match="head_dim"):
         lt.linear_fwd(q, k, v, False)
     q, k, v, _ = make_inputs((1, 1, 8, 16), torch.float32, 6, "cpu")
     with pytest.raises(ValueError, match="feature_map"):

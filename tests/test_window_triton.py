@@ -218,7 +218,7 @@ def test_wide_band_is_full_attention(device, causal, n, bandwidth):
 
 def test_bad_inputs_raise():
     q = torch.randn(1, 1, 8, 48)
-    with pytest.raises(ValueError, match="head dim"):
+    with pytest.raises(ValueError, match="head_dim"):
         window_fwd(q, q, q, 2, False)
     q = torch.randn(1, 1, 8, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match="dtype"):

@@ -33,7 +33,14 @@ import triton.language as tl
 
 from harness.registry import Shape, register_variant, triton_devices
 from variants.linear import EPS, FEATURE_MAPS, LINEAR_CHOICES, LINEAR_PARAMS, linear_flops
-from variants.triton_common import check_qkv, empty, phi_one_grad, sm_count, unsupported_shape
+from variants.triton_common import (
+    ObservesLaunch,
+    check_qkv,
+    empty,
+    phi_one_grad,
+    sm_count,
+    unsupported_shape,
+)
 
 PHI_IDS = {name: i for i, name in enumerate(FEATURE_MAPS)}  # elu, elu_neg, tanh -> 0, 1, 2
 
@@ -717,24 +724,17 @@ def linear_attention_triton(
     return LinearAttentionFunction.apply(q, k, v, causal, feature_map, eps, config)
 
 
-class LinearTriton:
+class LinearTriton(ObservesLaunch):
     """The registered callable: linear attention of one feature map and causality, reporting
     the launch config it used."""
 
     def __init__(self, causal: bool, feature_map: str):
         self.causal, self.feature_map = causal, feature_map
-        self.last_config: LinearConfig | None = None
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self.last_config = linear_config(q.shape[-1], q.dtype, q.device)
-        return linear_attention_triton(q, k, v, self.causal, self.feature_map,
-                                       config=self.last_config)
-
-    def observations(self) -> dict[str, str]:
-        """The launch config of the last call (empty before the first)."""
-        if self.last_config is None:
-            return {}
-        return {"launch_config": self.last_config.describe(self.causal)}
+        config = linear_config(q.shape[-1], q.dtype, q.device)
+        self.last_launch = config.describe(self.causal)
+        return linear_attention_triton(q, k, v, self.causal, self.feature_map, config=config)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -50,6 +50,17 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+class ObservesLaunch:
+    """Mixin of a registered Triton callable or module: `observations()` reports the launch
+    config of its last call, which the call records as text in `last_launch`."""
+
+    last_launch: str | None = None
+
+    def observations(self) -> dict[str, str]:
+        """{"launch_config": text} of the last call (empty before the first)."""
+        return {"launch_config": self.last_launch} if self.last_launch else {}
+
+
 def check_qkv(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Raise ValueError unless q, k, v are one `[B, H, N, D]` shape and dtype the kernels take."""
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
@@ -66,7 +77,7 @@ def check_qkv(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> N
 def unsupported_shape(name: str, shape: Shape) -> str | None:
     """Why the kernels of `name` cannot take `shape`'s head dim or dtype (None when they can)."""
     if shape.head_dim not in HEAD_DIMS:
-        return f"{name} needs head dim in {HEAD_DIMS}, got {shape.head_dim}"
+        return f"{name} needs head_dim in {HEAD_DIMS}, got {shape.head_dim}"
     if shape.dtype not in DTYPES:
         return f"{name} needs dtype fp16/bf16/fp32, got {shape.dtype}"
     return None

@@ -24,6 +24,7 @@ from variants.triton_common import (
     LN2_C,
     LOG2E,
     LOG2E_C,
+    ObservesLaunch,
     check_qkv,
     chosen,
     dot,
@@ -557,24 +558,25 @@ def window_attention_triton(
     return _WindowAttention.apply(q, k, v, bandwidth, causal, config)
 
 
-class WindowTriton:
+class WindowTriton(ObservesLaunch):
     """The registered callable: banded attention of one bandwidth and causality, reporting the
     tiles its kernels ran with."""
 
     def __init__(self, bandwidth: int, causal: bool):
         self.bandwidth, self.causal = bandwidth, causal
-        self.last_input: torch.Tensor | None = None
+        self.problem: torch.Tensor | None = None
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self.last_input = q.new_empty((0, *q.shape[-2:]))  # N, D, dtype and device
+        self.problem = q.new_empty((0, *q.shape[-2:]))  # N, D, dtype and device; no data
         return window_attention_triton(q, k, v, self.bandwidth, self.causal)
 
-    def observations(self) -> dict[str, str]:
-        """The tiles of the last call's problem (empty before the first call)."""
-        if self.last_input is None:
-            return {}
-        config = window_config(self.last_input, self.bandwidth, self.causal)
-        return {"launch_config": str(config)}
+    @property
+    def last_launch(self) -> str | None:
+        """The tiles of the last call's problem (on a GPU: those chosen by now, the backward's
+        once a backward ran)."""
+        if self.problem is None:
+            return None
+        return str(window_config(self.problem, self.bandwidth, self.causal))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from variants.fma_triton.backward import fma_bwd
 from variants.fma_triton.configs import BLOCKS, LaunchConfig, fma_config
 from variants.fma_triton.forward import fma_fwd
 from variants.fma_triton.plan import fma_plan
-from variants.triton_common import unsupported_shape
+from variants.triton_common import ObservesLaunch, unsupported_shape
 
 __all__ = ["FMATriton", "LaunchConfig", "fma_bwd", "fma_config", "fma_fwd", "fma_plan",
            "fma_triton"]
@@ -95,24 +95,19 @@ def check_fma_triton(shape: Shape, params: dict) -> str | None:
     return reason or check_fma(shape, params)
 
 
-class FMATriton(FMAAttention):
+class FMATriton(ObservesLaunch, FMAAttention):
     """`FMAAttention` through the Triton kernels, reporting the launch config it used."""
 
     def __init__(self, seq_len: int, head_dim: int, **kwargs):
         super().__init__(seq_len, head_dim, impl=fma_triton, **kwargs)
-        self.last_config: LaunchConfig | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if q.shape[2] != self.geo.n:
             raise ValueError(f"this FMAAttention was built for N={self.geo.n}, got N={q.shape[2]}")
-        kw = self.kwargs
-        self.last_config = fma_config(kw["m"], kw["causal"], q.shape[-1], q.device)
+        config = fma_config(self.kwargs["m"], self.kwargs["causal"], q.shape[-1], q.device)
+        self.last_launch = str(config)
         coarse = self.summaries(k, v) if self.downsample == "conv" else None
-        return fma_triton(q, k, v, coarse=coarse, config=self.last_config, **kw)
-
-    def observations(self) -> dict[str, str]:
-        """The launch config of the last call (empty before the first)."""
-        return {"launch_config": str(self.last_config)} if self.last_config else {}
+        return fma_triton(q, k, v, coarse=coarse, config=config, **self.kwargs)
 
 
 @register_variant(

@@ -52,7 +52,7 @@ from variants.fmmformer_triton.configs import FMMConfig, KernelConfig, fmm_confi
 from variants.fmmformer_triton.forward import fmmformer_fwd
 from variants.fmmformer_triton.states import Saved
 from variants.linear import EPS
-from variants.triton_common import unsupported_shape
+from variants.triton_common import ObservesLaunch, unsupported_shape
 from variants.window import check_bandwidth
 
 __all__ = ["FMMConfig", "FMMformerTriton", "KernelConfig", "fmm_config", "fmmformer_bwd",
@@ -115,25 +115,19 @@ def fmmformer_triton(
                          config=config)[0]
 
 
-class FMMformerTriton(FMMformerAttention):
+class FMMformerTriton(ObservesLaunch, FMMformerAttention):
     """`FMMformerAttention` through the Triton kernels, reporting the launch config it used."""
 
     def __init__(self, heads: int, bandwidth: int, kernels: int, causal: bool,
                  blend: str = "sigmoid"):
         super().__init__(heads, bandwidth, kernels, causal, blend, impl=fmmformer_triton)
-        self.last_config: FMMConfig | None = None
 
     def forward(self, q, k, v):
-        self.last_config = fmm_config(q.shape[-1], q.device)
+        config = fmm_config(q.shape[-1], q.device)
+        self.last_launch = config.describe(self.causal)
         w_near, w_far = blend_weights(self.near_logit, self.far_logit, self.blend)
         return fmmformer_triton(q, k, v, w_near, w_far, bandwidth=self.bandwidth,
-                                kernels=self.kernels, causal=self.causal, config=self.last_config)
-
-    def observations(self) -> dict[str, str]:
-        """The launch config of the last call (empty before the first)."""
-        if self.last_config is None:
-            return {}
-        return {"launch_config": self.last_config.describe(self.causal)}
+                                kernels=self.kernels, causal=self.causal, config=config)
 
 
 def check_fmm_triton(shape: Shape, params: dict) -> str | None:
