@@ -88,8 +88,8 @@ def _state_add(s, z, a, ea, ok, b, WB, WZ, rows, N, wf, L: tl.constexpr,
                WEIGHTED: tl.constexpr, LOWP: tl.constexpr, DOT_PREC: tl.constexpr):
     """Adds one row tile to state L: phi_L(a)^T b and sum phi_L(a) (see the state kernel).
     z is a `[D, 16]` accumulator of phi_L(a)^T 1 (or ^T dden), every column the same: the row
-    sum runs on the tensor cores from the operand the state product has already staged. As a
-    reduction across warps per tile it took the H100 state pass from 0.25 to 0.34 ms."""
+    sum runs on the tensor cores from the operand the state product has already staged (a
+    reduction across warps per tile is slower)."""
     fa = tl.where(ok[:, None], phi_map(a, ea, L), 0.0)
     fa_t = tl.trans(mm(fa, b, LOWP))
     if WEIGHTED:
@@ -98,8 +98,7 @@ def _state_add(s, z, a, ea, ok, b, WB, WZ, rows, N, wf, L: tl.constexpr,
         z = dot(fa_t, _columns16(dden, fa_t.dtype), z, DOT_PREC)
         # The rows' weights scale phi(a), not b: with b scaled in registers, a split of the
         # value columns (BLOCK_V 32 or 16 at D = 64) gave wrong sums or an illegal address on
-        # the H100 (Triton 3.6; compute-sanitizer saw no bad access), the same sums as all
-        # columns at once this way, in the same time (fmmformer_triton_logs/fault32.log).
+        # sm_90 builds of Triton 3.6; this way the split gives the sums of all columns at once.
         fa_t = tl.trans(mm(fa * (wf / den)[:, None], b, LOWP))
         b_m = mm(b, b, LOWP)
     else:
