@@ -2,7 +2,7 @@
 
 On CUDA a closure may instead be timed as a CUDA-graph replay under the same do_bench (L2
 flushed before every call): the same kernels without the CPU work of launching them, which at
-short lengths outlasts the GPU work of multi-kernel variants (`scripts/launch_probe.py`)."""
+short lengths outlasts the GPU work of multi-kernel variants (`benchmarks/launch_overhead.py`)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence

@@ -4,7 +4,6 @@ import torch
 
 from harness.timing import graph_replay, time_closure
 
-NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def test_cpu_timing_resets_gradients_between_calls():
@@ -20,7 +19,7 @@ def test_cpu_timing_resets_gradients_between_calls():
     assert calls and all(g is None for g in calls)
 
 
-@NO_CUDA
+@pytest.mark.cuda
 def test_graph_replay_writes_the_gradients_of_a_fresh_backward():
     """A captured forward and backward: each replay recomputes the output and writes (not
     accumulates) the gradients an uncaptured call gives, on new input values."""
@@ -35,7 +34,7 @@ def test_graph_replay_writes_the_gradients_of_a_fresh_backward():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-@NO_CUDA
+@pytest.mark.cuda
 def test_cuda_graph_timing_measures_the_gpu_work():
     a = torch.randn(4096, 4096, device="cuda")
     one = time_closure(lambda: a @ a, torch.device("cuda"), cuda_graph=True)
