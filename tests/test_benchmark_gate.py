@@ -1,0 +1,39 @@
+"""The pytest-benchmark regression gate (benchmarks/test_speed.py): a saved baseline, then a
+compare run that fails on a median regression and one that passes unchanged."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PLUGIN = REPO / "tests" / "plugins" / "sleepy_attention.py"
+
+
+def bench(storage: Path, *args: str, slowdown: float = 1) -> subprocess.CompletedProcess:
+    """One pytest-benchmark run of the sleepy variant's single case in a fresh process."""
+    env = {**os.environ, "ATTNBENCH_TEST_SLOWDOWN": str(slowdown)}
+    command = [
+        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+        str(REPO / "benchmarks" / "test_speed.py"), "--attn-plugin", str(PLUGIN),
+        "--attn-variants", "sleepy_softmax", "--attn-lengths", "33", "--attn-modes", "fwd",
+        "--attn-causal", "false", "--attn-device", "cpu", "--benchmark-warmup=off",
+        "--benchmark-min-rounds=5", "--benchmark-max-time=0.05",
+        f"--benchmark-storage=file://{storage}", *args,
+    ]  # fmt: skip
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_compare_fail_catches_a_slowed_variant_and_passes_an_unchanged_one(tmp_path):
+    saved = bench(tmp_path, "--benchmark-save=baseline")
+    assert saved.returncode == 0, saved.stdout + saved.stderr
+    assert len(list(tmp_path.rglob("0001_baseline.json"))) == 1
+    gate = ("--benchmark-compare=0001", "--benchmark-compare-fail=median:50%")
+    slowed = bench(tmp_path, *gate, slowdown=3)
+    assert slowed.returncode != 0
+    assert "Performance has regressed" in slowed.stdout + slowed.stderr
+    assert "sleepy_softmax-N33-fwd-full" in slowed.stdout + slowed.stderr
+    unchanged = bench(tmp_path, *gate)
+    assert unchanged.returncode == 0, unchanged.stdout + unchanged.stderr
