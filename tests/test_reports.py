@@ -465,3 +465,19 @@ def test_scaling_legend_lists_only_variants_with_data() -> None:
     labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
     assert "softmax_flex" not in labels and "broken" not in labels
     assert {"softmax_naive", "softmax_sdpa", "fmmformer"} <= set(labels)
+
+
+def test_best_exact_is_the_fastest_softmax_kernel_that_ran_and_passed_accuracy() -> None:
+    """A faster exact peer (flash-attn) becomes the best exact kernel where it ran; where it
+    was skipped, or where its accuracy rows failed, the next fastest is."""
+    n = 2**14
+    rows = claim_rows(10.0, 1.0)
+    rows.append(row("softmax_flash_attn", "softmax", n, 1.5))
+    assert verdicts(rows).index.tolist()[1] == "best exact (softmax_flash_attn)"
+    skipped = [*claim_rows(10.0, 1.0), row("softmax_flash_attn", "softmax", n, status="skipped",
+                                            reason="flash-attn needs CUDA")]
+    assert "best exact (softmax_sdpa)" in verdicts(skipped).index
+    for status in ("inexact", "error"):
+        wrong = [*rows, row("softmax_flash_attn", "softmax", n, 30.0, suite="accuracy",
+                            metric="floor_ratio", status=status, reason="dq over its floor")]
+        assert "best exact (softmax_sdpa)" in verdicts(wrong).index
