@@ -63,6 +63,8 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
+    if not config.option.help:
+        bench_config(config)  # bad --attn-* input stops pytest here, with one line
 
 
 def _split(text: str) -> tuple[str, ...]:
