@@ -16,6 +16,9 @@ done | sort | while read -r _ part; do
   name=$(basename "${part%.part-*}"); cat "$part" >> "$wheels/$name"
 done
 ls -la "$wheels"
+python3 -c "import sys, zipfile; [zipfile.ZipFile(w).testzip() for w in sys.argv[1:]]" \
+  "$wheels"/*.whl || { echo "a wheel is incomplete: were all its parts carried? (a part from an" \
+  "earlier call is gone once the machine has been given back: make every call again)"; exit 1; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site "$wheels"/*.whl || exit 1
 # A --target folder is no site folder: its .pth files are not read, so the CuTe DSL's own
