@@ -29,7 +29,7 @@ def bench(storage: Path, *args: str, slowdown: float = 1) -> subprocess.Complete
         f"--benchmark-storage=file://{storage}", *args,
     ]  # fmt: skip
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, check=False)
 
 
 def test_compare_fail_catches_a_slowed_variant_and_passes_an_unchanged_one(tmp_path):

@@ -22,7 +22,8 @@ PEERS = {
     "window_xformers": ("window", "window", "xformers"),
 }
 # The flash-attn peers find their package themselves (flash-attn-4 or flash-attn 2).
-MISSING = {"fla": "package 'fla' is not installed", "xformers": "package 'xformers' is not installed",
+MISSING = {"fla": "package 'fla' is not installed",
+           "xformers": "package 'xformers' is not installed",
            "flash_attn": peers.FLASH_ATTN_MISSING}  # fmt: skip
 PROBES = {"fla": peers.fla_available, "flash_attn": peers.flash_attn_build,
           "xformers": peers.xformers_available}  # fmt: skip

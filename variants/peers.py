@@ -223,10 +223,11 @@ class FlashAttention:
     `detect_backend` names the flash-attn package and version that ran."""
 
     def __init__(self, causal: bool, window: tuple[int, int]):
-        build = flash_attn_build(torch.device("cuda"))
-        if isinstance(build, str):
-            raise RuntimeError(build)
-        self.build, self.causal, self.window = build, causal, window
+        reason = flash_attn_available(torch.device("cuda"))
+        if reason:
+            raise RuntimeError(reason)
+        self.build = flash_attn_build(torch.device("cuda"))
+        self.causal, self.window = causal, window
 
     def __call__(self, q, k, v):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -281,7 +282,7 @@ def xformers_build_mismatch() -> str | None:
     spec = importlib.util.find_spec("xformers")
     if spec is None or not spec.submodule_search_locations:
         return None
-    record = Path(list(spec.submodule_search_locations)[0]) / "cpp_lib.json"
+    record = Path(next(iter(spec.submodule_search_locations))) / "cpp_lib.json"
     try:
         built = json.loads(record.read_text())["version"]
         built_torch, code = str(built["torch"]), built.get("cuda")
