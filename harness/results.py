@@ -188,6 +188,12 @@ def load_results(path: str | Path) -> pd.DataFrame:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise ResultsError(f"{path} is not a readable CSV: {str(exc).splitlines()[0]}") from None
+    return typed_results(df, path)
+
+
+def typed_results(df: pd.DataFrame, path: str | Path) -> pd.DataFrame:
+    """Results read as text (`dtype=str, keep_default_na=False`), checked and typed as
+    `load_results` returns them; `path` names the source in errors."""
     missing = [c for c in COLUMNS if c not in df.columns and c not in OPTIONAL_COLUMNS]
     if missing:
         raise ResultsError(f"{path} is not an attnbench results file: missing {', '.join(missing)}")

@@ -134,12 +134,17 @@ class Sweep:
         self.configs = resolve_configs(config)
         check_explicit_lengths(config, self.configs)
         check_params(config, self.configs)
-        existing = load_existing(self.run_dir)  # read once: finished cases and past OOMs
+        self.rows_dir = self.run_dir  # where this process writes rows and worker logs
+        existing = self.existing_rows()  # read once: finished cases and past OOMs
         self.finished = finished_case_keys(existing)
         self.oom_at = previous_ooms(existing)
         self.roofline: Roofline | None = None
         self.written = 0
         self.stopped_at: Row | None = None
+
+    def existing_rows(self):
+        """The rows already written in the run directory (a DataFrame)."""
+        return load_existing(self.run_dir)
 
     def problems(self) -> Iterator[tuple[str, Shape]]:
         return sweep_problems(self.config)
@@ -148,16 +153,17 @@ class Sweep:
              inputs: str = "randn") -> Case:
         return make_case(vc, shape, suite, mode, self.device.type, inputs)
 
+    def planned(self, vc: VariantConfig, shape: Shape,
+                inputs: str = "randn") -> list[tuple[Case, str]]:
+        """(case, suite name) pairs of this variant at this shape, in the order they run."""
+        return [(self.case(vc, shape, name, mode, inputs), name) for name in self.config.suites
+                for mode in suite_modes(SUITES[name], self.config.modes)]
+
     def cases_for(self, vc: VariantConfig, shape: Shape,
                   inputs: str = "randn") -> list[tuple[Case, str]]:
         """(case, suite name) pairs of this variant at this shape still to be run."""
-        todo = []
-        for name in self.config.suites:
-            for mode in suite_modes(SUITES[name], self.config.modes):
-                case = self.case(vc, shape, name, mode, inputs)
-                if case.key not in self.finished:
-                    todo.append((case, name))
-        return todo
+        return [(case, name) for case, name in self.planned(vc, shape, inputs)
+                if case.key not in self.finished]
 
     def total_cases(self) -> int:
         return sum(len(self.cases_for(vc, shape, name))
@@ -168,14 +174,16 @@ class Sweep:
         previous = read_meta(self.run_dir)
         if previous:
             here = fingerprint(self.device)
-            if previous.get("gpu") != here["gpu"]:
-                raise ConfigError(f"cannot resume {self.run_dir}: it ran on {previous.get('gpu')}"
-                                  f", this machine has {here['gpu']}")
+            check_same_gpu(self.run_dir, previous, here)
             resume = {"command": shlex.join(command), "git_sha": here["git_sha"],
                       "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
             write_meta(self.run_dir, {**previous, "resumes": [*previous.get("resumes", []), resume]})
             return
-        meta = {
+        write_meta(self.run_dir, self.new_meta(command))
+
+    def new_meta(self, command: list[str]) -> dict:
+        """The meta.json of a new run: command, configuration, environment, roofline."""
+        return {
             "run_id": self.run_dir.name,
             "command": shlex.join(command),
             "preset": self.config.preset,
@@ -184,14 +192,13 @@ class Sweep:
             **fingerprint(self.device),
             "roofline": self.roofline.as_dict() if self.roofline else None,
         }
-        write_meta(self.run_dir, meta)
 
     def executor(self):
         """Where cases run: the isolating worker process, or this process."""
         if self.options.isolate:
             from harness.isolation import IsolatedRunner
 
-            return IsolatedRunner(self.config, self.roofline, self.run_dir,
+            return IsolatedRunner(self.config, self.roofline, self.rows_dir,
                                   self.options.case_timeout)
         return CaseRunner(self.config, self.roofline)
 
@@ -205,8 +212,8 @@ class Sweep:
             self.roofline = measure_roofline(self.device)
             torch.cuda.empty_cache()
         self.write_meta(command or sys.argv)
-        writer = ResultsWriter(self.run_dir, self.run_dir.name)
-        details = DetailsWriter(self.run_dir, self.run_dir.name)
+        writer = ResultsWriter(self.rows_dir, self.run_dir.name)
+        details = DetailsWriter(self.rows_dir, self.run_dir.name)
         executor = self.executor()
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
@@ -256,6 +263,13 @@ class Sweep:
             if any(r.status == "oom" for r in rows):
                 self.oom_at.setdefault((vc.label, shape.causal, rows[0].case.mode), shape.seq_len)
             yield rows
+
+
+def check_same_gpu(run_dir: Path, previous: dict, here: dict) -> None:
+    """A run is measured on one GPU model: continuing it on another is refused."""
+    if previous.get("gpu") != here["gpu"]:
+        raise ConfigError(f"cannot resume {run_dir}: it ran on {previous.get('gpu')}, this "
+                          f"machine has {here['gpu']}")
 
 
 def new_run_dir(root: Path, config: BenchConfig) -> Path:

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from harness.calibration import spread_warnings
 from harness.reports.data import ROW_KEY, Run
 from harness.reports.tables import console, drop_constant, markdown_table, rich_table
 from harness.results import ResultsError
@@ -142,7 +143,8 @@ def compare_runs(
         only_old=only_old.loc[only_old["_merge"] == "left_only", KEY].reset_index(drop=True),
         only_new=only_new.loc[only_new["_merge"] == "left_only", KEY].reset_index(drop=True),
         status_changes=status_changes.reset_index(drop=True),
-        warnings=environment_warnings(old, new),
+        warnings=[*environment_warnings(old, new),
+                  *spread_warnings({"old": old.meta, "new": new.meta}, threshold)],
     )  # fmt: skip
 
 
