@@ -9,8 +9,8 @@
     python run_bench.py --shard I/N --out RUN_DIR            # share I of N (a job array)
     python run_bench.py plot RUN_DIR         # figures from a results CSV
     python run_bench.py compare OLD NEW      # regressions between two runs
-    python run_bench.py report RUN_DIR       # claim check, slopes, crossovers
-    python run_bench.py targets RUN_DIR      # the kernel performance targets
+    python run_bench.py report RUN_DIR       # slopes, crossovers, the studies' tables
+    python run_bench.py targets RUN_DIR      # the FMMformer study's kernel targets
     python run_bench.py --inputs minilm      # q, k, v of a real model's attention
     python run_bench.py capture --model DIR --text FILE --seq-len N --out QKV.safetensors
     python run_bench.py dropin | lowrank | quality   # real-attention quality (harness.realcli)
@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from harness.config import DTYPES, MODES, PRESETS, BenchConfig, ConfigError, RunOptions
+from harness.config import DTYPES, PRESETS, BenchConfig, ConfigError, RunOptions
 from harness.config import default_device, flag, preset_config, validate, validate_options
 from harness.config import with_overrides
 from harness.plugins import load_plugins, plugin_path
@@ -42,11 +42,11 @@ from harness.runner import new_run_dir
 from harness.sharding import current_shard, parse_shard, pin_gpu, stop_on_sigterm
 from harness.shardrun import ShardedSweep, make_sweep, require_run_dir
 from harness.estimate import size_warning
+from harness.suite import MODES, SuiteError, all_suites, suite_names
 from harness.summary import summary_tables
-from suites import SUITES
+from suites import load_builtin_suites
 from variants import load_builtin_variants
 
-REPORT_COMMANDS = ("plot", "compare", "report", "targets")
 REAL_COMMANDS = ("capture", "dropin", "lowrank", "quality")  # harness.realcli
 DEFAULT_ROOT = Path(__file__).resolve().parent / "results" / "runs"
 
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list variants, suites, presets and exit")
     p.add_argument("--preset", help=f"named configuration: {', '.join(PRESETS)} (default quick)")
     p.add_argument("--variant", type=csv_list(str), help="comma list of variants (default: all)")
-    p.add_argument("--suite", type=csv_list(str), help=f"comma list of {', '.join(SUITES)}")
+    p.add_argument("--suite", type=csv_list(str), help=f"comma list of {', '.join(suite_names())}")
     p.add_argument("--mode", type=csv_list(str), help=f"comma list of {', '.join(MODES)}")
     p.add_argument("--seq-lens", type=csv_list(int), help="comma list of sequence lengths")
     p.add_argument("--batch", type=number(int))
@@ -162,7 +162,8 @@ def print_listing(console: Console, device: str) -> None:
         reason = spec.unavailable_reason(torch.device(device))
         table.add_row(spec.name, spec.family, forms, escape(params), "yes" if reason is None else escape(reason))
     console.print(table)
-    console.print(f"suites: {', '.join(SUITES)}")
+    console.print("suites: " + ", ".join(f"{s.name}{'' if s.default else ' (on request)'}"
+                                         for s in all_suites()))
     console.print(f"modes: {', '.join(MODES)}")
     console.print(f"presets: {', '.join(PRESETS)}")
     console.print(f"dtypes: {', '.join(DTYPES)}")
@@ -275,14 +276,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     console = Console(width=None if sys.stdout.isatty() else 160)
     try:
-        if argv and argv[0] in REPORT_COMMANDS:
-            from harness.reports.cli import main as reports_main
-
-            return reports_main(argv)
         if argv and argv[0] in REAL_COMMANDS:
             from harness.realcli import main as real_main
 
             return real_main(argv)
+        if argv and not argv[0].startswith("-"):  # plot, compare, report, a study's command
+            from harness.reports.cli import main as reports_main
+
+            return reports_main(argv)
+        load_builtin_suites()
         args = build_parser().parse_args(argv)
         shard = current_shard(args.shard)
         if shard is not None:
@@ -299,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:
             load_plugins(config.plugins)
         sweep = make_sweep(config, run_dir, options, shard, resume=args.resume is not None)
-    except (RegistryError, ConfigError, ResultsError) as exc:
+    except (RegistryError, ConfigError, ResultsError, SuiteError) as exc:
         print(f"run_bench.py: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

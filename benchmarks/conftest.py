@@ -12,14 +12,14 @@ from harness.config import BenchConfig, ConfigError, default_device, preset_conf
 from harness.environment import fingerprint
 from harness.executor import CaseRunner
 from harness.plugins import load_plugins, plugin_path
-from harness.registry import FAMILIES, RegistryError, Shape, VariantConfig
+from harness.registry import RegistryError, Shape, VariantConfig, families
 from harness.roofline import measure_roofline
 from harness.runner import check_explicit_lengths, check_params, resolve_configs, sweep_problems
+from suites import load_builtin_suites
 from variants import load_builtin_variants
 
 MACHINE_KEYS = ("gpu", "driver", "cuda", "torch", "triton")
 MARKERS = {
-    **{family: f"{family}-family variants" for family in FAMILIES},
     "fwd": "forward (inference) cases", "bwd": "backward-alone cases",
     "fwd_bwd": "forward plus backward cases",
     "causal": "causal cases", "noncausal": "non-causal cases",
@@ -65,6 +65,8 @@ def pytest_configure(config):
         config.addinivalue_line("markers", f"{name}: {text}")
     if not config.option.help:
         bench_config(config)  # bad --attn-* input stops pytest here, with one line
+        for family in families():  # the built-in and plugins' families
+            config.addinivalue_line("markers", f"{family}: {family}-family variants")
 
 
 def _split(text: str) -> tuple[str, ...]:
@@ -94,6 +96,7 @@ def bench_config(config) -> BenchConfig:
     if getattr(config, "_attn_config", None) is None:
         opt = config.getoption
         try:
+            load_builtin_suites()
             load_builtin_variants()
             load_plugins(opt("attn_plugin"))
             device = opt("attn_device") or default_device()

@@ -1,4 +1,4 @@
-"""Run configuration: one frozen dataclass plus named presets (SPEC 2, presets), and the
+"""Run configuration: one frozen dataclass plus named presets, and the
 options of how a sweep is executed (which do not change what it measures)."""
 from __future__ import annotations
 
@@ -8,22 +8,22 @@ from typing import Any
 
 import torch
 
+from harness.errors import ConfigError
+from harness.inputs import sources
+from harness.suite import MODES, SuiteError, default_suites, get_suite
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-MODES = ("fwd", "bwd", "fwd_bwd")
 PRESETS = ("quick", "fig6")
-
-
-class ConfigError(ValueError):
-    """Bad user input about the run configuration (one-line message)."""
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """Everything that defines a sweep. `variants` empty means every registered variant."""
+    """Everything that defines a sweep. `variants` empty means every registered variant;
+    `suites` empty means every suite registered as a default one (`run_suites`)."""
 
     preset: str = "quick"
     variants: tuple[str, ...] = ()
-    suites: tuple[str, ...] = ("time", "memory", "accuracy")
+    suites: tuple[str, ...] = ()
     modes: tuple[str, ...] = ("fwd", "fwd_bwd")
     seq_lens: tuple[int, ...] = (256, 1024)
     batch: int = 1
@@ -91,14 +91,21 @@ def preset_config(name: str, device: str) -> BenchConfig:
     """
     if name not in PRESETS:
         raise ConfigError(f"unknown preset '{name}'; valid: {', '.join(PRESETS)}")
+    suites = default_suites()  # recorded in meta.json as they were at the run's start
     if name == "fig6":
         return BenchConfig(
             preset="fig6", device=device, dtype="bf16", heads=16, head_dim=64,
-            seq_lens=tuple(2**p for p in range(10, 17)), rep_ms=200.0,
+            seq_lens=tuple(2**p for p in range(10, 17)), rep_ms=200.0, suites=suites,
         )  # fmt: skip
     if device == "cuda":
-        return BenchConfig(device=device, dtype="bf16", heads=16, seq_lens=(1024, 4096, 16384))
-    return BenchConfig(device=device)
+        return BenchConfig(device=device, dtype="bf16", heads=16, seq_lens=(1024, 4096, 16384),
+                           suites=suites)
+    return BenchConfig(device=device, suites=suites)
+
+
+def run_suites(config: BenchConfig) -> tuple[str, ...]:
+    """The suites a sweep of `config` measures: those named, else the default ones."""
+    return config.suites or default_suites()
 
 
 def with_overrides(config: BenchConfig, **overrides: Any) -> BenchConfig:
@@ -110,14 +117,14 @@ def with_overrides(config: BenchConfig, **overrides: Any) -> BenchConfig:
 
 def validate(config: BenchConfig) -> None:
     """Reject configurations that cannot run, with one-line messages naming valid choices."""
-    from suites import SUITES
-
     for name in ("variants", "suites", "modes", "seq_lens", "causal", "params", "plugins"):
         if not isinstance(getattr(config, name), tuple):
             raise ConfigError(f"{name} must be a list, got {getattr(config, name)!r}")
     for suite in config.suites:
-        if suite not in SUITES:
-            raise ConfigError(f"unknown suite '{suite}'; valid: {', '.join(SUITES)}")
+        try:
+            get_suite(suite)
+        except SuiteError as exc:
+            raise ConfigError(str(exc)) from None
     for mode in config.modes:
         if mode not in MODES:
             raise ConfigError(f"unknown mode '{mode}'; valid: {', '.join(MODES)}")
@@ -142,8 +149,6 @@ def validate(config: BenchConfig) -> None:
                               f"got {value!r}")
     if not config.seq_lens or any(not _is_int(n) or n < 1 for n in config.seq_lens):
         raise ConfigError(f"sequence lengths must be positive integers, got {list(config.seq_lens)}")
-    from harness.inputs import sources
-
     sources(config)  # unknown names, unreadable files, lengths a source does not hold
 
 

@@ -17,14 +17,18 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from harness.capture import QKV, CaptureError, load_qkv, read_header
-from harness.config import BenchConfig, ConfigError
+from harness.errors import ConfigError
 from harness.packaged import PACKAGED
 from harness.registry import Shape
 from harness.trial import make_inputs
+
+if TYPE_CHECKING:
+    from harness.config import BenchConfig
 
 RANDN = "randn"
 CHOICES = ("randn", *PACKAGED, "file:PATH")

@@ -21,7 +21,7 @@ from rich.progress import (
     BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
 )  # fmt: skip
 
-from harness.config import DTYPES, BenchConfig, ConfigError, RunOptions
+from harness.config import DTYPES, BenchConfig, ConfigError, RunOptions, run_suites
 from harness.environment import fingerprint
 from harness.executor import CaseRunner
 from harness.inputs import sources
@@ -31,7 +31,7 @@ from harness.registry import get_variant, parse_param_overrides
 from harness.results import Case, ResultsWriter, Row, finished_case_keys, load_existing, read_meta
 from harness.results import DetailsWriter, write_meta
 from harness.roofline import Roofline, measure_roofline
-from suites import SUITES, suite_modes
+from harness.suite import get_suite
 
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -156,8 +156,9 @@ class Sweep:
     def planned(self, vc: VariantConfig, shape: Shape,
                 inputs: str = "randn") -> list[tuple[Case, str]]:
         """(case, suite name) pairs of this variant at this shape, in the order they run."""
-        return [(self.case(vc, shape, name, mode, inputs), name) for name in self.config.suites
-                for mode in suite_modes(SUITES[name], self.config.modes)]
+        return [(self.case(vc, shape, name, mode, inputs), name)
+                for name in run_suites(self.config)
+                for mode in get_suite(name).modes_of(self.config.modes)]
 
     def cases_for(self, vc: VariantConfig, shape: Shape,
                   inputs: str = "randn") -> list[tuple[Case, str]]:
@@ -253,7 +254,7 @@ class Sweep:
         for case, suite_name in todo:
             oom_key = (vc.label, shape.causal, case.mode)
             if oom_key in self.oom_at and shape.seq_len > self.oom_at[oom_key]:
-                yield [Row(case, SUITES[suite_name].primary_metric, None, "oom",
+                yield [Row(case, get_suite(suite_name).primary, None, "oom",
                            f"skipped after OOM at N={self.oom_at[oom_key]}")]
             else:
                 to_run.append((case, suite_name))

@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 
 from harness.reports.data import Run, load_run, tidy
-from harness.results import COLUMNS, METRIC_UNITS, Case, ResultsError
+from harness.results import COLUMNS, Case, ResultsError
+from harness.suite import metric_unit
 
 # extra_info keys that are measurements, with the suite whose rows they are.
 MEASUREMENTS = {
@@ -53,7 +54,8 @@ def load_benchmark_json(path: Path) -> Run:
         for metric, suite in MEASUREMENTS.items():
             if isinstance(info.get(metric), (int, float)):
                 rows.append({**case, "run_id": run_id, "suite": suite, "metric": metric,
-                             "value": float(info[metric]), "unit": METRIC_UNITS.get(metric, ""),
+                             "observed": json.dumps(info.get("observed") or {}, sort_keys=True),
+                             "value": float(info[metric]), "unit": metric_unit(metric),
                              "status": "ok", "reason": ""})
     if not rows:
         raise ResultsError(f"{path} holds no benchmark measurements")
