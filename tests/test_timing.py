@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from harness.timing import graph_replay, time_closure
+import time
+
+from harness.timing import EventClock, graph_replay, time_closure
 
 
 
@@ -40,3 +42,22 @@ def test_cuda_graph_timing_measures_the_gpu_work():
     one = time_closure(lambda: a @ a, torch.device("cuda"), cuda_graph=True)
     four = time_closure(lambda: [a @ a for _ in range(4)], torch.device("cuda"), cuda_graph=True)
     assert 0 < one.median and 3 * one.median < four.median < 5 * one.median
+
+
+@NO_CUDA
+def test_event_clock_advances_by_the_gpu_time_of_timed_calls_cuda():
+    """Read around a timed call, the clock gives that call's CUDA-event time (as do_bench
+    measures it), and host time between calls does not move it."""
+    a = torch.randn(4096, 4096, device="cuda")
+    clock = EventClock()
+    one, four = clock.timed(lambda: a @ a), clock.timed(lambda: [a @ a for _ in range(4)])
+    one()
+    before = clock.now()
+    one()
+    t_one = clock.now() - before
+    time.sleep(0.05)
+    before = clock.now()
+    four()
+    t_four = clock.now() - before
+    reference = time_closure(lambda: a @ a, torch.device("cuda")).median * 1e-3
+    assert 0.5 * reference < t_one < 2 * reference and 3 * t_one < t_four < 5 * t_one
