@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -20,6 +21,7 @@ from harness.roofline import Roofline
 from harness.inputs import source
 from harness.trial import Trial
 from suites import SUITES
+from suites.task import INPUTS_PREFIX as TASK_INPUTS
 
 Todo = list[tuple[Case, str]]  # (case, suite name) pairs of one variant at one shape
 
@@ -27,10 +29,13 @@ Todo = list[tuple[Case, str]]  # (case, suite name) pairs of one variant at one 
 class CaseRunner:
     """Measures the cases of one variant configuration at one shape, in this process."""
 
-    def __init__(self, config: BenchConfig, roofline: Roofline | None = None):
+    def __init__(self, config: BenchConfig, roofline: Roofline | None = None,
+                 run_dir: Path | None = None):
         self.config = config
         self.device = torch.device(config.device)
         self.roofline = roofline
+        self.run_dir = run_dir  # where suites write files of their own (learning curves)
+        self.progress = None  # (done, total) callback for the steps of a long case
         self._inputs: tuple[tuple[str, Shape], tuple[torch.Tensor, ...]] | None = None
 
     def inputs(self, shape: Shape, name: str = "randn") -> tuple[torch.Tensor, ...]:
@@ -40,7 +45,8 @@ class CaseRunner:
             self._inputs = None
             self.free_memory()
             seed = self.config.seed + shape.seq_len
-            self._inputs = ((name, shape), source(name).tensors(shape, self.device, seed))
+            kind = "randn" if name.startswith(TASK_INPUTS) else name  # a task: its shape, randn
+            self._inputs = ((name, shape), source(kind).tensors(shape, self.device, seed))
         return self._inputs[1]
 
     def run_group(self, vc: VariantConfig, shape: Shape, todo: Todo,
@@ -70,6 +76,7 @@ class CaseRunner:
     def run_case(self, trial: Trial, case: Case, suite) -> list[Row]:
         trial.flags.clear()
         trial.details.clear()
+        trial.case = case
         try:
             metrics = suite.run(trial, case.mode)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a result row
@@ -97,7 +104,7 @@ class CaseRunner:
         if isinstance(fn, torch.nn.Module):
             fn = fn.to(self.device)
         trial = Trial(vc, fn, shape, inputs, self.device, self.config, self.roofline,
-                      inputs_name=inputs_name)
+                      inputs_name=inputs_name, run_dir=self.run_dir, progress=self.progress)
         out = trial.forward()  # the first call compiles; a NaN here fails every case
         if not torch.isfinite(out).all():
             raise Failure("nan", "forward output has NaN or Inf")

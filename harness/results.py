@@ -11,15 +11,16 @@ import pandas as pd
 
 COLUMNS = (
     "run_id", "variant", "family", "params", "suite", "mode", "batch", "heads", "seq_len",
-    "head_dim", "dtype", "causal", "device", "inputs", "metric", "value", "unit", "status",
-    "reason",
+    "head_dim", "dtype", "causal", "device", "inputs", "seed", "metric", "value", "unit",
+    "status", "reason",
 )  # fmt: skip
 # Columns a results file may lack (written before they existed), with the value they then mean.
-OPTIONAL_COLUMNS = {"inputs": "randn"}
+# `seed`: a trained task's seed; empty for the other suites (their seed is meta's config.seed).
+OPTIONAL_COLUMNS = {"inputs": "randn", "seed": ""}
 # The columns that identify one case; a resumed run skips cases whose key is already written.
 CASE_KEY = (
     "variant", "suite", "mode", "batch", "heads", "seq_len", "head_dim", "dtype", "causal",
-    "inputs",
+    "inputs", "seed",
 )  # fmt: skip
 # `inexact`: a measured value beyond the limit its suite states (the value is kept).
 STATUSES = ("ok", "oom", "skipped", "error", "nan", "timeout", "inexact")
@@ -38,6 +39,11 @@ METRIC_UNITS = {
     "max_abs_err_vs_reference": "abs",
     "rel_err_softmax_floor": "ratio",
     "future_key_leak": "ratio",
+    "accuracy": "fraction",
+    "bpc": "bits/char",
+    "train_tokens_per_s": "tokens/s",
+    "final_train_loss": "nats",
+    "attn_fwd_bwd_ms": "ms",
     "rel_err_floor": "ratio",
     "floor_ratio": "x",
     **{f"rel_err_{g}_{kind}": "ratio" for g in ("dq", "dk", "dv", "dweights")
@@ -76,6 +82,7 @@ class Case:
     causal: bool
     device: str
     inputs: str = "randn"
+    seed: int | str = ""
 
     @property
     def key(self) -> tuple:

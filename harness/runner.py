@@ -12,6 +12,7 @@ import json
 import shlex
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from harness.results import Case, ResultsWriter, Row, finished_case_keys, load_e
 from harness.results import DetailsWriter, write_meta
 from harness.roofline import Roofline, measure_roofline
 from suites import SUITES, suite_modes
+from suites.task import task_problems
 
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -46,7 +48,11 @@ def resolve_configs(config: BenchConfig) -> list[VariantConfig]:
 
 def sweep_problems(config: BenchConfig) -> Iterator[tuple[str, Shape]]:
     """(inputs name, shape) of every problem of the sweep: per input source (which fixes the
-    shape of captured inputs), causal flags, then lengths in increasing order."""
+    shape of captured inputs), causal flags, then lengths in increasing order; for the task
+    suite, each task setting (`task:NAME` at the model's attention shape)."""
+    if config.suites == ("task",):
+        yield from ((name, shape) for name, shape, _ in task_problems(config))
+        return
     for src in sources(config):
         for causal in config.causal:
             for n in sorted(config.seq_lens):
@@ -148,10 +154,17 @@ class Sweep:
         todo = []
         for name in self.config.suites:
             for mode in suite_modes(SUITES[name], self.config.modes):
-                case = self.case(vc, shape, name, mode, inputs)
-                if case.key not in self.finished:
-                    todo.append((case, name))
+                for seed in self.case_seeds(name):
+                    case = replace(self.case(vc, shape, name, mode, inputs), seed=seed)
+                    if case.key not in self.finished:
+                        todo.append((case, name))
         return todo
+
+    def case_seeds(self, suite: str) -> list[int | str]:
+        """The task suite's training seeds (one case each); "" for a suite without any."""
+        if suite != "task":
+            return [""]
+        return [self.config.seed + i for i in range(self.config.seeds)]
 
     def total_cases(self) -> int:
         return sum(len(self.cases_for(vc, shape, name))
@@ -187,7 +200,7 @@ class Sweep:
 
             return IsolatedRunner(self.config, self.roofline, self.run_dir,
                                   self.options.case_timeout)
-        return CaseRunner(self.config, self.roofline)
+        return CaseRunner(self.config, self.roofline, self.run_dir)
 
     def run(self, command: list[str] | None = None) -> Path:
         """Run every unfinished case; returns the run directory."""
@@ -207,6 +220,10 @@ class Sweep:
         try:
             with Progress(*columns, console=self.console, transient=False) as progress:
                 task = progress.add_task("cases", total=self.total_cases())
+                if "task" in self.config.suites:  # training steps of the current case
+                    steps = progress.add_task("  training steps", total=None)
+                    executor.progress = lambda done, total: progress.update(
+                        steps, completed=done, total=total)
                 for name, shape in self.problems():
                     for vc in self.configs:
                         todo = self.cases_for(vc, shape, name)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from harness.trial import Trial
 from suites.accuracy import run_accuracy
 from suites.memory import run_memory
+from suites.task import run_task
 from suites.time import run_time
 
 
@@ -33,6 +34,8 @@ SUITES: dict[str, Suite] = {
     "memory": Suite("memory", run_memory, ("fwd", "bwd", "fwd_bwd"), "peak_mem_mib"),
     "accuracy": Suite("accuracy", run_accuracy, ("fwd", "bwd", "fwd_bwd"), "floor_ratio",
                       accuracy_modes),
+    # Training is forward and backward; failed cases name `accuracy`, whatever the task's metric.
+    "task": Suite("task", run_task, ("fwd_bwd",), "accuracy", lambda requested: ("fwd_bwd",)),
 }
 
 
