@@ -13,6 +13,7 @@
     python run_bench.py --suite task --task mqar,listops,charlm --seeds 3   # trained quality
     python run_bench.py capture --model DIR --text FILE --seq-len N --out QKV.safetensors
     python run_bench.py dropin | lowrank | quality   # real-attention quality (harness.realcli)
+    python run_bench.py tasks RUN_DIR        # quality table, claim check, plots of a task run
 
 `python run_bench.py plot|compare|report|targets --help` describes each report command.
 """
@@ -263,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
             from harness.reports.cli import main as reports_main
 
             return reports_main(argv)
+        if argv and argv[0] == "tasks":
+            from harness.reports.tasks import main as tasks_main
+
+            return tasks_main(argv[1:])
         if argv and argv[0] in REAL_COMMANDS:
             from harness.realcli import main as real_main
 
