@@ -164,6 +164,7 @@ def print_listing(console: Console, device: str) -> None:
     console.print(f"suites: {', '.join(SUITES)}")
     console.print(f"modes: {', '.join(MODES)}")
     console.print(f"presets: {', '.join(PRESETS)}")
+    console.print("tasks (--suite task): mqar, listops, charlm")
     console.print(f"dtypes: {', '.join(DTYPES)}")
     console.print(f"inputs: {', '.join(INPUT_CHOICES)}")
 
