@@ -40,7 +40,7 @@ class BenchConfig:
     accuracy_rows: int = 1024  # query rows sampled for float64 references above this N
     seed: int = 0
     cuda_graph: bool = False  # time CUDA-graph replays: the GPU without the Python launch path
-    inputs: tuple[str, ...] = ("randn",)  # q, k, v sources: randn, minilm, file:PATH
+    inputs: tuple[str, ...] = ("randn",)  # q, k, v sources: randn, minilm, smollm2, file:PATH
     tasks: tuple[str, ...] = ("mqar", "listops", "charlm")  # trained tasks (`task` suite)
     seeds: int = 1  # training seeds per task case: seed, seed + 1, ...
 

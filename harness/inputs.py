@@ -3,6 +3,8 @@
 - `randn`: seeded `torch.randn` of the configured shape (`harness.trial.make_inputs`).
 - `minilm`: q, k, v of every layer and head of all-MiniLM-L6-v2 on the first N tokens of
   Python's own documentation prose (N <= 512), captured when first asked for.
+- `smollm2`: the same from SmolLM2-135M, a causal Llama model (N <= 8192; an optional package,
+  see `harness.packaged`).
 - `file:PATH`: a q, k, v file written by `run_bench.py capture` (`harness.capture`); a length
   N below the file's takes its first N positions.
 
@@ -20,11 +22,12 @@ import torch
 
 from harness.capture import QKV, CaptureError, load_qkv, read_header
 from harness.config import BenchConfig, ConfigError
+from harness.packaged import PACKAGED
 from harness.registry import Shape
 from harness.trial import make_inputs
 
 RANDN = "randn"
-CHOICES = ("randn", "minilm", "file:PATH")
+CHOICES = ("randn", *PACKAGED, "file:PATH")
 
 
 @dataclass(frozen=True)
@@ -53,11 +56,12 @@ class CapturedInputs:
     dims: tuple[int, int, int, int]
     loader: object  # n -> QKV of length n
     captured: bool = True
+    lengths: tuple[int, ...] = ()  # the lengths a run takes when none are given
 
     @property
     def default_lengths(self) -> tuple[int, ...]:
         top = self.dims[2]
-        return tuple(n for n in (128, 256) if n < top) + (top,)
+        return self.lengths or tuple(n for n in (128, 256) if n < top) + (top,)
 
     def shape(self, config: BenchConfig, n: int, causal: bool) -> Shape:
         layers, heads, _, head_dim = self.dims
@@ -88,12 +92,11 @@ def source(spec: str) -> RandnInputs | CapturedInputs:
     if spec == RANDN:
         return RandnInputs()
     try:
-        if spec == "minilm":
-            from harness import minilm
-
-            layers, heads, head_dim = minilm.dims()
-            return CapturedInputs("minilm", (layers, heads, minilm.MAX_LEN, head_dim),
-                                  minilm.capture)
+        if spec in PACKAGED:
+            model = PACKAGED[spec]
+            layers, heads, head_dim = model.dims()
+            return CapturedInputs(spec, (layers, heads, model.max_len, head_dim), model.capture,
+                                  lengths=model.default_lengths)
         if spec.startswith("file:") and len(spec) > 5:
             path = str(Path(spec[5:]).resolve())
             shapes, _ = read_header(path)

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     low = sub.add_parser("lowrank", help="rank of A - band_k(A) of captured maps, the verdict "
                                          "on the low-rank claim, and its figures")
     low.add_argument("--out", type=Path, required=True, metavar="RUN_DIR")
-    low.add_argument("--inputs", default="minilm", help="minilm or file:PATH")
+    low.add_argument("--inputs", default="minilm", help="minilm, smollm2 or file:PATH")
     low.add_argument("--seq-len", type=int, help="N (default: the longest the inputs hold)")
     low.add_argument("--head", help="LAYER,HEAD of the map figure (default: the head of median "
                                     "residual energy at k=10)")
@@ -160,7 +160,7 @@ def _lowrank(args: argparse.Namespace) -> int:
 
     src = source(args.inputs)
     if not src.captured:
-        raise UsageError("lowrank needs captured inputs; valid: minilm, file:PATH")
+        raise UsageError("lowrank needs captured inputs; valid: minilm, smollm2, file:PATH")
     n = args.seq_len or src.dims[2]
     src.check_length(n)
     qkv = src.qkv(n)

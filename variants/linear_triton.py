@@ -11,7 +11,8 @@ the compiler prefetch the next chunk's loads.
   segment its inherited state; its program walks the chunks in order, adding the masked
   intra-chunk `(phi(Q) phi(K)^T * mask) V` (and row sums for the normalizer) and folding each
   chunk into the carried state.
-- Backward, with `G = dO / den` and `r = -G . O` (the normalizer's gradient):
+- Backward, with `G = dO / den` and `r = -G . O` (the normalizer's gradient, formed from the
+  unrounded numerator `G . num / den`, so the backward never reads the rounded output):
   `dphi(Q) = G S^T + r z` (plus the intra-chunk term when causal), and with
   `dS = phi(Q)^T G`, `dz = phi(Q)^T r` summed over the queries that see a key:
   `dphi(K) = V dS^T + dz`, `dV = phi(K) dS`. A dq pass (in chunk order when causal) also sums
@@ -19,7 +20,7 @@ the compiler prefetch the next chunk's loads.
   chunks last to first carrying the suffix sums (causal).
 Memory beyond inputs and outputs: per-segment `D x D` states and `O(N)` row statistics.
 Traffic at D=64 bf16: forward 4 (non-causal) or 6 (causal) passes over an `[N, D]` tensor,
-backward 8 (non-causal) or 12 (causal).
+backward 7 (non-causal) or 11 (causal).
 """
 from __future__ import annotations
 
@@ -220,19 +221,19 @@ def _linear_fwd_causal_kernel(
 
 @triton.jit
 def _linear_bwd_dq_kernel(
-    Q, O, DO, S, Z, DQ, DS, DZ, N, SEG_LEN, eps,
+    Q, DO, S, Z, DQ, DS, DZ, N, SEG_LEN, eps,
     PHI: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
     LOWP: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Non-causal, per (head, segment): dq = (G S^T + r z) phi'(Q), with G = dO / den and
-    r = -G . O the normalizer's gradient; also sums dS = phi(Q)^T G, dz = phi(Q)^T r."""
+    r = -G . O = -phi(Q) . (G S^T) / den the normalizer's gradient; also sums
+    dS = phi(Q)^T G, dz = phi(Q)^T r."""
     bh = tl.program_id(0).to(tl.int64)
     seg = tl.program_id(1)
     nseg = tl.num_programs(1)
     offs_c = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, D)
     Q += bh * N * D
-    O += bh * N * D
     DO += bh * N * D
     DQ += bh * N * D
     # [D, D] S^T (operand dtype), so that dq = G S^T
@@ -251,14 +252,16 @@ def _linear_bwd_dq_kernel(
         tile = rows[:, None] * D + offs_d[None, :]
         # [CHUNK, D]
         q = tl.load(Q + tile, mask=valid[:, None], other=0.0).to(tl.float32)
-        o = tl.load(O + tile, mask=valid[:, None], other=0.0).to(tl.float32)
         do = tl.load(DO + tile, mask=valid[:, None], other=0.0).to(tl.float32)
         fq, dphi = _phi(q, PHI)
         fq = tl.where(valid[:, None], fq, 0.0)
-        g = do / (tl.sum(fq * z[None, :], 1) + eps)[:, None]
         # [CHUNK]
-        r = -tl.sum(g * o, 1)
-        dfq = _dot(g, s_t, LOWP, PREC) + r[:, None] * z[None, :]
+        den = tl.sum(fq * z[None, :], 1) + eps
+        g = do / den[:, None]
+        # [CHUNK, D]
+        g_st = _dot(g, s_t, LOWP, PREC)
+        r = -tl.sum(fq * g_st, 1) / den
+        dfq = g_st + r[:, None] * z[None, :]
         tl.store(DQ + tile, (dfq * dphi).to(DQ.dtype.element_ty), mask=valid[:, None])
         ds += _dot(tl.trans(fq), g, LOWP, PREC)
         dz += tl.sum(r[:, None] * fq, 0)
@@ -326,21 +329,22 @@ def _causal_bwd_head(Q, K, V, DO, X, Y, DEN, R, N, D: tl.constexpr):
 
 @triton.jit
 def _linear_bwd_dq_causal_kernel(
-    Q, K, V, O, DO, DEN, R, S0, Z0, DQ, DS, DZ, N, SEG_LEN,
+    Q, K, V, DO, DEN, R, S0, Z0, DQ, DS, DZ, N, SEG_LEN,
     PHI: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
     LOWP: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Causal dq: one program per (head, segment) walks the segment's chunks in order.
 
     Carries S^T, z from the segment's inherited state, as the forward did. Also stores r (the
-    normalizer's gradient) and sums the segment's dS = phi(Q)^T G, dz = phi(Q)^T r for dk, dv.
+    normalizer's gradient, `-G . num / den` with the numerator's two parts as the forward formed
+    them: `phi(Q) S` and the masked intra-chunk scores times V) and sums the segment's dS = phi(Q)^T G, dz = phi(Q)^T r for dk, dv.
     (A single reverse sweep for dq, dk, dv moves fewer bytes but needs twice the carried
     state; it spilled registers and ran 1.3x slower on an H100.)
     """
     seg = tl.program_id(1)
     offs_c = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, D)
-    Q, K, V, DO, O, DQ, DEN, R, state = _causal_bwd_head(Q, K, V, DO, O, DQ, DEN, R, N, D)
+    Q, K, V, DO, DQ, _, DEN, R, state = _causal_bwd_head(Q, K, V, DO, DQ, DQ, DEN, R, N, D)
     # [D, D] fp32 S^T inherited from earlier segments; the segment's dS sum
     s_t = tl.load(S0 + state * D + offs_d[None, :] * D + offs_d[:, None])
     ds = tl.zeros([D, D], dtype=tl.float32)
@@ -359,7 +363,6 @@ def _linear_bwd_dq_causal_kernel(
         k = tl.load(K + tile, mask=valid[:, None], other=0.0)
         v = tl.load(V + tile, mask=valid[:, None], other=0.0)
         q = tl.load(Q + tile, mask=valid[:, None], other=0.0).to(tl.float32)
-        o = tl.load(O + tile, mask=valid[:, None], other=0.0).to(tl.float32)
         do = tl.load(DO + tile, mask=valid[:, None], other=0.0).to(tl.float32)
         # [CHUNK]
         den = tl.load(DEN + rows, mask=valid, other=1.0)
@@ -367,11 +370,17 @@ def _linear_bwd_dq_causal_kernel(
         fq, dphi = _phi(q, PHI)
         fq = tl.where(valid[:, None], fq, 0.0)
         g = do / den[:, None]
-        r = -tl.sum(g * o, 1)
+        # [CHUNK, D]
+        g_st = _dot(g, s_t, LOWP, PREC)
+        # [CHUNK, CHUNK] masked scores, and G V^T masked the same way
+        a = tl.where(causal, _dot(fq, tl.trans(fk), LOWP, PREC), 0.0)
+        g_vt = tl.where(causal, _dot(g, tl.trans(v), LOWP, PREC), 0.0)
+        # [CHUNK]
+        r = -(tl.sum(fq * g_st, 1) + tl.sum(a * g_vt, 1)) / den
         tl.store(R + rows, r, mask=valid)
         # [CHUNK, CHUNK] gradient of the masked scores (r is the normalizer's share)
-        dp = tl.where(causal, _dot(g, tl.trans(v), LOWP, PREC) + r[:, None], 0.0)
-        dfq = _dot(dp, fk, LOWP, PREC) + _dot(g, s_t, LOWP, PREC) + r[:, None] * z[None, :]
+        dp = tl.where(causal, g_vt + r[:, None], 0.0)
+        dfq = _dot(dp, fk, LOWP, PREC) + g_st + r[:, None] * z[None, :]
         tl.store(DQ + tile, (dfq * dphi).to(DQ.dtype.element_ty), mask=valid[:, None])
         s_t += _dot(tl.trans(v), fk, LOWP, PREC)
         z += tl.sum(fk, 0)
@@ -577,7 +586,6 @@ def linear_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    o: torch.Tensor,
     saved: LinearSaved,
     do: torch.Tensor,
     causal: bool,
@@ -588,7 +596,7 @@ def linear_bwd(
 
     Args:
         q, k, v: the forward's inputs, `[B, H, N, D]`.
-        o: the forward's output; saved: its `LinearSaved` (made with `save=True`).
+        saved: the forward's `LinearSaved` (made with `save=True`).
         do: gradient of the output, `[B, H, N, D]`.
         causal, feature_map, eps: as in the forward.
 
@@ -598,7 +606,7 @@ def linear_bwd(
     _check_inputs(q, k, v, feature_map)
     if causal and saved.den is None:
         raise ValueError("linear_bwd needs a causal forward run with save=True")
-    q, k, v, o, do = (t.contiguous() for t in (q, k, v, o, do))
+    q, k, v, do = (t.contiguous() for t in (q, k, v, do))
     b, h, n, d = q.shape
     bh, dev, phi = b * h, q.device, PHI_IDS[feature_map]
     lowp, prec = _precisions(q)
@@ -610,7 +618,7 @@ def linear_bwd(
     if not causal:
         cfg = _config("bwd_dq", d, lowp, seg_len)
         _linear_bwd_dq_kernel[(bh, nseg)](
-            q, o, do, saved.state, saved.z, dq, seg_ds, seg_dz, n, seg_len, eps,
+            q, do, saved.state, saved.z, dq, seg_ds, seg_dz, n, seg_len, eps,
             PHI=phi, D=d, CHUNK=cfg["CHUNK"], LOWP=lowp, PREC=prec,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )  # fmt: skip
@@ -628,7 +636,7 @@ def linear_bwd(
     r = _empty((bh, n), torch.float32, dev)
     cfg = _config("bwd_dq_causal", d, lowp, seg_len)
     _linear_bwd_dq_causal_kernel[(bh, nseg)](
-        q, k, v, o, do, saved.den, r, saved.state, saved.z, dq, seg_ds, seg_dz, n, seg_len,
+        q, k, v, do, saved.den, r, saved.state, saved.z, dq, seg_ds, seg_dz, n, seg_len,
         PHI=phi, D=d, CHUNK=cfg["CHUNK"], LOWP=lowp, PREC=prec,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
@@ -655,15 +663,15 @@ class LinearAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, causal: bool, feature_map: str, eps: float):
         save = any(ctx.needs_input_grad[:3])
         o, saved = linear_fwd(q, k, v, causal, feature_map, eps, save=save)
-        ctx.save_for_backward(q, k, v, o, saved.state, saved.z, saved.den)
+        ctx.save_for_backward(q, k, v, saved.state, saved.z, saved.den)
         ctx.seg_len, ctx.causal, ctx.feature_map, ctx.eps = saved.seg_len, causal, feature_map, eps
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, state, z, den = ctx.saved_tensors
+        q, k, v, state, z, den = ctx.saved_tensors
         saved = LinearSaved(state, z, den, ctx.seg_len)
-        dq, dk, dv = linear_bwd(q, k, v, o, saved, do, ctx.causal, ctx.feature_map, ctx.eps)
+        dq, dk, dv = linear_bwd(q, k, v, saved, do, ctx.causal, ctx.feature_map, ctx.eps)
         return dq, dk, dv, None, None, None
 
 
