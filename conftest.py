@@ -9,3 +9,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from suites import load_builtin_suites  # noqa: E402 - after TRITON_INTERPRET
+
+load_builtin_suites()  # metric declarations that results, summaries and reports read

@@ -5,10 +5,12 @@
     python run_bench.py --list               # variants, suites, presets, parameters
     python run_bench.py --preset fig6        # the FMMformer scaling figure, 2^10..2^16
     python run_bench.py --resume RUN_DIR     # finish an interrupted run
+    torchrun --nproc-per-node 8 run_bench.py --out RUN_DIR   # one sweep over 8 GPUs
+    python run_bench.py --shard I/N --out RUN_DIR            # share I of N (a job array)
     python run_bench.py plot RUN_DIR         # figures from a results CSV
     python run_bench.py compare OLD NEW      # regressions between two runs
-    python run_bench.py report RUN_DIR       # claim check, slopes, crossovers
-    python run_bench.py targets RUN_DIR      # the kernel performance targets
+    python run_bench.py report RUN_DIR       # slopes, crossovers, the studies' tables
+    python run_bench.py targets RUN_DIR      # the FMMformer study's kernel targets
     python run_bench.py --inputs minilm      # q, k, v of a real model's attention
     python run_bench.py --suite task --task mqar,listops,charlm --seeds 3   # trained quality
     python run_bench.py capture --model DIR --text FILE --seq-len N --out QKV.safetensors
@@ -29,7 +31,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from harness.config import DTYPES, MODES, PRESETS, BenchConfig, ConfigError, RunOptions
+from harness.config import DTYPES, PRESETS, BenchConfig, ConfigError, RunOptions
 from harness.config import default_device, flag, preset_config, validate, validate_options
 from harness.config import with_overrides
 from harness.plugins import load_plugins, plugin_path
@@ -38,13 +40,15 @@ from harness.inputs import default_lengths
 from harness.registry import RegistryError, all_variants
 from harness.results import META_FILE, RESULTS_FILE, ResultsError, load_existing, load_results
 from harness.results import finished_case_keys, read_meta
-from harness.runner import Sweep, new_run_dir
+from harness.runner import new_run_dir
+from harness.sharding import current_shard, parse_shard, pin_gpu, stop_on_sigterm
+from harness.shardrun import ShardedSweep, make_sweep, require_run_dir
 from harness.estimate import size_warning
+from harness.suite import MODES, SuiteError, all_suites, suite_names
 from harness.summary import summary_tables
-from suites import SUITES
+from suites import load_builtin_suites
 from variants import load_builtin_variants
 
-REPORT_COMMANDS = ("plot", "compare", "report", "targets")
 REAL_COMMANDS = ("capture", "dropin", "lowrank", "quality")  # harness.realcli
 DEFAULT_ROOT = Path(__file__).resolve().parent / "results" / "runs"
 
@@ -89,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list variants, suites, presets and exit")
     p.add_argument("--preset", help=f"named configuration: {', '.join(PRESETS)} (default quick)")
     p.add_argument("--variant", type=csv_list(str), help="comma list of variants (default: all)")
-    p.add_argument("--suite", type=csv_list(str), help=f"comma list of {', '.join(SUITES)}")
+    p.add_argument("--suite", type=csv_list(str), help=f"comma list of {', '.join(suite_names())}")
     p.add_argument("--mode", type=csv_list(str), help=f"comma list of {', '.join(MODES)}")
     p.add_argument("--seq-lens", type=csv_list(int), help="comma list of sequence lengths")
     p.add_argument("--batch", type=number(int))
@@ -133,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", type=csv_list(str), metavar="SOURCE[,SOURCE]",
                    help="where q, k, v come from: randn (default), minilm (a real model's "
                         "attention, N <= 512), file:PATH (from `run_bench.py capture`)")
+    p.add_argument("--shard", type=parse_shard, metavar="I/N",
+                   help="run share I (0..N-1) of the sweep into --out, with N-1 other processes "
+                        "(under torchrun the share comes from RANK and WORLD_SIZE)")
     return p
 
 
@@ -161,7 +168,8 @@ def print_listing(console: Console, device: str) -> None:
         reason = spec.unavailable_reason(torch.device(device))
         table.add_row(spec.name, spec.family, forms, escape(params), "yes" if reason is None else escape(reason))
     console.print(table)
-    console.print(f"suites: {', '.join(SUITES)}")
+    console.print("suites: " + ", ".join(f"{s.name}{'' if s.default else ' (on request)'}"
+                                         for s in all_suites()))
     console.print(f"modes: {', '.join(MODES)}")
     console.print(f"presets: {', '.join(PRESETS)}")
     console.print("tasks (--suite task): mqar, listops, charlm")
@@ -210,17 +218,21 @@ def _show(value) -> str:
     return str(value)
 
 
-def check_new_run_dir(out: Path) -> None:
-    """A new run needs a directory that holds no run: refuse a file or an existing run."""
+def check_new_run_dir(out: Path, joining: bool = False) -> None:
+    """A new run needs a directory that holds no run: refuse a file or an existing run (which
+    the processes of a sharded run may join: `harness.shardrun` checks it is theirs)."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; expected a directory for the run")
+    if joining:
+        return
     if (out / META_FILE).exists() or (out / RESULTS_FILE).exists():
         raise ConfigError(f"--out {out} already holds a run; finish it with --resume {out}, "
                           f"or choose a new --out directory")
 
 
-def config_from_args(args) -> tuple[BenchConfig, Path]:
-    """The run's configuration and directory, from a preset, overrides, or a resumed run."""
+def config_from_args(args, sharded: bool = False) -> tuple[BenchConfig, Path]:
+    """The run's configuration and directory, from a preset, overrides, or a resumed run
+    (a sharded run's processes may find the directory their peers created)."""
     if args.resume:
         return resumed_config(args.resume, args), args.resume
     device = args.device or default_device()
@@ -231,7 +243,7 @@ def config_from_args(args) -> tuple[BenchConfig, Path]:
                              "tasks-smoke" if args.suite == ("task",) else "quick")
     config = with_overrides(preset_config(preset, device), **overrides)
     if args.out:
-        check_new_run_dir(args.out)
+        check_new_run_dir(args.out, joining=sharded)
     return config, args.out or new_run_dir(DEFAULT_ROOT, config)
 
 
@@ -247,24 +259,32 @@ def run_options(args) -> RunOptions:
     return options
 
 
-def interrupted_line(run_dir: Path) -> str:
+def interrupted_line(run_dir: Path, rows_dir: Path | None = None) -> str:
     """What Ctrl-C prints: cases on disk and the command that continues the run."""
+    rows_dir = rows_dir or run_dir
     try:
-        cases = len(finished_case_keys(load_existing(run_dir)))
+        cases = len(finished_case_keys(load_existing(rows_dir)))
     except ResultsError:
         cases = 0
-    return (f"interrupted: {cases} cases written to {run_dir / RESULTS_FILE}; continue with: "
+    return (f"interrupted: {cases} cases written to {rows_dir / RESULTS_FILE}; continue with: "
             f"python run_bench.py --resume {shlex.quote(str(run_dir))}")
+
+
+def shard_line(sweep: ShardedSweep) -> str:
+    """What a process of a sharded run prints when it ends without completing the run."""
+    done = f"shard {sweep.shard}: {sweep.written} cases written"
+    results = sweep.run_dir / RESULTS_FILE
+    if sweep.merged.complete:
+        return f"{done}; {results} is complete"
+    return (f"{done}; the rows so far are merged into {results}, which the last process to end "
+            f"completes (if one died: python run_bench.py --resume "
+            f"{shlex.quote(str(sweep.run_dir))})")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     console = Console(width=None if sys.stdout.isatty() else 160)
     try:
-        if argv and argv[0] in REPORT_COMMANDS:
-            from harness.reports.cli import main as reports_main
-
-            return reports_main(argv)
         if argv and argv[0] == "tasks":
             from harness.reports.tasks import main as tasks_main
 
@@ -273,18 +293,28 @@ def main(argv: list[str] | None = None) -> int:
             from harness.realcli import main as real_main
 
             return real_main(argv)
+        if argv and not argv[0].startswith("-"):  # plot, compare, report, a study's command
+            from harness.reports.cli import main as reports_main
+
+            return reports_main(argv)
+        load_builtin_suites()
         args = build_parser().parse_args(argv)
+        shard = current_shard(args.shard)
+        if shard is not None:
+            pin_gpu(shard)  # before anything initialises CUDA
+            stop_on_sigterm()
+            require_run_dir(shard, args.out, args.resume)
         load_builtin_variants()
         load_plugins(args.plugin or ())
         if args.list:
             print_listing(console, args.device or default_device())
             return 0
         options = run_options(args)
-        config, run_dir = config_from_args(args)
+        config, run_dir = config_from_args(args, sharded=shard is not None)
         if args.resume:
             load_plugins(config.plugins)
-        sweep = Sweep(config, run_dir, options=options)
-    except (RegistryError, ConfigError, ResultsError) as exc:
+        sweep = make_sweep(config, run_dir, options, shard, resume=args.resume is not None)
+    except (RegistryError, ConfigError, ResultsError, SuiteError) as exc:
         print(f"run_bench.py: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -299,8 +329,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run_bench.py: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(interrupted_line(run_dir), file=sys.stderr)
+        print(interrupted_line(run_dir, sweep.rows_dir), file=sys.stderr)
         return 130
+    if isinstance(sweep, ShardedSweep) and not (sweep.merged.complete and sweep.merged.folded):
+        print(shard_line(sweep), file=sys.stderr)
+        return 1 if sweep.stopped_at is not None else 0
     for table in summary_tables(load_results(run_dir)):
         console.print(table)
     console.print(f"results: {run_dir / RESULTS_FILE}")

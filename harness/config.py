@@ -1,4 +1,4 @@
-"""Run configuration: one frozen dataclass plus named presets (SPEC 2, presets), and the
+"""Run configuration: one frozen dataclass plus named presets, and the
 options of how a sweep is executed (which do not change what it measures)."""
 from __future__ import annotations
 
@@ -8,22 +8,22 @@ from typing import Any
 
 import torch
 
+from harness.errors import ConfigError
+from harness.inputs import sources
+from harness.suite import MODES, SuiteError, default_suites, get_suite
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-MODES = ("fwd", "bwd", "fwd_bwd")
 PRESETS = ("quick", "fig6", "tasks", "tasks-smoke")
-
-
-class ConfigError(ValueError):
-    """Bad user input about the run configuration (one-line message)."""
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """Everything that defines a sweep. `variants` empty means every registered variant."""
+    """Everything that defines a sweep. `variants` empty means every registered variant;
+    `suites` empty means every suite registered as a default one (`run_suites`)."""
 
     preset: str = "quick"
     variants: tuple[str, ...] = ()
-    suites: tuple[str, ...] = ("time", "memory", "accuracy")
+    suites: tuple[str, ...] = ()
     modes: tuple[str, ...] = ("fwd", "fwd_bwd")
     seq_lens: tuple[int, ...] = (256, 1024)
     batch: int = 1
@@ -100,14 +100,21 @@ def preset_config(name: str, device: str) -> BenchConfig:
                            dtype="bf16" if device == "cuda" else "fp32")
     if name == "tasks-smoke":
         return BenchConfig(preset=name, device=device, suites=("task",))
+    suites = default_suites()  # recorded in meta.json as they were at the run's start
     if name == "fig6":
         return BenchConfig(
             preset="fig6", device=device, dtype="bf16", heads=16, head_dim=64,
-            seq_lens=tuple(2**p for p in range(10, 17)), rep_ms=200.0,
+            seq_lens=tuple(2**p for p in range(10, 17)), rep_ms=200.0, suites=suites,
         )  # fmt: skip
     if device == "cuda":
-        return BenchConfig(device=device, dtype="bf16", heads=16, seq_lens=(1024, 4096, 16384))
-    return BenchConfig(device=device)
+        return BenchConfig(device=device, dtype="bf16", heads=16, seq_lens=(1024, 4096, 16384),
+                           suites=suites)
+    return BenchConfig(device=device, suites=suites)
+
+
+def run_suites(config: BenchConfig) -> tuple[str, ...]:
+    """The suites a sweep of `config` measures: those named, else the default ones."""
+    return config.suites or default_suites()
 
 
 def with_overrides(config: BenchConfig, **overrides: Any) -> BenchConfig:
@@ -119,15 +126,15 @@ def with_overrides(config: BenchConfig, **overrides: Any) -> BenchConfig:
 
 def validate(config: BenchConfig) -> None:
     """Reject configurations that cannot run, with one-line messages naming valid choices."""
-    from suites import SUITES
-
     for name in ("variants", "suites", "modes", "seq_lens", "causal", "params", "plugins",
                  "tasks"):
         if not isinstance(getattr(config, name), tuple):
             raise ConfigError(f"{name} must be a list, got {getattr(config, name)!r}")
     for suite in config.suites:
-        if suite not in SUITES:
-            raise ConfigError(f"unknown suite '{suite}'; valid: {', '.join(SUITES)}")
+        try:
+            get_suite(suite)
+        except SuiteError as exc:
+            raise ConfigError(str(exc)) from None
     for mode in config.modes:
         if mode not in MODES:
             raise ConfigError(f"unknown mode '{mode}'; valid: {', '.join(MODES)}")
@@ -139,16 +146,12 @@ def validate(config: BenchConfig) -> None:
         raise ConfigError("device 'cuda' requested but CUDA is not available; valid: cpu")
     if config.cuda_graph and config.device != "cuda":
         raise ConfigError("--cuda-graph times CUDA-graph replays; valid only with device cuda")
-    if "task" in config.suites and len(config.suites) > 1:
-        raise ConfigError("the task suite runs alone (it trains models, the others time "
-                          "kernels); run --suite task separately")
-    from suites.tasks.catalog import TASKS
-
-    for task in config.tasks:
-        if task not in TASKS:
-            raise ConfigError(f"unknown task '{task}'; valid: {', '.join(TASKS)}")
-    if "task" in config.suites and not config.tasks:
-        raise ConfigError(f"--task needs at least one task; valid: {', '.join(TASKS)}")
+    own = [s for s in config.suites if get_suite(s).problems is not None]
+    if own and len(config.suites) > 1:
+        raise ConfigError(f"the {own[0]} suite runs alone (it brings its own problems); run "
+                          f"--suite {own[0]} separately")
+    for name in own:
+        get_suite(name).problems(config)  # its sizes and names, before anything runs
     for name in ("batch", "heads", "head_dim", "accuracy_rows", "min_samples", "seeds"):
         value = getattr(config, name)
         if not _is_int(value) or value < 1:
@@ -162,8 +165,6 @@ def validate(config: BenchConfig) -> None:
                               f"got {value!r}")
     if not config.seq_lens or any(not _is_int(n) or n < 1 for n in config.seq_lens):
         raise ConfigError(f"sequence lengths must be positive integers, got {list(config.seq_lens)}")
-    from harness.inputs import sources
-
     sources(config)  # unknown names, unreadable files, lengths a source does not hold
 
 

@@ -47,6 +47,26 @@ def interpreted(vc) -> bool:
     return "triton" in vc.spec.requires or vc.spec.name.endswith("_triton")
 
 
+def prepare_seconds(vc, shape, rate: float) -> float:
+    """Rough seconds to build a variant for `shape` and make its first call, at `rate`
+    FLOP/s."""
+    return PREPARE_S + CALL_S + case_flops(vc, shape, "fwd") / rate
+
+
+def case_seconds(config, vc, shape, mode: str, suite: str, rate: float,
+                 fp64_rate: float) -> float:
+    """Rough seconds one case of `suite` takes: the calls it makes at `rate` FLOP/s, float64
+    references at `fp64_rate`."""
+    call_s = CALL_S + case_flops(vc, shape, mode) / rate
+    if suite == "time":
+        return call_s + max(config.rep_ms / 1e3, config.min_samples * call_s)
+    if suite == "memory":
+        return 2 * call_s
+    # accuracy: forward, float64 reference(s), and the causal check's two forwards
+    fwd_s = CALL_S + case_flops(vc, shape, "fwd") / rate
+    return 3 * fwd_s + 2 * case_flops(vc, shape, "fwd") / fp64_rate
+
+
 def estimate_seconds(sweep) -> float:
     """Rough seconds the unfinished cases of `sweep` (a `harness.runner.Sweep`) will take."""
     config = sweep.config
@@ -64,17 +84,9 @@ def estimate_seconds(sweep) -> float:
                 continue
             slow = INTERPRETER_SLOWDOWN if interpret and interpreted(vc) else 1.0
             rate = rates[config.dtype] * 1e9 / slow
-            fwd_s = CALL_S + case_flops(vc, shape, "fwd") / rate
-            total += PREPARE_S + fwd_s
-            for case, suite in todo:
-                call_s = CALL_S + case_flops(vc, shape, case.mode) / rate
-                if suite == "time":
-                    total += call_s + max(config.rep_ms / 1e3, config.min_samples * call_s)
-                elif suite == "memory":
-                    total += 2 * call_s
-                else:  # forward, float64 reference(s), and the causal check's two forwards
-                    ref_s = case_flops(vc, shape, "fwd") / (rates["fp64"] * 1e9)
-                    total += 3 * fwd_s + 2 * ref_s
+            total += prepare_seconds(vc, shape, rate)
+            total += sum(case_seconds(config, vc, shape, case.mode, suite, rate,
+                                      rates["fp64"] * 1e9) for case, suite in todo)
     return total
 
 

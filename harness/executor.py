@@ -2,7 +2,10 @@
 
 A case that fails at run time (OOM, missing package, kernel error, NaN) becomes a row with a
 status and a reason. The same code runs in the sweep's own process (`--in-process`) and inside
-the isolating worker process (`harness.isolation`).
+the isolating worker process (`harness.isolation`). What a case observes rather than
+configures (the SDPA backend that ran, the rows an accuracy reference compared, and whatever a
+built variant's `observations()` method returns after the measured calls, e.g. the launch
+configuration a kernel chose) goes to the rows' `observed` column.
 """
 from __future__ import annotations
 
@@ -19,9 +22,8 @@ from harness.registry import Shape, VariantConfig
 from harness.results import Case, Row
 from harness.roofline import Roofline
 from harness.inputs import source
+from harness.suite import Suite, get_suite
 from harness.trial import Trial
-from suites import SUITES
-from suites.task import INPUTS_PREFIX as TASK_INPUTS
 
 Todo = list[tuple[Case, str]]  # (case, suite name) pairs of one variant at one shape
 
@@ -45,8 +47,7 @@ class CaseRunner:
             self._inputs = None
             self.free_memory()
             seed = self.config.seed + shape.seq_len
-            kind = "randn" if name.startswith(TASK_INPUTS) else name  # a task: its shape, randn
-            self._inputs = ((name, shape), source(kind).tensors(shape, self.device, seed))
+            self._inputs = ((name, shape), source(name).tensors(shape, self.device, seed))
         return self._inputs[1]
 
     def run_group(self, vc: VariantConfig, shape: Shape, todo: Todo,
@@ -68,26 +69,35 @@ class CaseRunner:
     def rows_of(self, trial: Trial | None, failure: Failure | None, case: Case,
                 suite_name: str) -> list[Row]:
         """One case's rows: its measurements, or one row with the failure's status."""
-        suite = SUITES[suite_name]
+        suite = get_suite(suite_name)
         if failure is not None:
-            return [Row(case, suite.primary_metric, None, failure.status, failure.reason)]
+            return [Row(case, suite.primary, None, failure.status, failure.reason)]
         return self.run_case(trial, case, suite)
 
-    def run_case(self, trial: Trial, case: Case, suite) -> list[Row]:
+    def run_case(self, trial: Trial, case: Case, suite: Suite) -> list[Row]:
+        """The rows of one case: each metric the suite returns, with what was observed."""
         trial.flags.clear()
         trial.details.clear()
         trial.case = case
+        trial.observed = dict(trial.built)
         try:
             metrics = suite.run(trial, case.mode)
+            if hasattr(trial.fn, "observations"):  # e.g. the launch config a kernel chose
+                trial.observed.update(trial.fn.observations())
         except Exception as exc:  # noqa: BLE001 - every failure becomes a result row
             failure = classify(exc)
             self.free_memory()
-            return [Row(case, suite.primary_metric, None, failure.status, failure.reason)]
+            return [Row(case, suite.primary, None, failure.status, failure.reason)]
+        undeclared = [m for m in metrics if m not in suite.metrics]
+        if undeclared:
+            return [Row(case, suite.primary, None, "error",
+                        f"suite {suite.name} returned undeclared metric(s) "
+                        f"{', '.join(undeclared)}; declare them in its register_suite(metrics=...)")]
         bad = [m for m, v in metrics.items() if v != v or v in (float("inf"), float("-inf"))]
         if bad:
-            return [Row(case, suite.primary_metric, None, "nan", f"non-finite {', '.join(bad)}")]
+            return [Row(case, suite.primary, None, "nan", f"non-finite {', '.join(bad)}")]
         rows = [Row(case, m, v, "inexact" if m in trial.flags else "ok", trial.flags.get(m, ""),
-                    extra_params=dict(trial.extra_params)) for m, v in metrics.items()]
+                    observed=dict(trial.observed)) for m, v in metrics.items()]
         if rows:
             rows[0].details = list(trial.details)
         return rows
@@ -110,7 +120,7 @@ class CaseRunner:
             raise Failure("nan", "forward output has NaN or Inf")
         if hasattr(fn, "detect_backend"):
             with silenced_fds():  # the profiler prints to the terminal from C++
-                trial.extra_params["backend_ran"] = fn.detect_backend(*inputs)
+                trial.built["backend_ran"] = fn.detect_backend(*inputs)
         return trial
 
     def free_memory(self) -> None:

@@ -24,7 +24,7 @@ from harness.executor import Todo
 from harness.registry import Shape, VariantConfig
 from harness.results import Row
 from harness.roofline import Roofline
-from suites import SUITES
+from harness.suite import get_suite
 
 LOG_FILE = "worker.log"
 START_TIMEOUT_S = 300.0  # importing torch and the variants, before any case runs
@@ -141,7 +141,7 @@ class IsolatedRunner:
                 lost_cases = pending[:1] if prepared else pending
                 reason = lost.reason if prepared else f"{lost.reason}, building the variant"
                 for case, suite_name in lost_cases:
-                    yield [Row(case, SUITES[suite_name].primary_metric, None, lost.status,
+                    yield [Row(case, get_suite(suite_name).primary, None, lost.status,
                                reason)]
                 pending = pending[len(lost_cases):]
 
@@ -164,9 +164,11 @@ def worker_main(conn: Connection, config: dict, roofline: dict | None, log_path:
         from harness.executor import CaseRunner
         from harness.plugins import load_plugins
         from harness.registry import get_variant
+        from suites import load_builtin_suites
         from variants import load_builtin_variants
 
         cfg = BenchConfig.from_dict(config)
+        load_builtin_suites()
         load_builtin_variants()
         load_plugins(cfg.plugins)
         runner = CaseRunner(cfg, Roofline(**roofline) if roofline else None,

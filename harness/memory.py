@@ -1,4 +1,4 @@
-"""Peak extra memory of one call (SPEC 2), measured on CUDA and on the CPU.
+"""Peak extra memory of one call, measured on CUDA and on the CPU.
 
 CUDA: `max_memory_allocated` during the call minus what was allocated before it.
 CPU (Linux): the growth of the process's peak resident set (VmHWM) during the call, after

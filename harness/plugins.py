@@ -1,11 +1,13 @@
-"""Loading user plugin files: each one's @register_variant calls add variants to the registry."""
+"""Loading user plugin files: each one's @register_variant, @register_suite and register_family
+calls add to the registries."""
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
-from harness.config import ConfigError
+from harness.errors import ConfigError
 from harness.registry import RegistryError
+from harness.suite import SuiteError
 
 _LOADED: set[str] = set()  # absolute paths already imported in this process
 
@@ -38,7 +40,7 @@ def load_plugins(paths) -> None:
         except SyntaxError as exc:
             raise ConfigError(f"plugin {path} has a syntax error at line {exc.lineno}: "
                               f"{exc.msg}") from None
-        except RegistryError:
+        except (RegistryError, SuiteError):
             raise
         except Exception as exc:  # noqa: BLE001 - any import failure is the plugin's
             first = (str(exc).strip().splitlines() or [""])[0]

@@ -21,7 +21,11 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("softmax", "window", "linear", "fmm", "multipole")
+# Families in their listing order; `register_family` adds one (e.g. from a `--plugin` file).
+_FAMILIES: list[str] = ["softmax", "window", "linear", "fmm", "multipole"]
+# The registered variant whose math is exact softmax attention: the accuracy suite's truth for
+# `rel_err_vs_softmax`. It declares `rows_reference`.
+EXACT = "softmax_naive"
 
 
 class RegistryError(ValueError):
@@ -56,6 +60,9 @@ def qkvo_bytes(shape: Shape) -> float:
 
 Counter = Callable[[Shape, dict[str, Any]], float]
 Availability = Callable[[torch.device], str | None]
+# (q, k, v, rows, causal) -> the output at query rows `rows` only, `[B, H, len(rows), D]`.
+RowsReference = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool],
+                         torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,7 @@ class VariantSpec:
     available: Availability | None = None
     check: Callable[[Shape, dict[str, Any]], str | None] | None = None
     reference: str | None = None
+    rows_reference: RowsReference | None = None
     flops: Counter | None = None
     min_bytes: Counter = lambda shape, params: qkvo_bytes(shape)
     description: str = ""
@@ -140,15 +148,22 @@ def register_variant(name: str, *, family: str, **options: Any) -> Callable:
 
     Args:
         name: unique variant name, used on the command line and in results.
-        family: one of `FAMILIES`.
+        family: one of `families()`.
         **options: any `VariantSpec` field: `params` (defaults), `short` (label names),
             `choices`, `causal` (supported flags), `devices`, `requires` (packages),
             `available` (device -> reason or None), `check` (shape, params -> reason or None),
-            `reference` (variant whose float64 form is this one's truth; default itself),
+            `reference` (variant whose float64 form is this one's truth; default itself, and
+            `EXACT` for the softmax family),
+            `rows_reference` (its math at a subset of query rows, which accuracy references
+            use at long lengths instead of the factory),
             `flops` and `min_bytes` (shape, params -> count), `description`.
     """
-    if family not in FAMILIES:
-        raise RegistryError(f"unknown family '{family}'; valid: {', '.join(FAMILIES)}")
+    if family not in _FAMILIES:
+        raise RegistryError(f"unknown family '{family}'; valid: {', '.join(_FAMILIES)} "
+                            "(register_family adds one)")
+
+    if family == "softmax" and name != EXACT:
+        options.setdefault("reference", EXACT)
 
     def decorator(factory: Callable) -> Callable:
         if name in _REGISTRY:
@@ -159,6 +174,24 @@ def register_variant(name: str, *, family: str, **options: Any) -> Callable:
         return factory
 
     return decorator
+
+
+def register_family(name: str) -> None:
+    """Add a family of variants (listed after those already known); known names are kept."""
+    if not name or not isinstance(name, str):
+        raise RegistryError(f"a family name must be a non-empty string, got {name!r}")
+    if name not in _FAMILIES:
+        _FAMILIES.append(name)
+
+
+def families() -> tuple[str, ...]:
+    """Every family, in listing order."""
+    return tuple(_FAMILIES)
+
+
+def family_rank(family: str) -> int:
+    """A family's place in listings (unknown families, e.g. from a plugin not loaded, last)."""
+    return _FAMILIES.index(family) if family in _FAMILIES else len(_FAMILIES)
 
 
 def unregister_variant(name: str) -> None:
@@ -175,7 +208,7 @@ def get_variant(name: str) -> VariantSpec:
 
 def all_variants() -> list[VariantSpec]:
     """Every registered variant, sorted by family then name."""
-    return sorted(_REGISTRY.values(), key=lambda s: (FAMILIES.index(s.family), s.name))
+    return sorted(_REGISTRY.values(), key=lambda s: (family_rank(s.family), s.name))
 
 
 def parse_param_overrides(items: Iterable[str]) -> dict[str, dict[str, list[Any]]]:

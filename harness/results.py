@@ -1,4 +1,4 @@
-"""The tidy results file (SPEC 3): one row per measurement, appended as each case finishes."""
+"""The tidy results file: one row per measurement, appended as each case finishes."""
 from __future__ import annotations
 
 import csv
@@ -9,14 +9,16 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.suite import metric_unit
+
 COLUMNS = (
-    "run_id", "variant", "family", "params", "suite", "mode", "batch", "heads", "seq_len",
-    "head_dim", "dtype", "causal", "device", "inputs", "seed", "metric", "value", "unit",
-    "status", "reason",
+    "run_id", "variant", "family", "params", "observed", "suite", "mode", "batch", "heads",
+    "seq_len", "head_dim", "dtype", "causal", "device", "inputs", "seed", "metric", "value",
+    "unit", "status", "reason",
 )  # fmt: skip
 # Columns a results file may lack (written before they existed), with the value they then mean.
 # `seed`: a trained task's seed; empty for the other suites (their seed is meta's config.seed).
-OPTIONAL_COLUMNS = {"inputs": "randn", "seed": ""}
+OPTIONAL_COLUMNS = {"observed": "{}", "inputs": "randn", "seed": ""}
 # The columns that identify one case; a resumed run skips cases whose key is already written.
 CASE_KEY = (
     "variant", "suite", "mode", "batch", "heads", "seq_len", "head_dim", "dtype", "causal",
@@ -26,31 +28,6 @@ CASE_KEY = (
 STATUSES = ("ok", "oom", "skipped", "error", "nan", "timeout", "inexact")
 INT_CELLS = ("batch", "heads", "seq_len", "head_dim")
 BOOL_CELLS = ("true", "false", "1", "0")
-METRIC_UNITS = {
-    "time_ms": "ms",
-    "time_ms_p20": "ms",
-    "time_ms_p80": "ms",
-    "peak_mem_mib": "MiB",
-    "tflops": "TFLOP/s",
-    "gbps": "GB/s",
-    "roofline_frac": "fraction",
-    "rel_err_vs_reference": "ratio",
-    "rel_err_vs_softmax": "ratio",
-    "max_abs_err_vs_reference": "abs",
-    "rel_err_softmax_floor": "ratio",
-    "future_key_leak": "ratio",
-    "accuracy": "fraction",
-    "bpc": "bits/char",
-    "train_tokens_per_s": "tokens/s",
-    "final_train_loss": "nats",
-    "attn_fwd_bwd_ms": "ms",
-    "rel_err_floor": "ratio",
-    "floor_ratio": "x",
-    **{f"rel_err_{g}_{kind}": "ratio" for g in ("dq", "dk", "dv", "dweights")
-       for kind in ("vs_reference", "floor")},
-    **{f"{m}_head_{q}": "ratio" for m in ("rel_err_vs_softmax", "rel_err_softmax_floor")
-       for q in ("median", "p90", "max")},
-}
 RESULTS_FILE = "results.csv"
 META_FILE = "meta.json"
 # Per-head values of captured inputs (batch index = layer): one row per (case, layer, head).
@@ -91,25 +68,27 @@ class Case:
 
 @dataclass
 class Row:
-    """A result row: the case, one metric and the status it ended with."""
+    """A result row: the case, one metric and the status it ended with.
+
+    `observed` holds facts of the run that are not configuration (the SDPA backend that ran,
+    the reference rows compared, a kernel's chosen launch configuration): the CSV's `observed`
+    column, a JSON object beside `params`.
+    """
 
     case: Case
     metric: str
     value: float | None
     status: str = "ok"
     reason: str = ""
-    extra_params: dict = field(default_factory=dict)
+    observed: dict = field(default_factory=dict)
     # Per-head values the case's suite reported (captured inputs), for `heads.csv`; a case's
     # first row carries them.
     details: list[dict] = field(default_factory=list)
 
     def as_dict(self, run_id: str) -> dict:
         d = asdict(self.case)
-        if self.extra_params:
-            d["params"] = json.dumps({**json.loads(d["params"] or "{}"), **self.extra_params},
-                                     sort_keys=True)
-        d.update(run_id=run_id, metric=self.metric, value=self.value,
-                 unit=METRIC_UNITS.get(self.metric, ""), status=self.status, reason=self.reason)
+        d.update(run_id=run_id, observed=json.dumps(self.observed, sort_keys=True, default=str), metric=self.metric, value=self.value,
+                 unit=metric_unit(self.metric), status=self.status, reason=self.reason)
         return {c: d[c] for c in COLUMNS}
 
 
@@ -195,6 +174,12 @@ def load_results(path: str | Path) -> pd.DataFrame:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise ResultsError(f"{path} is not a readable CSV: {str(exc).splitlines()[0]}") from None
+    return typed_results(df, path)
+
+
+def typed_results(df: pd.DataFrame, path: str | Path) -> pd.DataFrame:
+    """Results read as text (`dtype=str, keep_default_na=False`), checked and typed as
+    `load_results` returns them; `path` names the source in errors."""
     missing = [c for c in COLUMNS if c not in df.columns and c not in OPTIONAL_COLUMNS]
     if missing:
         raise ResultsError(f"{path} is not an attnbench results file: missing {', '.join(missing)}")

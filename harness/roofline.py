@@ -1,4 +1,4 @@
-"""The device's two ceilings, measured once per CUDA run (SPEC 2, roofline)."""
+"""The device's two ceilings, measured once per CUDA run."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

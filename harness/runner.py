@@ -22,7 +22,7 @@ from rich.progress import (
     BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
 )  # fmt: skip
 
-from harness.config import DTYPES, BenchConfig, ConfigError, RunOptions
+from harness.config import DTYPES, BenchConfig, ConfigError, RunOptions, run_suites
 from harness.environment import fingerprint
 from harness.executor import CaseRunner
 from harness.inputs import sources
@@ -32,8 +32,7 @@ from harness.registry import get_variant, parse_param_overrides
 from harness.results import Case, ResultsWriter, Row, finished_case_keys, load_existing, read_meta
 from harness.results import DetailsWriter, write_meta
 from harness.roofline import Roofline, measure_roofline
-from suites import SUITES, suite_modes
-from suites.task import task_problems
+from harness.suite import get_suite
 
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -49,9 +48,10 @@ def resolve_configs(config: BenchConfig) -> list[VariantConfig]:
 def sweep_problems(config: BenchConfig) -> Iterator[tuple[str, Shape]]:
     """(inputs name, shape) of every problem of the sweep: per input source (which fixes the
     shape of captured inputs), causal flags, then lengths in increasing order; for the task
-    suite, each task setting (`task:NAME` at the model's attention shape)."""
-    if config.suites == ("task",):
-        yield from ((name, shape) for name, shape, _ in task_problems(config))
+    suite with problems of its own (it runs alone), those."""
+    own = [get_suite(s) for s in config.suites if get_suite(s).problems is not None]
+    if own:
+        yield from own[0].problems(config)
         return
     for src in sources(config):
         for causal in config.causal:
@@ -128,12 +128,17 @@ class Sweep:
         self.configs = resolve_configs(config)
         check_explicit_lengths(config, self.configs)
         check_params(config, self.configs)
-        existing = load_existing(self.run_dir)  # read once: finished cases and past OOMs
+        self.rows_dir = self.run_dir  # where this process writes rows and worker logs
+        existing = self.existing_rows()  # read once: finished cases and past OOMs
         self.finished = finished_case_keys(existing)
         self.oom_at = previous_ooms(existing)
         self.roofline: Roofline | None = None
         self.written = 0
         self.stopped_at: Row | None = None
+
+    def existing_rows(self):
+        """The rows already written in the run directory (a DataFrame)."""
+        return load_existing(self.run_dir)
 
     def problems(self) -> Iterator[tuple[str, Shape]]:
         return sweep_problems(self.config)
@@ -148,21 +153,24 @@ class Sweep:
             device=self.device.type, inputs=inputs,
         )  # fmt: skip
 
+    def planned(self, vc: VariantConfig, shape: Shape,
+                inputs: str = "randn") -> list[tuple[Case, str]]:
+        """(case, suite name) pairs of this variant at this shape, in the order they run."""
+        return [(replace(self.case(vc, shape, name, mode, inputs), seed=seed), name)
+                for name in run_suites(self.config)
+                for mode in get_suite(name).modes_of(self.config.modes)
+                for seed in self.case_seeds(name)]
+
     def cases_for(self, vc: VariantConfig, shape: Shape,
                   inputs: str = "randn") -> list[tuple[Case, str]]:
         """(case, suite name) pairs of this variant at this shape still to be run."""
-        todo = []
-        for name in self.config.suites:
-            for mode in suite_modes(SUITES[name], self.config.modes):
-                for seed in self.case_seeds(name):
-                    case = replace(self.case(vc, shape, name, mode, inputs), seed=seed)
-                    if case.key not in self.finished:
-                        todo.append((case, name))
-        return todo
+        return [(case, name) for case, name in self.planned(vc, shape, inputs)
+                if case.key not in self.finished]
 
     def case_seeds(self, suite: str) -> list[int | str]:
-        """The task suite's training seeds (one case each); "" for a suite without any."""
-        if suite != "task":
+        """A seeded suite's seeds (one case each: `--seed` and the next `--seeds` - 1); a
+        suite without seeds has one case, seed ""."""
+        if not get_suite(suite).seeded:
             return [""]
         return [self.config.seed + i for i in range(self.config.seeds)]
 
@@ -175,14 +183,16 @@ class Sweep:
         previous = read_meta(self.run_dir)
         if previous:
             here = fingerprint(self.device)
-            if previous.get("gpu") != here["gpu"]:
-                raise ConfigError(f"cannot resume {self.run_dir}: it ran on {previous.get('gpu')}"
-                                  f", this machine has {here['gpu']}")
+            check_same_gpu(self.run_dir, previous, here)
             resume = {"command": shlex.join(command), "git_sha": here["git_sha"],
                       "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
             write_meta(self.run_dir, {**previous, "resumes": [*previous.get("resumes", []), resume]})
             return
-        meta = {
+        write_meta(self.run_dir, self.new_meta(command))
+
+    def new_meta(self, command: list[str]) -> dict:
+        """The meta.json of a new run: command, configuration, environment, roofline."""
+        return {
             "run_id": self.run_dir.name,
             "command": shlex.join(command),
             "preset": self.config.preset,
@@ -191,14 +201,13 @@ class Sweep:
             **fingerprint(self.device),
             "roofline": self.roofline.as_dict() if self.roofline else None,
         }
-        write_meta(self.run_dir, meta)
 
     def executor(self):
         """Where cases run: the isolating worker process, or this process."""
         if self.options.isolate:
             from harness.isolation import IsolatedRunner
 
-            return IsolatedRunner(self.config, self.roofline, self.run_dir,
+            return IsolatedRunner(self.config, self.roofline, self.rows_dir,
                                   self.options.case_timeout)
         return CaseRunner(self.config, self.roofline, self.run_dir)
 
@@ -212,18 +221,22 @@ class Sweep:
             self.roofline = measure_roofline(self.device)
             torch.cuda.empty_cache()
         self.write_meta(command or sys.argv)
-        writer = ResultsWriter(self.run_dir, self.run_dir.name)
-        details = DetailsWriter(self.run_dir, self.run_dir.name)
+        writer = ResultsWriter(self.rows_dir, self.run_dir.name)
+        details = DetailsWriter(self.rows_dir, self.run_dir.name)
         executor = self.executor()
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
         try:
             with Progress(*columns, console=self.console, transient=False) as progress:
                 task = progress.add_task("cases", total=self.total_cases())
-                if "task" in self.config.suites:  # training steps of the current case
-                    steps = progress.add_task("  training steps", total=None)
-                    executor.progress = lambda done, total: progress.update(
-                        steps, completed=done, total=total)
+                steps = []  # a bar for the steps of a long case, made when one reports
+
+                def on_steps(done: int, total: int) -> None:
+                    if not steps:
+                        steps.append(progress.add_task("  steps of the case", total=total))
+                    progress.update(steps[0], completed=done, total=total)
+
+                executor.progress = on_steps
                 for name, shape in self.problems():
                     for vc in self.configs:
                         todo = self.cases_for(vc, shape, name)
@@ -257,7 +270,7 @@ class Sweep:
         for case, suite_name in todo:
             oom_key = (vc.label, shape.causal, case.mode)
             if oom_key in self.oom_at and shape.seq_len > self.oom_at[oom_key]:
-                yield [Row(case, SUITES[suite_name].primary_metric, None, "oom",
+                yield [Row(case, get_suite(suite_name).primary, None, "oom",
                            f"skipped after OOM at N={self.oom_at[oom_key]}")]
             else:
                 to_run.append((case, suite_name))
@@ -267,6 +280,13 @@ class Sweep:
             if any(r.status == "oom" for r in rows):
                 self.oom_at.setdefault((vc.label, shape.causal, rows[0].case.mode), shape.seq_len)
             yield rows
+
+
+def check_same_gpu(run_dir: Path, previous: dict, here: dict) -> None:
+    """A run is measured on one GPU model: continuing it on another is refused."""
+    if previous.get("gpu") != here["gpu"]:
+        raise ConfigError(f"cannot resume {run_dir}: it ran on {previous.get('gpu')}, this "
+                          f"machine has {here['gpu']}")
 
 
 def new_run_dir(root: Path, config: BenchConfig) -> Path:

@@ -5,14 +5,8 @@ import pandas as pd
 from rich.markup import escape
 from rich.table import Table
 
-SUMMARY_METRICS = (
-    ("time", "time_ms", "time (ms, median)", "{:.3g}"),
-    ("memory", "peak_mem_mib", "peak extra memory (MiB)", "{:.4g}"),
-    ("accuracy", "rel_err_vs_softmax", "rel. error vs exact softmax (output)", "{:.2e}"),
-    ("accuracy", "floor_ratio",
-     "error / same-dtype floor (output: fwd; largest over dq, dk, dv, weights: bwd, fwd_bwd)",
-     "{:.2f}"),
-)
+from harness.suite import all_suites
+
 MEASURED = ("ok", "inexact")  # statuses whose rows hold a value
 
 
@@ -34,14 +28,16 @@ def skipped_variants(df: pd.DataFrame) -> dict[str, str]:
 
 
 def summary_tables(df: pd.DataFrame) -> list[Table]:
-    """One table per suite present: rows variant x mode x causal, columns sequence length.
+    """One table per summary column that the suites present declare (`Suite.summary`): rows
+    variant x mode x causal, columns sequence length.
 
     Variants that never ran get one line each in a last table instead of rows of SKIPPED.
     """
     skipped = skipped_variants(df)
     df = df[~df.variant.isin(skipped)]
     tables = []
-    for suite, metric, title, fmt in SUMMARY_METRICS:
+    columns = [(s.name, c.metric, c.title, c.fmt) for s in all_suites() for c in s.summary]
+    for suite, metric, title, fmt in columns:
         part = df[df.suite == suite]
         if part.empty:
             continue

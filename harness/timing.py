@@ -1,4 +1,4 @@
-"""Wall-clock timing of a zero-argument closure (SPEC 2): do_bench on CUDA, Timer on CPU.
+"""Wall-clock timing of a zero-argument closure: do_bench on CUDA, Timer on CPU.
 
 On CUDA a closure may instead be timed as a CUDA-graph replay under the same do_bench (L2
 flushed before every call): the same kernels without the CPU work of launching them, which at

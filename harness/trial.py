@@ -4,13 +4,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from harness.config import BenchConfig
 from harness.registry import Shape, VariantConfig
 from harness.roofline import Roofline
+
+if TYPE_CHECKING:
+    from harness.config import BenchConfig
 
 # Useful work of a backward pass relative to the forward (two matmuls per forward matmul),
 # and the bytes it moves (q, k, v, o, dO read; dq, dk, dv written: twice the forward's 4).
@@ -37,7 +40,11 @@ class Trial:
     device: torch.device
     config: BenchConfig
     roofline: Roofline | None = None
-    extra_params: dict = field(default_factory=dict)
+    # Facts observed while building the variant (e.g. `backend_ran`), kept for every case.
+    built: dict = field(default_factory=dict)
+    # Facts observed in the current case (`built` plus what the suite and variant report),
+    # written to the rows' `observed` column.
+    observed: dict = field(default_factory=dict)
     # Metrics of the current case that a suite flags `inexact`, with the reason.
     flags: dict[str, str] = field(default_factory=dict)
     inputs_name: str = "randn"  # the q, k, v source (harness.inputs); captured: batch = layer

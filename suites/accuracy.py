@@ -13,11 +13,12 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from harness.registry import get_variant
+from harness.registry import EXACT, get_variant
+from harness.suite import MODES, Metric, Summary, register_suite
 from harness.trial import Trial
+from suites.causality import METRIC as LEAK
 from suites.causality import check_causal
-from suites.realinputs import per_head_metrics
-from variants.softmax import softmax_rows_reference
+from suites.realinputs import SUMMARIES, per_head_metrics
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 # A gradient (or output) error more than FLOOR_FACTOR times its floor is flagged `inexact`.
@@ -25,6 +26,24 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 FLOOR_FACTOR = 2.0
 FLOOR_MIN = 1e-5
 GRADIENTS = ("dq", "dk", "dv")
+METRICS = (
+    Metric("rel_err_vs_reference", "ratio"),
+    Metric("rel_err_floor", "ratio"),
+    Metric("floor_ratio", "x", limit=FLOOR_FACTOR),
+    Metric("max_abs_err_vs_reference", "abs"),
+    Metric("rel_err_vs_softmax", "ratio"),
+    Metric("rel_err_softmax_floor", "ratio"),
+    Metric(LEAK, "ratio"),
+    *[Metric(f"rel_err_{g}_{kind}", "ratio") for g in (*GRADIENTS, "dweights")
+      for kind in ("vs_reference", "floor")],
+    *[Metric(f"{m}_head_{q}", "ratio") for m in ("rel_err_vs_softmax", "rel_err_softmax_floor")
+      for q in SUMMARIES],
+)
+SUMMARY = (
+    Summary("rel_err_vs_softmax", "rel. error vs exact softmax (output)", "{:.2e}"),
+    Summary("floor_ratio", "error / same-dtype floor (output: fwd; largest over dq, dk, dv, "
+                           "weights: bwd, fwd_bwd)", "{:.2f}"),
+)
 
 
 def sampled_rows(n: int, limit: int, seed: int, device: torch.device) -> torch.Tensor | None:
@@ -64,16 +83,17 @@ def measured(trial: Trial, rows: torch.Tensor | None) -> Attend:
 def reference(trial: Trial, dtype: torch.dtype, rows: torch.Tensor | None) -> Attend:
     """The variant's declared reference math in `dtype`, output restricted to `rows`.
 
-    A softmax-family reference is exact attention over the rows alone (O(rows * N) memory).
+    A reference that declares `rows_reference` (exact softmax) computes the rows alone
+    (O(rows * N) memory).
     A module reference gets the measured variant's learnable weights (float64 for the
     float64 reference; as the variant holds them for the same-dtype floor).
     """
     spec = get_variant(trial.variant.spec.reference or trial.variant.spec.name)
     causal = trial.shape.causal
-    if spec.family == "softmax":
+    if spec.rows_reference is not None:
         index = rows if rows is not None else torch.arange(trial.shape.seq_len,
                                                             device=trial.device)
-        return Attend(lambda q, k, v: softmax_rows_reference(q, k, v, index, causal), [])
+        return Attend(lambda q, k, v: spec.rows_reference(q, k, v, index, causal), [])
     params = {k: v for k, v in trial.variant.params.items() if k in spec.params}
     fn = spec.factory(replace(trial.shape, dtype=dtype), **params)
     weights: list[torch.Tensor] = []
@@ -92,7 +112,7 @@ def exact_softmax(trial: Trial, dtype: torch.dtype, rows: torch.Tensor | None) -
     """Exact softmax attention of the trial's inputs in `dtype` at the compared rows."""
     index = rows if rows is not None else torch.arange(trial.shape.seq_len, device=trial.device)
     q, k, v = (t.to(dtype) for t in trial.inputs)
-    return softmax_rows_reference(q, k, v, index, trial.shape.causal)
+    return get_variant(EXACT).rows_reference(q, k, v, index, trial.shape.causal)
 
 
 def gradients(attend: Attend, inputs, d_out: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -178,6 +198,14 @@ def gradient_metrics(trial: Trial, rows) -> tuple[dict[str, float], str]:
     return metrics, reason
 
 
+def accuracy_modes(requested: tuple[str, ...]) -> tuple[str, ...]:
+    """The output always; the gradients once when a backward mode is requested (under
+    `fwd_bwd` if asked for, else `bwd`): they are the same in both."""
+    return ("fwd", *[m for m in ("fwd_bwd", "bwd") if m in requested][:1])
+
+
+@register_suite("accuracy", modes=MODES, primary="floor_ratio", metrics=METRICS,
+                summary=SUMMARY, order=30, select_modes=accuracy_modes)
 def run_accuracy(trial: Trial, mode: str) -> dict[str, float]:
     """`fwd`: rel_err_vs_reference, its floor, max_abs_err_vs_reference, rel_err_vs_softmax
     (and for bf16/fp16 rel_err_softmax_floor, exact attention's own error at that precision).
@@ -187,7 +215,7 @@ def run_accuracy(trial: Trial, mode: str) -> dict[str, float]:
     `future_key_leak` (an error row when the output reads future keys, `suites.causality`).
 
     At lengths above `config.accuracy_rows` the comparison uses that many seeded query rows
-    (each exact at O(N D) cost; dO is zero elsewhere); the count is recorded as `ref_rows`.
+    (each exact at O(N D) cost; dO is zero elsewhere); the count is observed as `ref_rows`.
     """
     n = trial.shape.seq_len
     rows = sampled_rows(n, trial.config.accuracy_rows, trial.config.seed, trial.device)
@@ -197,7 +225,7 @@ def run_accuracy(trial: Trial, mode: str) -> dict[str, float]:
     else:
         metrics, reason = gradient_metrics(trial, rows)
     if rows is not None:
-        trial.extra_params["ref_rows"] = len(rows)
+        trial.observed["ref_rows"] = len(rows)
     if reason:
         trial.flags["floor_ratio"] = reason
     return metrics

@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 from harness.memory import peak_extra_mib
+from harness.suite import MODES, Metric, Summary, register_suite
 from harness.trial import Trial
 
 
+@register_suite(
+    "memory", modes=MODES, primary="peak_mem_mib", scaling=True, order=20,
+    metrics=(Metric("peak_mem_mib", "MiB", label="peak memory"),),
+    summary=(Summary("peak_mem_mib", "peak extra memory (MiB)", "{:.4g}"),),
+)
 def run_memory(trial: Trial, mode: str) -> dict[str, float]:
     """Peak memory beyond the inputs during one call of `mode` (after a warm-up call)."""
     fn, grads = trial.closure(mode)

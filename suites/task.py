@@ -17,18 +17,20 @@ from pathlib import Path
 import torch
 
 from harness.failures import Failure
+from harness.inputs import TASK_PREFIX
 from harness.memory import cpu_memory_supported, peak_extra_mib
 from harness.registry import Shape
+from harness.suite import Metric, Summary, register_suite
 from harness.trial import Trial
 from suites.tasks.presets import Setting, settings_for
 from suites.tasks.train import Outcome, train
 from suites.time import run_time
 
-INPUTS_PREFIX = "task:"
+INPUTS_PREFIX = TASK_PREFIX
 CURVES_DIR = "curves"
 
 
-def task_problems(config) -> list[tuple[str, Shape, Setting]]:
+def task_settings(config) -> list[tuple[str, Shape, Setting]]:
     """(inputs name, attention shape, setting) of every task setting of the run."""
     out = []
     for s in settings_for(config.preset, config.device, config.tasks):
@@ -39,10 +41,15 @@ def task_problems(config) -> list[tuple[str, Shape, Setting]]:
     return out
 
 
+def task_problems(config) -> list[tuple[str, Shape]]:
+    """(inputs name, attention shape) of every task setting of the run."""
+    return [(name, shape) for name, shape, _ in task_settings(config)]
+
+
 def setting_of(trial: Trial) -> Setting:
     """The setting a trial's case trains: its task (from `inputs`) at its length."""
     name = trial.inputs_name.removeprefix(INPUTS_PREFIX)
-    for _, shape, setting in task_problems(trial.config):
+    for _, shape, setting in task_settings(trial.config):
         if setting.task == name and shape.seq_len == trial.shape.seq_len:
             return setting
     raise Failure("error", f"no {name} setting at N={trial.shape.seq_len} in this preset")
@@ -62,6 +69,20 @@ def write_curve(path: Path, outcome: Outcome) -> None:
         writer.writerows(outcome.curve)
 
 
+@register_suite(
+    "task", modes=("fwd_bwd",), primary="accuracy", default=False, order=40,
+    select_modes=lambda requested: ("fwd_bwd",), problems=task_problems, seeded=True,
+    metrics=(
+        Metric("accuracy", "fraction", higher_is_better=True),
+        Metric("bpc", "bits/char", label="bits per character"),
+        Metric("train_tokens_per_s", "tokens/s", higher_is_better=True),
+        Metric("final_train_loss", "nats"),
+        Metric("peak_mem_mib", "MiB", label="peak memory"),
+        Metric("attn_fwd_bwd_ms", "ms", label="attention fwd+bwd"),
+    ),
+    summary=(Summary("accuracy", "task accuracy (held out)", "{:.3f}"),
+             Summary("bpc", "task bits per character (held out)", "{:.3f}")),
+)
 def run_task(trial: Trial, mode: str) -> dict[str, float]:
     """Train and score one (setting, variant, seed) case; see the module docstring."""
     setting = setting_of(trial)
@@ -76,7 +97,7 @@ def run_task(trial: Trial, mode: str) -> dict[str, float]:
 
     memory = trial.device.type == "cuda" or cpu_memory_supported() is None
     peak = peak_extra_mib(run, trial.device) if memory else None
-    trial.extra_params["task"] = setting.describe()
+    trial.observed["task"] = setting.describe()
     if trial.run_dir is not None:
         write_curve(curve_path(trial.run_dir, trial, setting, seed), outcome)
     if outcome.diverged_at is not None:

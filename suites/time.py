@@ -1,10 +1,23 @@
 """The time suite: median, p20, p80 per call, and the roofline figures derived from them."""
 from __future__ import annotations
 
+from harness.suite import MODES, Metric, Summary, register_suite
 from harness.timing import time_closure
 from harness.trial import Trial
 
 
+@register_suite(
+    "time", modes=MODES, primary="time_ms", scaling=True, order=10,
+    metrics=(
+        Metric("time_ms", "ms", label="time", band=("time_ms_p20", "time_ms_p80")),
+        Metric("time_ms_p20", "ms"),
+        Metric("time_ms_p80", "ms"),
+        Metric("tflops", "TFLOP/s", higher_is_better=True, rate_of="time_ms"),
+        Metric("gbps", "GB/s", higher_is_better=True, rate_of="time_ms"),
+        Metric("roofline_frac", "fraction", higher_is_better=True, rate_of="time_ms"),
+    ),
+    summary=(Summary("time_ms", "time (ms, median)", "{:.3g}"),),
+)
 def run_time(trial: Trial, mode: str) -> dict[str, float]:
     """Time `mode` of the trial; report TFLOP/s, GB/s and the fraction of the floor."""
     fn, grads = trial.closure(mode)

@@ -178,7 +178,7 @@ def test_bf16_captured_rows_carry_the_floor(tmp_path):
 
 
 def test_results_without_inputs_column_load_and_upgrade(tmp_path):
-    old = [c for c in COLUMNS if c not in ("inputs", "seed")]
+    old = [c for c in COLUMNS if c not in ("inputs", "observed", "seed")]
     row = dict(zip(old, ["r", "window", "window", "{}", "time", "fwd", 1, 2, 64, 16, "fp32",
                          False, "cpu", "time_ms", 1.5, "ms", "ok", ""]))
     pd.DataFrame([row]).to_csv(tmp_path / "results.csv", index=False)
@@ -237,8 +237,8 @@ def test_lowrank_and_quality_commands(small_capture, tmp_path, capsys):
         assert (run / "plots" / f"{name}.png").stat().st_size > 1000
     speed = tmp_path / "gpu"
     speed.mkdir()
-    rows = [dict(zip(COLUMNS, ["g", v, "x", "{}", "time", "fwd", 1, 16, 4096, 64, "bf16", False,
-                               "cuda", "randn", "", "time_ms", t, "ms", "ok", ""]))
+    rows = [dict(zip(COLUMNS, ["g", v, "x", "{}", "{}", "time", "fwd", 1, 16, 4096, 64, "bf16",
+                               False, "cuda", "randn", "", "time_ms", t, "ms", "ok", ""]))
             for v, t in (("softmax_naive", 9.0), ("window", 1.0), ("linear", 0.5))]
     pd.DataFrame(rows).to_csv(speed / "results.csv", index=False)
     readme = tmp_path / "README.md"

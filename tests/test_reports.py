@@ -11,12 +11,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from harness.reports.analysis import claim_check, crossover, crossovers, fit_slope, slopes
+from harness.reports.analysis import crossover, crossovers, fit_slope, slopes
 from harness.reports.cli import main
 from harness.reports.data import load_run, tidy
 from harness.reports.plots import accuracy_figure, scaling_figure
 from harness.reports.readme import END, START
-from harness.results import COLUMNS, METRIC_UNITS, ResultsError
+from harness.results import COLUMNS, ResultsError
+from harness.suite import metric_unit
+from studies.fmmformer.claims import claim_check
 
 FMM = json.dumps({"bandwidth": 30, "blend": "sigmoid", "kernels": 3})
 META = {"run_id": "r1", "command": "python run_bench.py run", "preset": "fig6", "device": "cuda",
@@ -31,7 +33,7 @@ def row(variant: str = "softmax_naive", family: str = "softmax", n: int = 1024,
              batch=1, heads=2, seq_len=n, head_dim=64, dtype="bf16", causal=False, device="cuda",
              metric="time_ms", value=value, unit="", status="ok", reason="")
     r.update(over)
-    r["unit"] = METRIC_UNITS.get(r["metric"], "")
+    r["unit"] = metric_unit(r["metric"])
     if r["status"] != "ok":
         r["value"] = None
     return r
@@ -368,9 +370,12 @@ def test_report_rewrites_readme_between_markers(tmp_path: Path, capsys) -> None:
     assert main(["report", str(run), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert text.startswith("# top\n\n" + START) and text.endswith(END + "\n\n## Tests\nkeep me\n")
-    assert "stale" not in text and "| fmm fwd | 1 ms |" in text
+    assert "stale" not in text and "[fmmformer](results/run/fmmformer.md)" in text
     assert "](results/run/plots/scaling-cuda-bf16-b1-h2-d64.png)" in text
-    assert "| claim | fmm variant | baseline |" in text and "| not measured |" in text
+    assert "| N=8192 | time (ms) fwd, non-causal | memory (MiB) fwd, non-causal |" in text
+    study = (run / "fmmformer.md").read_text()
+    assert "| fmm fwd | 1 ms |" in study  # the run's targets.md, inside the study's answer
+    assert "| claim | fmm variant | baseline |" in study and "| not measured |" in study
     out = capsys.readouterr().out
     assert "Claim check" in out and "slope" in out and "Crossover" in out
     again = readme.read_text()
@@ -390,7 +395,7 @@ def test_report_readme_refuses_runs_that_are_not_committed(tmp_path: Path, capsy
         run = write_run(tmp_path / "repo" / "results" / "runs" / "new", sweep_rows(("fwd",)))
     elif case == "modified":
         with open(run / "results.csv", "a") as f:
-            f.write("r1,x,fmm,{},time,fwd,1,2,1024,64,bf16,False,cuda,randn,,time_ms,1.0,ms,ok,\n")
+            f.write("r1,x,fmm,{},{},time,fwd,1,2,1024,64,bf16,False,cuda,randn,,time_ms,1.0,ms,ok,\n")
     assert main(["report", str(run), "--readme", str(readme)]) == 2
     err = capsys.readouterr().err
     expected = {"outside": "is outside the repository", "untracked": "is not committed",
@@ -465,3 +470,26 @@ def test_scaling_legend_lists_only_variants_with_data() -> None:
     labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
     assert "softmax_flex" not in labels and "broken" not in labels
     assert {"softmax_naive", "softmax_sdpa", "fmmformer"} <= set(labels)
+
+
+def test_a_study_plugs_its_tables_and_command_into_the_reports(tmp_path: Path, capsys) -> None:
+    from harness.reports.study import Section, register_study, unregister_study
+
+    def commands(sub):
+        sub.add_parser("fastest").set_defaults(func=lambda args: print("fastest: ok") or 0)
+
+    @register_study("toy", commands=commands)
+    def sections(run):
+        ok = run.df[(run.df.metric == "time_ms") & (run.df.status == "ok")]
+        return [Section("Fastest", ok.nsmallest(1, "value")[["variant", "value"]])]
+
+    try:
+        run = write_run(tmp_path / "run", sweep_rows(("fwd",), (False,)))
+        assert main(["report", str(run)]) == 0
+        df = load_run(run).df
+        best = df[df.metric == "time_ms"].nsmallest(1, "value").variant.iloc[0]
+        assert "Fastest" in capsys.readouterr().out
+        assert f"| {best} |" in (run / "toy.md").read_text()
+        assert main(["fastest"]) == 0 and "fastest: ok" in capsys.readouterr().out
+    finally:
+        unregister_study("toy")

@@ -69,7 +69,9 @@ def test_end_to_end_schema_and_values(tmp_path):
     naive = df[(df.variant == "softmax_naive") & (df.metric == "rel_err_vs_softmax")]
     assert (naive.value < 1e-5).all()
     sampled = df[(df.suite == "accuracy") & (df.seq_len == 64)]
-    assert all(json.loads(p)["ref_rows"] == 48 for p in sampled.params)
+    assert all(json.loads(o)["ref_rows"] == 48 for o in sampled.observed)
+    assert not any("ref_rows" in p for p in df.params)  # an observation, not configuration
+    assert set(df.loc[df.suite != "accuracy", "observed"]) == {"{}"}
     meta = json.loads((run / "meta.json").read_text())
     assert meta["config"]["seq_lens"] == [32, 64] and meta["torch"] == torch.__version__
 
@@ -162,8 +164,9 @@ def test_backend_detection_prints_nothing_and_bar_shows_eta(tmp_path, capfd):
     captured = capfd.readouterr()
     assert "USDT" not in captured.out + captured.err + bar.getvalue()
     assert "eta" in bar.getvalue()
-    params = json.loads(load_results(run).params.iloc[0])
-    assert params["backend_ran"] in ("math", "flash", "efficient", "cudnn")
+    row = load_results(run).iloc[0]
+    assert json.loads(row.observed)["backend_ran"] in ("math", "flash", "efficient", "cudnn")
+    assert json.loads(row.params) == {"backend": "auto"}
 
 
 def test_cpu_size_estimate_warns_on_a_large_sweep(tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 """Kernel-target arithmetic on hand-made rows."""
 import pandas as pd
 
-from harness.reports.targets import evaluate_targets
+from studies.fmmformer.targets import evaluate_targets
 from harness.results import COLUMNS
 
 N = 65536

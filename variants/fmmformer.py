@@ -1,4 +1,4 @@
-"""FMMformer (Nguyen et al., NeurIPS 2021, SPEC 1.4): banded near field plus low-rank far field.
+"""FMMformer (Nguyen et al., NeurIPS 2021): banded near field plus low-rank far field.
 
 `o = w1 * Near + w2 * sum_{l=1..r} Far_l`, Near the sliding-window attention of bandwidth k,
 Far_l linear attention with feature map phi_l over all keys (the far field covers the band

@@ -1,4 +1,4 @@
-"""Linear attention (Katharopoulos et al. 2020, SPEC 1.3): PyTorch reference.
+"""Linear attention (Katharopoulos et al. 2020): PyTorch reference.
 
 `o_i = phi(q_i)^T S_i / (phi(q_i)^T z_i + eps)` with `S_i = sum_j phi(k_j) v_j^T` and
 `z_i = sum_j phi(k_j)` over all keys, or keys `j <= i` when causal.
@@ -14,7 +14,7 @@ from harness.registry import Shape, register_variant
 
 EPS = 1e-6
 
-# The FMMformer feature maps phi_1..phi_3 (SPEC 1.4). phi_3 is tanh(x) + 1, as in the authors'
+# The FMMformer feature maps phi_1..phi_3. phi_3 is tanh(x) + 1, as in the authors'
 # code: the method card's plain tanh(x) makes the normalizer sign-indefinite.
 FEATURE_MAPS = {
     "elu": lambda x: F.elu(x) + 1,

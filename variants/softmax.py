@@ -1,4 +1,4 @@
-"""Exact softmax attention (SPEC 1.1): the naive baseline, PyTorch SDPA and FlexAttention."""
+"""Exact softmax attention: the naive baseline, PyTorch SDPA and FlexAttention."""
 from __future__ import annotations
 
 import functools
@@ -50,7 +50,8 @@ def softmax_flops(shape: Shape, params: dict) -> float:
     return flops / 2 if shape.causal else flops
 
 
-@register_variant("softmax_naive", family="softmax", flops=softmax_flops)
+@register_variant("softmax_naive", family="softmax", flops=softmax_flops,
+                  rows_reference=softmax_rows_reference)
 def make_softmax_naive(shape: Shape):
     """Exact attention with the full N x N matrix in memory (FMMformer paper's baseline)."""
     return functools.partial(softmax_reference, causal=shape.causal)

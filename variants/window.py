@@ -1,4 +1,4 @@
-"""Sliding-window (banded) softmax attention (SPEC 1.2): PyTorch reference and FlexAttention."""
+"""Sliding-window (banded) softmax attention: PyTorch reference and FlexAttention."""
 from __future__ import annotations
 
 import functools

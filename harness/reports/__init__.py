@@ -1,6 +1,7 @@
-"""Reports on a run's tidy results: plots, scaling analysis, claim check, compare, README.
+"""Reports on a run's tidy results: plots, scaling analysis, compare, README, and the studies.
 
 Modules, one job each: `data` (load and select rows), `tables` (rich / markdown rendering),
-`plots` (figures into the run's `plots/`), `analysis` (slopes, crossovers, claim check),
-`compare` (two runs, regressions), `readme` (the README results section), `cli` (entry).
+`plots` (figures into the run's `plots/`), `analysis` (slopes, crossovers), `compare` (two
+runs, regressions), `readme` (the README results section), `study` (the registry that
+question-specific analyses of the top-level `studies` package plug into), `cli` (entry).
 """

@@ -1,4 +1,5 @@
-"""Entry point for `run_bench.py plot | compare | report`: argparse here, work in the modules."""
+"""Entry point for `run_bench.py plot | compare | report` and the studies' own commands
+(`harness.reports.study`): argparse here, the work in the modules."""
 from __future__ import annotations
 
 import argparse
@@ -6,17 +7,18 @@ import shlex
 import sys
 from pathlib import Path
 
-import pandas as pd
 from rich.console import Console
 
-from harness.reports.analysis import CLAIM_RULE, claim_check, crossovers, slopes
+from harness.reports.analysis import crossovers, slopes
 from harness.reports.committed import uncommitted_reason
 from harness.reports.compare import compare_runs, parse_threshold, print_comparison
 from harness.reports.data import BEST, CONFIG, Run, load_run, ok_values
 from harness.reports.plots import write_plots
-from harness.reports.readme import TARGETS_FILE, marker_span, rewrite, results_section, run_section
-from harness.reports.tables import console, drop_constant, markdown_table, rich_table
-from harness.reports.targets import N_TARGET, accuracy_side_by_side, evaluate_targets
+from harness.reports.readme import marker_span, rewrite, results_section, run_section
+from harness.reports.study import all_studies, print_sections, write_sections
+from harness.reports.tables import console, drop_constant, rich_table
+from studies import load_studies
+from suites import load_builtin_suites
 
 
 class UsageError(ValueError):
@@ -29,19 +31,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of the three report subcommands."""
+    """The parser of the report subcommands, the studies' options and commands included."""
+    load_studies()
     parser = _Parser(prog="run_bench.py", description="Reports on attnbench results.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     plot = sub.add_parser("plot", help="write a run's figures into RUN_DIR/plots")
     plot.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    report = sub.add_parser("report", help="claim check, slopes, crossovers, plots, README")
+    report = sub.add_parser("report", help="slopes, crossovers, plots, the studies' tables, "
+                                           "README")
     report.add_argument("runs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--readme", type=Path, help="rewrite this file's results section")
-    report.add_argument("--targets-with", nargs="*", metavar="RUN_DIR",
-                        help="also evaluate the kernel targets on these runs' rows pooled with "
-                             "the first run's, into its targets.md")
-    report.add_argument("--target-lengths", type=int, nargs="+", default=[N_TARGET], metavar="N")
     report.add_argument("--fit-from", type=int, default=0, metavar="N",
                         help="fit slopes on lengths >= N only (default: all)")
     for p in (plot, report):
@@ -51,13 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(default: largest N measured in both)")
         p.set_defaults(func=_plot if p is plot else _report)
 
-    targets = sub.add_parser("targets", help="evaluate the kernel targets; write targets.md")
-    targets.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                         help="runs whose rows are pooled; targets.md goes into the first")
-    targets.add_argument("--length", type=int, nargs="+", default=[N_TARGET],
-                         help="N the targets are read at (several: one table each)")
-    targets.set_defaults(func=_targets)
-
     cmp = sub.add_parser("compare", help="compare two runs; exit 1 on a regression")
     cmp.add_argument("old", metavar="OLD", help="results CSV or run directory")
     cmp.add_argument("new", metavar="NEW", help="results CSV or run directory")
@@ -66,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--metric", default="time_ms", help="metric to compare (default time_ms)")
     cmp.add_argument("--markdown", action="store_true", help="print markdown for PR text")
     cmp.set_defaults(func=_compare)
+    for study in all_studies():
+        if study.report_options:
+            study.report_options(report)
+        if study.commands:
+            study.commands(sub)
     return parser
 
 
@@ -78,6 +76,7 @@ def _threshold(text: str) -> float:
 
 def main(argv: list[str]) -> int:
     """Run one subcommand; returns the exit code (2 with a one-line error on bad input)."""
+    load_builtin_suites()  # metric units, directions and the scaling suites
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
@@ -114,56 +113,35 @@ def _compare(args: argparse.Namespace) -> int:
     return 1 if comp.regressions else 0
 
 
-def write_targets(runs: list[Run], lengths: list[int], show: bool = True) -> Path:
-    """Evaluate the kernel targets on the pooled rows of `runs`, one table per length, and
-    write them with FMA vs FMMformer accuracy to targets.md in the first run's directory."""
-    rows = pd.concat([r.df for r in runs], ignore_index=True)
-    names = ", ".join(r.name for r in runs)
-    sections = []
-    for n in lengths:
-        table = evaluate_targets(rows, runs[0].meta, n)
-        accuracy = accuracy_side_by_side(rows, n)
-        if show:
-            console().print(rich_table(table, title=f"Kernel targets at N={n}"))
-            console().print(rich_table(accuracy, title=f"FMA vs FMMformer accuracy at N={n}"))
-        sections.append(f"### Kernel targets at N={n} (runs: {names})\n\n{markdown_table(table)}"
-                        f"\n\n### FMA vs FMMformer accuracy at N={n}\n\n"
-                        f"{markdown_table(accuracy)}\n")
-    path = runs[0].dir / TARGETS_FILE
-    path.write_text("\n".join(sections))
-    return path
-
-
-def _targets(args: argparse.Namespace) -> int:
-    path = write_targets([load_run(p) for p in args.runs], args.length)
-    print(f"wrote {path}")
-    return 0
-
-
 def _report(args: argparse.Namespace) -> int:
     runs = [load_run(p) for p in args.runs]
     _check_plot_args(runs, args)
     if args.readme:
         marker_span(args.readme)  # fail before the slow part, not after it
-        for path in [*args.runs, *(args.targets_with or [])]:
+        for path in [*args.runs, *(getattr(args, "targets_with", None) or [])]:
             reason = uncommitted_reason(Path(path), args.readme)
             if reason:
                 raise UsageError(f"not writing {args.readme}: {reason}; a README shows only "
                                  "committed results")
     out = console()
-    if args.targets_with is not None:  # the targets table is regenerated with the README
-        extra = [load_run(p) for p in args.targets_with]
-        path = write_targets([runs[0], *extra], args.target_lengths, show=False)
-        out.print(f"wrote {path}", highlight=False)
+    studies = all_studies()
+    for study in studies:
+        if study.before_report:
+            study.before_report(runs, args)
     sections = []
     for run in runs:
-        claims = claim_check(run.df)
-        print_analysis(out, run, claims, args.fit_from)
+        print_analysis(out, run, args.fit_from)
+        files = []
+        for study in studies:
+            parts = study.sections(run)
+            print_sections(out, parts)
+            files.append(write_sections(study, run, parts))
         paths = write_plots(run, args.baseline, args.length)
-        out.print(f"wrote {len(paths)} files to {run.dir / 'plots'}", highlight=False)
+        out.print(f"wrote {len(paths)} files to {run.dir / 'plots'} and "
+                  f"{', '.join(p.name for p in files) or 'no study file'}", highlight=False)
         if args.readme:
             scaling = [p for p in paths if p.name.startswith("scaling-") and p.suffix == ".png"]
-            sections.append(run_section(run, claims, scaling, args.readme.resolve().parent))
+            sections.append(run_section(run, scaling, args.readme.resolve().parent, files))
     if args.readme:
         command = shlex.join(["python", "run_bench.py", *sys.argv[1:]] if sys.argv[1:2] == ["report"]
                              else ["python", "run_bench.py", "report", *args.runs,
@@ -173,11 +151,10 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_analysis(out: Console, run: Run, claims: pd.DataFrame, fit_from: int = 0) -> None:
-    """Print a run's claim check, log-log slopes and crossover lengths as rich tables."""
+def print_analysis(out: Console, run: Run, fit_from: int = 0) -> None:
+    """Print a run's log-log slopes and crossover lengths as rich tables."""
     head = run.meta.get("gpu") or ", ".join(sorted(run.df["device"].unique()))
     out.rule(f"{run.name} ({head})")
-    out.print(rich_table(drop_constant(claims, CONFIG), title="Claim check", caption=CLAIM_RULE))
     fits = slopes(run.df, fit_from)
     fits = fits.assign(slope=fits["slope"].map("{:.2f}".format),
                        fit=fits["from_len"].astype(str) + ".." + fits["to_len"].astype(str))

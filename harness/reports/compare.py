@@ -5,13 +5,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from harness.calibration import spread_warnings
 from harness.reports.data import ROW_KEY, Run
 from harness.reports.tables import console, drop_constant, markdown_table, rich_table
 from harness.results import ResultsError
+from harness.suite import find_metric, higher_is_better
 
 KEY = [c for c in ROW_KEY if c != "metric"]  # case key plus device
-HIGHER_IS_BETTER = {"tflops", "gbps", "roofline_frac"}
-RATES = HIGHER_IS_BETTER  # derived from time_ms: their noise band is time's, inverted
 FINGERPRINT = ("device", "gpu", "driver", "cuda", "torch", "triton")
 FAILED = ("oom", "error", "nan")  # ok -> one of these is a regression; ok -> skipped is not
 
@@ -51,20 +51,25 @@ class Comparison:
 def noise_bands(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Per case, the run's own p20..p80 band of `metric` (KEY, lo, hi); empty when it has none.
 
-    time_ms has measured p20/p80; rates computed from it (tflops, ...) scale as 1/time.
+    A metric declared with a `band` (time_ms) has measured p20/p80; one declared as the
+    `rate_of` such a metric (tflops, ...) scales as its inverse.
     """
-    if metric != "time_ms" and metric not in RATES:
-        return pd.DataFrame(columns=[*KEY, "lo", "hi"])
-    names = ["time_ms", "time_ms_p20", "time_ms_p80", metric]
+    empty = pd.DataFrame(columns=[*KEY, "lo", "hi"])
+    decl = find_metric(metric)
+    base = decl if decl is None or decl.band else find_metric(decl.rate_of or "")
+    if decl is None or base is None or base.band is None:
+        return empty
+    p20, p80 = base.band
+    names = {base.name, p20, p80, metric}
     rows = df[df["metric"].isin(names) & (df["status"] == "ok")]
     wide = rows.pivot_table(index=KEY, columns="metric", values="value").reset_index()
-    if not {"time_ms", "time_ms_p20", "time_ms_p80", metric} <= set(wide.columns):
-        return pd.DataFrame(columns=[*KEY, "lo", "hi"])
-    if metric == "time_ms":
-        lo, hi = wide["time_ms_p20"], wide["time_ms_p80"]
+    if not names <= set(wide.columns):
+        return empty
+    if metric == base.name:
+        lo, hi = wide[p20], wide[p80]
     else:
-        lo = wide[metric] * wide["time_ms"] / wide["time_ms_p80"]
-        hi = wide[metric] * wide["time_ms"] / wide["time_ms_p20"]
+        lo = wide[metric] * wide[base.name] / wide[p80]
+        hi = wide[metric] * wide[base.name] / wide[p20]
     return wide[KEY].assign(lo=lo, hi=hi).dropna()
 
 
@@ -109,7 +114,7 @@ def compare_runs(
     table = ok[KEY].assign(old=ok["value_old"], new=ok["value_new"])
     with np.errstate(divide="ignore", invalid="ignore"):
         table["ratio"] = np.where(table["old"] == table["new"], 1.0, table["new"] / table["old"])
-    higher = metric in HIGHER_IS_BETTER
+    higher = higher_is_better(metric)
     worse = table["ratio"] if not higher else 1 / table["ratio"]
     bands = _bands(table, noise_bands(old.df, metric), noise_bands(new.df, metric))
     known = bands[["lo_old", "hi_old", "lo_new", "hi_new"]].notna().all(axis=1)
@@ -142,7 +147,8 @@ def compare_runs(
         only_old=only_old.loc[only_old["_merge"] == "left_only", KEY].reset_index(drop=True),
         only_new=only_new.loc[only_new["_merge"] == "left_only", KEY].reset_index(drop=True),
         status_changes=status_changes.reset_index(drop=True),
-        warnings=environment_warnings(old, new),
+        warnings=[*environment_warnings(old, new),
+                  *spread_warnings({"old": old.meta, "new": new.meta}, threshold)],
     )  # fmt: skip
 
 

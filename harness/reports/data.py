@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.registry import FAMILIES
+from harness.registry import family_rank
 from harness.results import CASE_KEY, META_FILE, RESULTS_FILE, ResultsError, load_results
+from harness.suite import scaling_suites
 
 # One scaling figure (and one analysis group) per hardware/problem configuration.
 CONFIG = ("device", "dtype", "batch", "heads", "head_dim")
@@ -17,8 +18,6 @@ ROW_KEY = (*CASE_KEY, "device", "metric")
 INT_COLUMNS = ("batch", "heads", "seq_len", "head_dim")
 # A measured case within one run, less variant and suite: what baselines are matched on.
 CASE_COLS = (*CONFIG, "mode", "causal", "seq_len")
-SUITE_METRIC = {"time": "time_ms", "memory": "peak_mem_mib"}
-NAIVE = "softmax_naive"  # the FMMformer paper's baseline
 BEST = "best"  # per case, the best ok softmax-family variant
 FLOOR = "rel_err_softmax_floor"  # metric: exact softmax's own low-precision error (accuracy)
 
@@ -78,6 +77,12 @@ def tidy(df: pd.DataFrame) -> pd.DataFrame:
     return df.drop_duplicates(list(ROW_KEY), keep="last").reset_index(drop=True)
 
 
+def scaling_metrics() -> dict[str, str]:
+    """{suite: metric} of the suites whose primary metric is plotted and fit against N (time
+    and memory among the built-ins)."""
+    return {suite: metric.name for suite, metric in scaling_suites().items()}
+
+
 def params_of(raw: str) -> dict:
     """The params JSON of a row as a dict (empty when blank or unreadable)."""
     try:
@@ -102,8 +107,7 @@ def ok_values(df: pd.DataFrame, suite: str, metric: str) -> pd.DataFrame:
 def variant_order(df: pd.DataFrame) -> list[str]:
     """Variant labels sorted by family (registry order) then label: a stable legend order."""
     pairs = df.loc[~is_floor(df), ["family", "variant"]].drop_duplicates()
-    rank = {f: i for i, f in enumerate(FAMILIES)}
-    pairs = sorted(pairs.itertuples(index=False), key=lambda p: (rank.get(p[0], 99), p[1]))
+    pairs = sorted(pairs.itertuples(index=False), key=lambda p: (family_rank(p[0]), p[1]))
     return list(dict.fromkeys(p[1] for p in pairs))
 
 

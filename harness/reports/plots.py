@@ -17,16 +17,15 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation, LogLocator, NullFormatter
 from matplotlib.transforms import blended_transform_factory
 
-from harness.registry import FAMILIES
+from harness.registry import family_rank
 from harness.reports.data import (
-    BEST, CASE_COLS, CONFIG, FLOOR, SUITE_METRIC, Run, baseline_values, config_name, is_floor,
-    ok_values, variant_order,
+    BEST, CASE_COLS, CONFIG, FLOOR, Run, baseline_values, config_name, is_floor, ok_values,
+    scaling_metrics, variant_order,
 )  # fmt: skip
+from harness.suite import MODES, find_metric, get_suite
 
-MODES = ("fwd", "bwd", "fwd_bwd")
-MARKERS = dict(zip(FAMILIES, "osD^v"))
+MARKERS = "osD^v<>ph*"  # one per family, in the registry's order
 GUIDE = "0.35"  # grey of the O(N), O(N^2) guide lines
-YLABELS = {"time": "time (ms)", "memory": "peak memory (MiB)"}
 Panel = tuple[str, bool]  # (mode, causal)
 
 
@@ -35,7 +34,7 @@ def styles(df: pd.DataFrame) -> dict[str, dict]:
     families = df.drop_duplicates("variant").set_index("variant")["family"]
     colors = mpl.colormaps["tab10" if df["variant"].nunique() <= 10 else "tab20"].colors
     return {
-        v: {"color": colors[i % len(colors)], "marker": MARKERS.get(families.get(v), "o")}
+        v: {"color": colors[i % len(colors)], "marker": MARKERS[family_rank(families.get(v, "")) % len(MARKERS)]}
         for i, v in enumerate(variant_order(df))
     }
 
@@ -100,7 +99,7 @@ def draw_lines(ax: Axes, rows: pd.DataFrame, suite: str, style: dict[str, dict])
     The x sits at the first OOM length, at the height of the line's last ok point (or at
     the bottom edge when the variant never ran). Returns whether anything was drawn.
     """
-    metric = SUITE_METRIC[suite]
+    metric = scaling_metrics()[suite]
     ok = ok_values(rows, suite, metric)
     ok = ok[ok["value"] > 0]  # log axis; a zero peak means "below measurement resolution"
     oom = rows[(rows["metric"] == metric) & (rows["status"] == "oom")]
@@ -129,7 +128,7 @@ def draw_lines(ax: Axes, rows: pd.DataFrame, suite: str, style: dict[str, dict])
 
 def draw_guides(ax: Axes, rows: pd.DataFrame, suite: str) -> None:
     """O(N) and O(N^2) guide lines through the median value at the smallest ok length."""
-    ok = ok_values(rows, suite, SUITE_METRIC[suite])
+    ok = ok_values(rows, suite, scaling_metrics()[suite])
     ok = ok[ok["value"] > 0]
     if ok["seq_len"].nunique() < 2:
         return
@@ -149,11 +148,12 @@ def scaling_figure(df: pd.DataFrame, title: str, style: dict | None = None) -> F
     `df` holds the rows of one CONFIG; variants that ran out of memory end in an OOM mark.
     None when there are no time or memory rows.
     """
-    rows = df[df["suite"].isin(list(SUITE_METRIC))]
+    metrics = scaling_metrics()
+    rows = df[df["suite"].isin(list(metrics))]
     if rows.empty:
         return None
     panels = panels_of(rows)
-    suites = [suite for suite in SUITE_METRIC if (rows["suite"] == suite).any()]
+    suites = [suite for suite in metrics if (rows["suite"] == suite).any()]
     style = only(style or styles(df), rows)
     fig = Figure(figsize=(3.6 * len(panels) + 2.5, 3.0 * len(suites) + 0.5), layout="constrained")
     axes = fig.subplots(len(suites), len(panels), squeeze=False, sharex=True)
@@ -171,7 +171,7 @@ def scaling_figure(df: pd.DataFrame, title: str, style: dict | None = None) -> F
             if r == 0:
                 ax.set_title(panel_title(panel))
             if c == 0:
-                ax.set_ylabel(YLABELS[suite])
+                ax.set_ylabel(get_suite(suite).primary_metric.axis_label)
     legend(fig, style, guides=True)
     fig.suptitle(title)
     return fig
@@ -315,8 +315,7 @@ def floor_figure(df: pd.DataFrame, title: str, style: dict | None = None) -> Fig
     reference math in its dtype; output for fwd, the worst gradient for bwd and fwd_bwd) vs N,
     one panel per (mode, causal), with the limit above which rows are flagged `inexact`.
     None when there are no such rows."""
-    from suites.accuracy import FLOOR_FACTOR
-
+    limit = getattr(find_metric("floor_ratio"), "limit", None)
     rows = df[(df["suite"] == "accuracy") & (df["metric"] == "floor_ratio")
               & df["status"].isin(["ok", "inexact"]) & df["value"].notna()]
     if rows.empty:
@@ -333,7 +332,8 @@ def floor_figure(df: pd.DataFrame, title: str, style: dict | None = None) -> Fig
             line = sub[sub["variant"] == variant].sort_values("seq_len")
             if not line.empty:
                 ax.plot(line["seq_len"], line["value"], color=s["color"], marker=s["marker"])
-        ax.axhline(FLOOR_FACTOR, color="0.3", linestyle="--", linewidth=1)
+        if limit is not None:
+            ax.axhline(limit, color="0.3", linestyle="--", linewidth=1)
         ax.grid(True, which="major", alpha=0.3)
         ax.set_title(panel_title(panel))
     axes[0].set_ylabel("error / same-dtype floor")

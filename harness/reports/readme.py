@@ -1,4 +1,6 @@
-"""The README's Results section: figures, claim check and targets, between two markers."""
+"""The README's Results section, between two markers: per run, where and how it was measured,
+its scaling figure, one table of its scaling metrics at its largest length, and links to the
+studies' answers."""
 from __future__ import annotations
 
 import os
@@ -6,30 +8,67 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.reports.analysis import CLAIM_RULE
-from harness.reports.data import CONFIG, Run
-from harness.reports.tables import drop_constant, markdown_table
+from harness.reports.data import Run, scaling_metrics
+from harness.reports.plots import panel_title, panels_of
+from harness.reports.tables import markdown_table
+from harness.suite import find_metric
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-TARGETS_FILE = "targets.md"
 
 
 class ReadmeError(ValueError):
     """The README cannot be rewritten (missing or misordered markers); one-line message."""
 
 
-def run_section(run: Run, claims: pd.DataFrame, figures: list[Path], readme_dir: Path) -> str:
-    """Markdown for one run: heading with its environment, scaling figures, claim check, targets.
+def headline_table(run: Run) -> pd.DataFrame:
+    """Per variant, each scaling metric (time, peak memory) of each (mode, causal) panel at the
+    largest length that has one; a case that did not end ok shows its status. Variants
+    skipped in every case are left out (`skipped_line` names them)."""
+    metrics = scaling_metrics()
+    rows = run.df[run.df["suite"].isin(list(metrics))
+                  & run.df["metric"].isin(list(metrics.values()))]
+    if rows.empty:
+        return pd.DataFrame()
+    n = int(rows.loc[rows["status"] == "ok", "seq_len"].max()
+            if (rows["status"] == "ok").any() else rows["seq_len"].max())
+    rows = rows[rows["seq_len"] == n]
+    table = {}
+    for suite, metric in metrics.items():
+        unit = getattr(find_metric(metric), "unit", "")
+        for panel in panels_of(rows[rows["suite"] == suite]):
+            part = rows[(rows["suite"] == suite) & (rows["mode"] == panel[0])
+                        & (rows["causal"] == panel[1])]
+            cells = {r.variant: (r.value if r.status == "ok" else r.status.upper())
+                     for r in part.itertuples(index=False)}
+            table[f"{suite} ({unit}) {panel_title(panel)}"] = cells
+    frame = pd.DataFrame(table)
+    frame = frame[~(frame == "SKIPPED").all(axis=1)]
+    frame.index.name = f"N={n}"
+    return frame.reset_index()
+
+
+def skipped_line(run: Run) -> str:
+    """One line naming the variants skipped in every case of `run` (e.g. CUDA-only on a CPU)."""
+    status = run.df.groupby("variant")["status"].agg(lambda s: (s == "skipped").all())
+    names = sorted(status[status].index)
+    return f"Skipped here (not available on this machine): {', '.join(names)}." if names else ""
+
+
+def run_section(run: Run, figures: list[Path], readme_dir: Path,
+                study_files: list[Path] = ()) -> str:
+    """Markdown for one run: heading with its environment, scaling figures, the headline
+    table, and links to the studies' answers.
 
     Args:
         run: the run reported.
-        claims: its `claim_check` table.
         figures: the scaling figures' PNG paths (an SVG beside each is linked too).
-        readme_dir: the README's directory, which image links are relative to.
+        readme_dir: the README's directory, which links are relative to.
+        study_files: the studies' markdown files of this run.
     """
     meta = run.meta
     env = ", ".join(f"{k} {meta[k]}" for k in ("torch", "triton") if meta.get(k))
     where = meta.get("gpu") or meta.get("device") or "unknown device"
+    rel = lambda p: Path(os.path.relpath(p, readme_dir)).as_posix()  # noqa: E731
     lines = [f"### {run.name}", "",
              f"{where}" + (f", preset `{meta['preset']}`" if meta.get("preset") else "")
              + (f", {env}" if env else "")
@@ -38,13 +77,15 @@ def run_section(run: Run, claims: pd.DataFrame, figures: list[Path], readme_dir:
     if meta.get("command"):
         lines += [f"Measured with `{meta['command']}`.", ""]
     for png in figures:
-        rel = Path(os.path.relpath(png, readme_dir)).as_posix()
-        lines += [f"![{png.stem}]({rel}) ([SVG]({rel[:-4]}.svg))", ""]
-    lines += ["**Claim check** (FMMformer paper, Figure 6: rank 3 + band 30 vs softmax). "
-              + CLAIM_RULE, "", markdown_table(drop_constant(claims, list(CONFIG))), ""]
-    targets = run.dir / TARGETS_FILE
-    if targets.is_file():
-        lines += [targets.read_text().strip(), ""]
+        lines += [f"![{png.stem}]({rel(png)}) ([SVG]({rel(png)[:-4]}.svg))", ""]
+    table = headline_table(run)
+    if not table.empty:
+        lines += [markdown_table(table), ""]
+    if skipped_line(run):
+        lines += [skipped_line(run), ""]
+    if study_files:
+        lines += ["Studies: " + ", ".join(f"[{p.stem}]({rel(p)})" for p in study_files)
+                  + ".", ""]
     return "\n".join(lines)
 
 

@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from harness.errors import ConfigError
 from suites.tasks import charlm, listops, mqar
 
 TEST_SEED = 1_000_003  # the held-out sets' seed, apart from every run's
 
 
-class TaskError(ValueError):
+class TaskError(ConfigError):
     """A task name or size that cannot be made (one-line message)."""
 
 

@@ -65,7 +65,9 @@ DEVICE_PRESET = {"cuda": "tasks", "cpu": "tasks-smoke"}
 def settings_for(preset: str, device: str, tasks: tuple[str, ...]) -> list[Setting]:
     """The settings of `tasks` in `preset` (any other preset: the device's task preset)."""
     table = SETTINGS.get(preset, SETTINGS[DEVICE_PRESET[device]])
-    known = sorted({s.task for s in table})
+    known = list(dict.fromkeys(s.task for s in table))
+    if not tasks:
+        raise TaskError(f"--task needs at least one task; valid: {', '.join(known)}")
     for name in tasks:
         if name not in known:
             raise TaskError(f"unknown task '{name}'; valid: {', '.join(known)}")

@@ -1,0 +1,100 @@
+"""Studies: question-specific analyses that plug into the generic `report` command.
+
+The harness's own reports are generic (slopes, crossovers, compare, figures). A study asks a
+question of a run, e.g. whether a paper's claims hold, and answers with tables. It is one
+module (or package) of the top-level `studies` package, found by the report command, that
+registers its sections function::
+
+    @register_study("fmmformer")
+    def sections(run: Run) -> list[Section]:
+        return [Section("Claim check", claim_table(run.df), caption="holds: ...")]
+
+`report` prints each section of each study for each run and writes them to `<study>.md` in the
+run's directory; with `--readme` the run's README part links to that file. A study may also
+add options to `report` (`report_options(parser)`, then `before_report(runs, args)` runs first)
+and its own subcommands (`commands(subparsers)`, each setting `func`).
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from harness.reports.data import CONFIG, Run
+from harness.reports.tables import drop_constant, markdown_table, rich_table
+
+
+@dataclass(frozen=True)
+class Section:
+    """One part of a study's answer: a table with a title and a caption, or markdown text."""
+
+    title: str
+    table: pd.DataFrame | None = None
+    caption: str = ""
+    markdown: str = ""
+
+    def as_markdown(self) -> str:
+        body = markdown_table(drop_constant(self.table, CONFIG)) if self.table is not None else ""
+        parts = [f"### {self.title}", self.caption, body, self.markdown.strip()]
+        return "\n\n".join(p for p in parts if p) + "\n"
+
+
+@dataclass(frozen=True)
+class Study:
+    """A registered study: its sections per run and its optional command-line hooks."""
+
+    name: str
+    sections: Callable[[Run], list[Section]]
+    report_options: Callable[[argparse.ArgumentParser], None] | None = None
+    before_report: Callable[[list[Run], argparse.Namespace], None] | None = None
+    commands: Callable[[argparse._SubParsersAction], None] | None = None
+
+    def file(self, run: Run) -> Path:
+        """Where `report` writes this study's sections for `run`."""
+        return run.dir / f"{self.name}.md"
+
+
+_STUDIES: dict[str, Study] = {}
+
+
+def register_study(name: str, **hooks) -> Callable:
+    """Decorator registering a study's sections function under `name` (one per study).
+
+    `hooks`: `report_options`, `before_report`, `commands` (see the module docstring).
+    """
+    def decorator(sections: Callable[[Run], list[Section]]) -> Callable:
+        if name in _STUDIES:
+            raise ValueError(f"study '{name}' is already registered")
+        _STUDIES[name] = Study(name, sections, **hooks)
+        return sections
+
+    return decorator
+
+
+def unregister_study(name: str) -> None:
+    """Remove a study (tests use this)."""
+    _STUDIES.pop(name, None)
+
+
+def all_studies() -> list[Study]:
+    """Every registered study, by name."""
+    return [_STUDIES[name] for name in sorted(_STUDIES)]
+
+
+def print_sections(out, sections: list[Section]) -> None:
+    """Print a study's tables on a rich console (markdown-only sections are left to its file)."""
+    for section in sections:
+        if section.table is not None:
+            out.print(rich_table(drop_constant(section.table, CONFIG), title=section.title,
+                                 caption=section.caption or None))
+
+
+def write_sections(study: Study, run: Run, sections: list[Section]) -> Path:
+    """Write a study's sections for `run` to its markdown file; returns the path."""
+    path = study.file(run)
+    text = f"## {study.name}: {run.name}\n\n" + "\n".join(s.as_markdown() for s in sections)
+    path.write_text(text)
+    return path

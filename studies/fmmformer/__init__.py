@@ -1,0 +1,85 @@
+"""The FMMformer study: the paper's Figure 6 claims (`claims`) and the performance targets of
+the FMMformer and FMA Triton kernels (`targets`), evaluated on measured runs.
+
+It adds to the report command: the claim check of each run (in `fmmformer.md` beside the run
+and linked from its README part), `report --targets-with RUN... --target-lengths N...`, and
+the `targets` command, which writes `targets.md` into the first run's directory.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+from harness.reports.data import Run, load_run
+from harness.reports.study import Section, register_study
+from harness.reports.tables import console, markdown_table, rich_table
+from studies.fmmformer.claims import CLAIM_RULE, claim_check
+from studies.fmmformer.targets import N_TARGET, accuracy_side_by_side, evaluate_targets
+
+TARGETS_FILE = "targets.md"
+
+
+def write_targets(runs: list[Run], lengths: list[int], show: bool = True) -> Path:
+    """Evaluate the kernel targets on the pooled rows of `runs`, one table per length, and
+    write them with FMA vs FMMformer accuracy to targets.md in the first run's directory."""
+    rows = pd.concat([r.df for r in runs], ignore_index=True)
+    names = ", ".join(r.name for r in runs)
+    parts = []
+    for n in lengths:
+        table = evaluate_targets(rows, runs[0].meta, n)
+        accuracy = accuracy_side_by_side(rows, n)
+        if show:
+            console().print(rich_table(table, title=f"Kernel targets at N={n}"))
+            console().print(rich_table(accuracy, title=f"FMA vs FMMformer accuracy at N={n}"))
+        parts.append(f"### Kernel targets at N={n} (runs: {names})\n\n{markdown_table(table)}"
+                     f"\n\n### FMA vs FMMformer accuracy at N={n}\n\n"
+                     f"{markdown_table(accuracy)}\n")
+    path = runs[0].dir / TARGETS_FILE
+    path.write_text("\n".join(parts))
+    return path
+
+
+def report_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--targets-with", nargs="*", metavar="RUN_DIR",
+                        help="also evaluate the FMMformer study's kernel targets on these runs' "
+                             "rows pooled with the first run's, into its targets.md")
+    parser.add_argument("--target-lengths", type=int, nargs="+", default=[N_TARGET],
+                        metavar="N")
+
+
+def before_report(runs: list[Run], args: argparse.Namespace) -> None:
+    """`--targets-with`: regenerate the first run's targets.md before its sections are read."""
+    if args.targets_with is not None:
+        extra = [load_run(p) for p in args.targets_with]
+        path = write_targets([runs[0], *extra], args.target_lengths, show=False)
+        console().print(f"wrote {path}", highlight=False)
+
+
+def commands(sub: argparse._SubParsersAction) -> None:
+    targets = sub.add_parser("targets", help="evaluate the FMMformer study's kernel targets; "
+                                             "write targets.md")
+    targets.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                         help="runs whose rows are pooled; targets.md goes into the first")
+    targets.add_argument("--length", type=int, nargs="+", default=[N_TARGET],
+                         help="N the targets are read at (several: one table each)")
+    targets.set_defaults(func=_targets)
+
+
+def _targets(args: argparse.Namespace) -> int:
+    path = write_targets([load_run(p) for p in args.runs], args.length)
+    print(f"wrote {path}")
+    return 0
+
+
+@register_study("fmmformer", report_options=report_options, before_report=before_report,
+                commands=commands)
+def sections(run: Run) -> list[Section]:
+    """The claim check of `run`, and its kernel targets when `targets.md` is beside it."""
+    out = [Section("Claim check (FMMformer paper, Figure 6: rank 3 + band 30 vs softmax)",
+                   claim_check(run.df), caption=CLAIM_RULE)]
+    targets = run.dir / TARGETS_FILE
+    if targets.is_file():
+        out.append(Section("Kernel targets", markdown=targets.read_text()))
+    return out
