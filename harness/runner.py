@@ -101,6 +101,18 @@ def check_params(config: BenchConfig, configs: list[VariantConfig]) -> None:
                                     f"N={shape.seq_len} causal={shape.causal}: {reason}")
 
 
+def make_case(vc: VariantConfig, shape: Shape, suite: str, mode: str, device: str,
+              inputs: str = "randn") -> Case:
+    """The result-row identity of one variant configuration at one shape, suite and mode."""
+    return Case(
+        variant=vc.label, family=vc.spec.family,
+        params=json.dumps(vc.params, sort_keys=True), suite=suite, mode=mode,
+        batch=shape.batch, heads=shape.heads, seq_len=shape.seq_len,
+        head_dim=shape.head_dim, dtype=DTYPE_NAMES[shape.dtype], causal=shape.causal,
+        device=device, inputs=inputs,
+    )  # fmt: skip
+
+
 def previous_ooms(df) -> dict[tuple, int]:
     """OOM lengths already recorded per (variant, causal, mode): a resumed run keeps
     skipping what ran out of memory."""
@@ -145,13 +157,7 @@ class Sweep:
 
     def case(self, vc: VariantConfig, shape: Shape, suite: str, mode: str,
              inputs: str = "randn") -> Case:
-        return Case(
-            variant=vc.label, family=vc.spec.family,
-            params=json.dumps(vc.params, sort_keys=True), suite=suite, mode=mode,
-            batch=shape.batch, heads=shape.heads, seq_len=shape.seq_len,
-            head_dim=shape.head_dim, dtype=DTYPE_NAMES[shape.dtype], causal=shape.causal,
-            device=self.device.type, inputs=inputs,
-        )  # fmt: skip
+        return make_case(vc, shape, suite, mode, self.device.type, inputs)
 
     def planned(self, vc: VariantConfig, shape: Shape,
                 inputs: str = "randn") -> list[tuple[Case, str]]:

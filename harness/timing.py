@@ -2,9 +2,12 @@
 
 On CUDA a closure may instead be timed as a CUDA-graph replay under the same do_bench (L2
 flushed before every call): the same kernels without the CPU work of launching them, which at
-short lengths outlasts the GPU work of multi-kernel variants (`scripts/launch_probe.py`)."""
+short lengths outlasts the GPU work of multi-kernel variants (`benchmarks/launch_overhead.py`).
+`EventClock` gives the same per-call CUDA-event measurement to timers that read a clock
+before and after a call (pytest-benchmark)."""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -112,3 +115,46 @@ def graph_replay(
     with torch.cuda.graph(graph):
         fn()
     return graph.replay
+
+
+class EventClock:
+    """A clock that advances only by the GPU time of the calls it times, in seconds.
+
+    `timed(fn)` returns a call that, as do_bench does for each sample, resets the gradients
+    in `grad_to_none`, flushes L2 (zeroes a 256 MiB buffer) and times `fn` between two CUDA
+    events; `now()` reads the sum of those times. A timer that reads the clock before and
+    after a call (pytest-benchmark's) so records that call's CUDA-event time.
+    """
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._flush: torch.Tensor | None = None
+
+    def now(self) -> float:
+        return self.seconds
+
+    def timed(self, fn: Callable[[], object],
+              grad_to_none: Sequence[torch.Tensor] | None = None) -> Callable[[], None]:
+        if self._flush is None:
+            self._flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def call():
+            for t in grad_to_none or ():
+                t.grad = None
+            self._flush.zero_()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            self.seconds += start.elapsed_time(end) * 1e-3
+
+        return call
+
+
+def sample_counts(one_call: float, warmup_ms: float, rep_ms: float,
+                  min_samples: int) -> tuple[int, int]:
+    """(warm-up calls, timed calls) for a call of `one_call` ms, as `time_closure` sizes them:
+    the budgets' worth of calls, and at least `min_samples` timed ones."""
+    one_call = max(one_call, 1e-3)
+    return max(1, math.ceil(warmup_ms / one_call)), max(min_samples, math.ceil(rep_ms / one_call))

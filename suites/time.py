@@ -27,11 +27,18 @@ def run_time(trial: Trial, mode: str) -> dict[str, float]:
         cuda_graph=trial.config.cuda_graph, min_samples=trial.config.min_samples,
     )
     metrics = {"time_ms": stats.median, "time_ms_p20": stats.p20, "time_ms_p80": stats.p80}
-    seconds = stats.median * 1e-3
+    return {**metrics, **rates(trial, mode, stats.median)}
+
+
+def rates(trial: Trial, mode: str, median_ms: float) -> dict[str, float]:
+    """TFLOP/s (when the variant counts its FLOPs), GB/s and, on a device whose roofline was
+    measured, the fraction of the floor, of `mode` taking `median_ms` per call."""
+    seconds = median_ms * 1e-3
     flops, nbytes = trial.flops(mode), trial.min_bytes(mode)
+    out = {}
     if flops is not None:
-        metrics["tflops"] = flops / seconds / 1e12
-    metrics["gbps"] = nbytes / seconds / 1e9
+        out["tflops"] = flops / seconds / 1e12
+    out["gbps"] = nbytes / seconds / 1e9
     if trial.roofline is not None and flops is not None:
-        metrics["roofline_frac"] = trial.roofline.floor_ms(flops, nbytes) / stats.median
-    return metrics
+        out["roofline_frac"] = trial.roofline.floor_ms(flops, nbytes) / median_ms
+    return out

@@ -1,7 +1,19 @@
-"""Shared test helpers: dense float64 ground truth built independently of the variants."""
+"""Shared test helpers: dense float64 ground truth built independently of the variants, the
+relative error every accuracy test uses, NaN-filled buffers and the devices a kernel test runs
+on."""
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# A Triton kernel test runs on the CPU under the interpreter and on CUDA (`cuda` marker).
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=pytest.mark.cuda),
+]
 
 
 def rand_qkv(b: int, h: int, n: int, d: int, dtype=torch.float64, device="cpu", seed=None):
@@ -32,4 +44,12 @@ def dense_linear(q, k, v, phi, causal: bool, eps: float = 1e-6) -> torch.Tensor:
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref.double()).norm() / ref.double().norm())
+    """||out - ref|| / ||ref|| in float64; `out` must be finite (a NaN is an unwritten element)."""
+    assert torch.isfinite(out).all(), "non-finite values (unwritten, NaN or overflowed output)"
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    return float((out - ref).norm() / ref.norm())
+
+
+def nan_empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """A NaN-filled buffer: what a kernel leaves unwritten shows up as NaN."""
+    return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)

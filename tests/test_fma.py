@@ -1,8 +1,8 @@
 """Fast Multipole Attention, PyTorch reference: level structure, dense construction, options.
 
-`fma_dense_matrix` and `fma_coverage` rebuild the interaction lists query by query from the
-SPEC 1.5 formulas; `fma_reference` is vectorized over finest blocks. They share only the
-geometry, so agreement checks the lists as well as the arithmetic.
+`fma_dense_matrix` and `fma_coverage` (`tests/fma_oracles.py`) rebuild the interaction lists
+query by query from the SPEC 1.5 formulas; `fma_reference` is vectorized over finest blocks.
+They share only the geometry, so agreement checks the lists as well as the arithmetic.
 """
 from __future__ import annotations
 
@@ -10,22 +10,10 @@ import pytest
 import torch
 
 from harness.registry import RegistryError, Shape, get_variant
-from variants.fma import (
-    FMAAttention,
-    fma_coverage,
-    fma_dense_matrix,
-    fma_flops,
-    fma_geometry,
-    fma_pairs,
-    fma_reference,
-    query_slots,
-)
+from tests.fma_oracles import fma_coverage, fma_dense_matrix, query_slots
+from tests.helpers import rel_err
+from variants.fma import FMAAttention, fma_flops, fma_geometry, fma_pairs, fma_reference
 from variants.softmax import softmax_reference
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    assert torch.isfinite(x).all(), "non-finite values"
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def inputs(n: int, d: int = 8, heads: int = 2, seed: int = 0, count: int = 4):

@@ -1,47 +1,30 @@
 """Triton Fast Multipole Attention against the PyTorch reference and the dense construction.
 
-CPU runs need the Triton interpreter (`TRITON_INTERPRET=1` set before Triton is imported; the
-root conftest does it on machines without CUDA). Every buffer the kernels must fill is
-allocated NaN-filled here (`_alloc` is swapped), and every compared tensor must be finite.
+CPU runs use the Triton interpreter; `pytest -m cuda` runs the GPU cases. Every buffer the
+kernels must fill is allocated NaN-filled (the `poisoned` fixture), and every compared tensor
+must be finite.
 """
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import variants.fma_triton as fma_triton_mod
 from harness.registry import Shape, get_variant
-from variants.fma import avgpool_summaries, fma_dense_matrix, fma_geometry, fma_reference
-from variants.fma_triton import LaunchConfig, fma_fwd, fma_plan, fma_triton
+from tests.fma_oracles import fma_dense_matrix
+from tests.helpers import DEVICES, rel_err
+from variants.fma import avgpool_summaries, fma_geometry, fma_reference
+from variants.fma_triton import LaunchConfig, fma_config, fma_fwd, fma_plan, fma_triton
+from variants.fma_triton.plan import pool_table
+from variants.fma_triton.pool import pool
 from variants.softmax import softmax_reference
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1")),
-    pytest.param(
-        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-    ),
-]
 # fp32 runs exact fp32 dots; the coarse gradients are fp32 atomics (order varies).
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
 
 @pytest.fixture(autouse=True)
-def poisoned_buffers(monkeypatch):
+def poison(poisoned):
     """Outputs and scratch buffers start as NaN: anything left unwritten shows up."""
-
-    def nan_alloc(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(fma_triton_mod, "_alloc", nan_alloc)
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    assert torch.isfinite(x).all(), "non-finite values (unwritten or NaN output)"
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def inputs(n: int, d: int, dtype: torch.dtype, device: str, seed: int, heads: int = 1):
@@ -87,7 +70,7 @@ def test_fp32_matches_reference(device, n, d, m, p, causal, scale_attn, zero_pad
     (q, k, v, do), ref_in = inputs(n, d, torch.float32, device, seed=n + d + m, heads=heads)
     cfg = None
     if block_m is not None:
-        cfg = LaunchConfig(block_m, min(m, 32), 16, 16, 4, 1, 1)
+        cfg = LaunchConfig(block_m, min(m, 32), 16, 16, 4, 1, 1, coarse_tile=32 if causal else 64)
     got = run(lambda q, k, v: fma_triton(q, k, v, config=cfg, **opts), q, k, v, do)
     want = run(lambda q, k, v: fma_reference(q, k, v, **opts), *ref_in)
     assert_close(got, want, TOL[torch.float32])
@@ -153,8 +136,8 @@ def test_summaries_match_avgpool(device, n, m, p):
     for one pooling chunk (2100 -> 7 levels, the top two built by _fma_levels_kernel)."""
     k, v = inputs(n, 16, torch.float32, device, seed=n)[0][:2]
     geo = fma_geometry(n, m, p)
-    plan = fma_plan(n, m, p, False, True, False, 32, str(k.device))
-    ck, cv = fma_triton_mod._pool(k, v, plan)
+    plan = fma_plan(n, m, p, False, True, False, 32, 64, str(k.device))
+    ck, cv = pool(k, v, plan, fma_config(m, False, 16, k.device))
     pad = geo.n_pad - n
     want = avgpool_summaries(*(F.pad(t.double(), (0, 0, 0, pad)) for t in (k, v)), geo)
     assert rel_err(ck, torch.cat([c for c, _ in want], dim=2)) < 1e-6
@@ -176,7 +159,7 @@ def test_forward_writes_every_output(device):
     assert rel_err(lse, want) < TOL[torch.float32]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("n, causal", [(1000, False), (1000, True), (4099, False), (4099, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_larger(n, causal, dtype):
@@ -187,28 +170,46 @@ def test_cuda_larger(n, causal, dtype):
     assert_close(got, want, TOL[dtype] * (5 if dtype == torch.float32 else 1))
 
 
-def test_gpu_launch_config(monkeypatch):
+def test_gpu_launch_config():
     """The GPU defaults the H100 rows were measured with: 64-key tiles, register caps at D <= 64
     only (wider heads would spill), one forward stage when causal, two backward stages at
-    D <= 64; coarse tiles 32 wide when causal."""
-    monkeypatch.setattr(fma_triton_mod, "_INTERPRET", False)
+    D <= 64; coarse tiles 32 wide when causal; the pooling pass's chunks and tiles."""
+    gpu = torch.device("cuda")
     for causal, cap, stages in ((False, 96, 2), (True, 128, 1)):
-        cfg = fma_triton_mod.launch_config(64, causal, head_dim=64)
+        cfg = fma_config(64, causal, 64, gpu)
         assert (cfg.block_m, cfg.fwd_block_n, cfg.fwd_maxnreg, cfg.fwd_stages) == (
             64, 64, cap, stages)
         assert cfg.bwd_launch("dq") == cfg.bwd_launch("dkdv") == dict(num_stages=2, maxnreg=168)
-        wide = fma_triton_mod.launch_config(64, causal, head_dim=128)
+        assert cfg.coarse_tile == (32 if causal else 64)
+        wide = fma_config(64, causal, 128, gpu)
         assert wide.fwd_maxnreg is None and wide.bwd_launch("dq") == dict(num_stages=3)
-    assert fma_triton_mod.launch_config(16, False).fwd_block_n == 16
-    plan = fma_plan(65536, 64, 2, True, True, False, 64, "cpu")
+    assert fma_config(16, False, 64, gpu).fwd_block_n == 16
+    cfg = fma_config(64, True, 64, gpu)
+    assert (cfg.pool_windows, cfg.pool_block_t, cfg.pool_warps, cfg.pool_stages) == (16, 128, 4, 3)
+    plan = fma_plan(65536, 64, 2, True, True, False, 64, cfg.coarse_tile, "cpu")
     # At most 2 groups of p = 2 tokens on each of L = 9 levels: 36 slots, two 32-wide tiles.
     assert (plan.block_c, plan.n_slots, int(plan.used.max())) == (32, 64, 36)
-    assert fma_triton_mod.POOL_CONFIG == dict(windows=16, block_t=128, num_warps=4, num_stages=3)
+    assert str(cfg) == "q64 fwd_k64s1 bwd_k64s2 dkdv_q64 w4 r128/168/168 c32 pool16x128w4s3"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_module_observes_its_launch_config(causal):
+    """The registered module reports the launch config of its last call."""
+    shape = Shape(1, 1, 40, 16, causal)
+    spec = get_variant("fma_triton")
+    module = spec.factory(shape, **spec.validate({"m": 16}))
+    assert module.observations() == {}
+    q = torch.randn(1, 1, 40, 16)
+    with torch.no_grad():
+        module(q, q, q)
+    cfg = fma_config(16, causal, 16, q.device)
+    assert module.observations() == {"launch_config": str(cfg)}
+    assert str(cfg).startswith("q16 fwd_k16s1") and f"c{32 if causal else 64}" in str(cfg)
 
 
 def test_pool_table_rows():
     """One pooling row per window of every level that fits in a chunk, padded to a power of two."""
-    table, levels = fma_triton_mod._pool_table((32, 64, 128, 256, 512, 1024), 512, "cpu")
+    table, levels = pool_table((32, 64, 128, 256, 512, 1024), 512, "cpu")
     lvl, lo, hi = table.tolist()
     assert levels == 5 and len(lvl) == 32
     assert lvl == [0] * 16 + [1] * 8 + [2] * 4 + [3] * 2 + [4, -1]
@@ -223,5 +224,5 @@ def test_registration_and_checks():
     assert "head_dim" in spec.unsupported_reason(Shape(1, 2, 100, 80), ok)
     assert "m in" in spec.unsupported_reason(Shape(1, 2, 100, 64), spec.validate({"m": 8}))
     assert "power of two" in spec.unsupported_reason(Shape(1, 2, 100, 64), spec.validate({"p": 3}))
-    with pytest.raises(ValueError, match="head dim"):
+    with pytest.raises(ValueError, match="head_dim"):
         fma_triton(*(torch.randn(1, 1, 8, 24) for _ in range(3)), m=16)

@@ -1,49 +1,33 @@
-"""Fused Triton FMMformer against the float64 PyTorch reference: output and every gradient
-(q, k, v, w_near, w_far), odd N, causal and not, fp32 and bf16, with every kernel output
-buffer poisoned with NaN first.
-
-CPU runs need the Triton interpreter (`TRITON_INTERPRET=1` set before Triton is imported);
-without it and without CUDA these tests skip. `python tests/test_fmmformer_triton.py` on a GPU
-checks the benchmark shape and times it against its targets (bf16, B=1, H=16, N=65536, D=64).
+"""Triton FMMformer against the float64 PyTorch reference: output and every gradient
+(q, k, v, w_near, w_far), odd N, causal and not, fp32, bf16 and fp16, with every kernel output
+buffer poisoned with NaN first. CPU runs use the Triton interpreter; `pytest -m cuda` runs the
+GPU cases. Timing: `benchmarks/fmmformer_triton.py`.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
-import triton
 
-import variants.fmmformer_triton as fmt
 from harness.registry import Shape, get_variant
+from tests.helpers import DEVICES, INTERPRET, nan_empty, rel_err
 from variants.fmmformer import FMMformerAttention, fmm_flops, fmmformer_reference
-from variants.fmmformer_triton import KernelConfig, fmmformer_fwd, fmmformer_triton
+from variants.fmmformer_triton import (
+    KernelConfig,
+    fmm_config,
+    fmmformer_fwd,
+    fmmformer_triton,
+)
+from variants.fmmformer_triton.states import chunk_rows, prefix_states, scan, state_pass
+from variants.triton_common import allocate_with
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 NO_CPU = pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1")
-NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-CPU, CUDA = pytest.param("cpu", marks=NO_CPU), pytest.param("cuda", marks=NO_CUDA)
-DEVICES = [CPU, CUDA]
+CPU_CONFIG = fmm_config(16, torch.device("cpu"))
 # fp32: exact fp32 dots (interpreter, and "ieee" on GPU). bf16: bf16 P, dS and far-field
 # operands (the interpreter also truncates instead of rounding to bf16). fp16: fp16 P and dS,
 # far-field operands fp32 (tf32 on GPU).
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    assert torch.isfinite(x).all(), "non-finite values (unwritten or NaN output)"
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def nan_empty(shape, dtype, device):
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Every buffer the kernels write (o, states, lse, Near, grads, ...) starts as NaN."""
-    monkeypatch.setattr(fmt, "_empty", nan_empty)
 
 
 def inputs(b: int, h: int, n: int, d: int, dtype: torch.dtype, device: str, seed: int):
@@ -62,9 +46,11 @@ def reference(q, k, v, do, w_near, w_far, bandwidth: int, kernels: int, causal: 
     return o.detach(), *(t.grad for t in leaves)
 
 
-def run_triton(q, k, v, do, w_near, w_far, bandwidth: int, kernels: int, causal: bool):
+def run_triton(q, k, v, do, w_near, w_far, bandwidth: int, kernels: int, causal: bool,
+               config=None):
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, w_near, w_far)]
-    o = fmmformer_triton(*leaves, bandwidth=bandwidth, kernels=kernels, causal=causal)
+    o = fmmformer_triton(*leaves, bandwidth=bandwidth, kernels=kernels, causal=causal,
+                         config=config)
     o.backward(do)
     return o.detach(), *(t.grad for t in leaves)
 
@@ -79,7 +65,7 @@ def check_all(got, ref, tol: float) -> None:
 CASES = [
     (77, 16, 5, 3, torch.float32),
     (77, 64, 20, 2, torch.float32),
-    (300, 16, 30, 3, torch.bfloat16),
+    (211, 16, 30, 3, torch.bfloat16),
     (131, 32, 0, 1, torch.float32),
     (90, 16, 7, 3, torch.float16),
 ]
@@ -99,7 +85,7 @@ def _case_params(device: str, cases: list, mark) -> list:
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize(
     "device,case",
-    _case_params("cpu", CASES, NO_CPU) + _case_params("cuda", CUDA_CASES, NO_CUDA),
+    _case_params("cpu", CASES, NO_CPU) + _case_params("cuda", CUDA_CASES, pytest.mark.cuda),
 )
 def test_matches_reference(poisoned, device, case, causal):
     n, d, bandwidth, kernels, dtype = case
@@ -109,116 +95,105 @@ def test_matches_reference(poisoned, device, case, causal):
     check_all(got, ref, TOL[dtype])
 
 
-@pytest.mark.skipif(not INTERPRET, reason="tile configs are patched for the interpreter")
-@pytest.mark.parametrize("causal,map_passes", [(False, True), (True, True), (True, False)],
-                         ids=["full", "causal-map-passes", "causal-fused"])
+@pytest.mark.skipif(not INTERPRET, reason="interpreter tile configs")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("sms,tiles_per_program,block_v", [(1, 3, 16), (64, 2, 8)])
-def test_tilings_and_chunkings(poisoned, monkeypatch, causal, map_passes, sms,
-                               tiles_per_program, block_v):
+def test_tilings_and_chunkings(poisoned, causal, sms, tiles_per_program, block_v):
     """Unequal query and key tiles, several tiles per program, value columns split across
     programs, and causal chunk counts from few chunks per head (1 SM) to one tile per chunk
-    (64 SMs), in the causal map passes and the fused walk: all give the reference."""
-    config = KernelConfig(16, 32, 4, 1, tiles_per_program, block_v)
-    monkeypatch.setattr(fmt, "INTERPRET_CONFIG", config)
-    monkeypatch.setattr(fmt, "_sm_count", lambda device: sms)
-    monkeypatch.setattr(fmt, "STATE_MEMORY_FRACTION", 1.0)
-    monkeypatch.setattr(fmt, "CAUSAL_MAP_PASSES", map_passes)
+    (64 SMs): all give the reference."""
+    tiles = KernelConfig(16, 32, 4, 1, tiles_per_program, block_v)
+    config = dataclasses.replace(
+        CPU_CONFIG, **{kind: tiles for kind in ("state", "fwd", "bwd_dq", "bwd_dkdv",
+                                                 "band_causal", "far_causal", "far_bwd_q",
+                                                 "far_bwd_kv", "band_bwd_q", "band_bwd_kv")},
+        sm_count=sms, state_memory_fraction=1.0)
     q, k, v, do, wn, wf = inputs(2, 1, 101, 16, torch.float32, "cpu", seed=5 + causal)
-    if map_passes:  # chunks for 4 programs per SM: 2 per head on 1 SM
-        programs = fmt.FAR_PROGRAMS_PER_SM * sms
-        chunk_rows = fmt._chunk_rows(101, 2, 1, 16, 16, programs, 1e9)
-        assert chunk_rows == (64 if sms == 1 else 16)
-    else:
-        chunk_rows = fmt._causal_chunk_rows(101, 2, 3, 16, 1e9, torch.device("cpu"))
-        assert chunk_rows == (112 if sms == 1 else 16)
+    # Causal: chunks for 4 programs per SM, 2 per head on 1 SM.
+    assert chunk_rows(101, 2, 1, 16, 16, config.far_programs_per_sm * sms, 1e9) == (
+        64 if sms == 1 else 16)
     ref = reference(q, k, v, do, wn, wf, 7, 3, causal)
-    check_all(run_triton(q, k, v, do, wn, wf, 7, 3, causal), ref, 1e-4)
+    check_all(run_triton(q, k, v, do, wn, wf, 7, 3, causal, config), ref, 1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
-def test_state_pass_value_column_splits(poisoned, monkeypatch, device, weighted):
+def test_state_pass_value_column_splits(poisoned, device, weighted):
     """The state pass with its value columns split across programs (BLOCK_V < D) gives the
-    sums of one program for all columns, in bf16 as the GPU runs it (on the H100, b scaled in
-    registers at 32 or 16 columns gave wrong weighted sums or an illegal address)."""
-    n, d, r = 300, 64, 3
+    sums of one program for all columns, in bf16 as the GPU runs it (a split that scaled b in
+    registers once gave wrong weighted sums or an illegal address on the GPU)."""
+    n, d, r = 150, 64, 3  # two chunks of 128 rows, the last short
     a, b, _, _, _, wf = inputs(1, 2, n, d, torch.bfloat16, device, seed=31)
     weights = None
     if weighted:
         gen = torch.Generator().manual_seed(4)
         den = (torch.rand(2, r, n, generator=gen) + 0.5).to(device)
         weights = (den, torch.randn(2, r, n, generator=gen).to(device), wf)
-    base = fmt.INTERPRET_CONFIG if device == "cpu" else fmt.CONFIGS["state"][d]
+    base = fmm_config(d, torch.device(device))
     sums = {}
     for block_v in (64, 32, 16):
-        config = dataclasses.replace(base, block_v=block_v)
-        monkeypatch.setattr(fmt, "INTERPRET_CONFIG", config)
-        monkeypatch.setitem(fmt.CONFIGS["state"], d, config)
-        sums[block_v] = fmt._state_pass(a, b, r, True, 128, weights)
+        config = dataclasses.replace(base, state=dataclasses.replace(base.state, block_v=block_v))
+        sums[block_v] = state_pass(a, b, r, True, 128, config, weights)
     for block_v in (32, 16):
         for got, want in zip(sums[block_v], sums[64]):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_prefix_states_from_parts(poisoned, device):
-    """Chunk prefix states summed from 2 or 4 parts per chunk, the parts' partials in a
-    scratch buffer, equal those of one part per chunk; the last chunk is short."""
-    n, d, r, chunk_rows = 200, 16, 3, 64
-    a, b, *_ = inputs(1, 2, n, d, torch.float32, device, seed=21)
-    want = fmt._prefix_states(a, b, r, chunk_rows, parts_per_chunk=1)
-    for parts in (2, 4):
-        scratch = nan_empty((2, n, d), torch.float32, device)
-        got = fmt._prefix_states(a, b, r, chunk_rows, scratch, parts)
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
-    assert want[0].shape == (2, 4, r, d, d)
+@pytest.mark.parametrize("map0", [0, 2])
+def test_prefix_states_are_exclusive_cumsums(poisoned, device, map0):
+    """A map's chunk prefix states (a short last chunk) are the float64 sums of
+    phi(k_j) v_j^T and phi(k_j) over the keys before each chunk."""
+    n, d, rows = 200, 16, 64
+    k, v, *_ = inputs(1, 2, n, d, torch.float32, device, seed=21 + map0)
+    states, states_z = prefix_states(k, v, rows, fmm_config(d, torch.device(device)), map0)
+    phi = [lambda x: torch.nn.functional.elu(x) + 1, lambda x: torch.nn.functional.elu(-x) + 1,
+           lambda x: torch.tanh(x) + 1][map0]
+    fk, vd = phi(k.double().cpu()), v.double().cpu()
+    starts = range(0, n, rows)
+    want = torch.stack([fk[:, :, :s].transpose(-1, -2) @ vd[:, :, :s] for s in starts], 2)
+    want_z = torch.stack([fk[:, :, :s].sum(2) for s in starts], 2)
+    assert states.shape == (2, 4, 1, d, d)
+    torch.testing.assert_close(states[:, :, 0].cpu().double(), want.flatten(0, 1),
+                               rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(states_z[:, :, 0].cpu().double(), want_z.flatten(0, 1),
+                               rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reverse", [False, True], ids=["prefix", "suffix"])
-@pytest.mark.parametrize("parts_per_chunk", [1, 3])
-def test_scan_of_part_states(poisoned, device, reverse, parts_per_chunk):
-    """Each chunk's exclusive prefix (suffix) over 151 part states, three blocks of the
-    scan's 64 with a short last one and a short last chunk, equals torch's cumsum; at one part
-    a chunk also in place."""
-    bh, n_parts, r, d = 2, 151, 2, 16
-    gen = torch.Generator().manual_seed(7 + reverse + parts_per_chunk)
-    parts = torch.randn(bh, n_parts, r, d, d + 1, generator=gen).to(device)
-    chunks = -(-n_parts // parts_per_chunk)
-    # Per chunk, the sum of the parts before its first (after its last).
-    padded = torch.cat([parts, parts.new_zeros(bh, chunks * parts_per_chunk - n_parts, r, d,
-                                               d + 1)], 1)
-    per_chunk = padded.view(bh, chunks, parts_per_chunk, r, d, d + 1).sum(2)
+def test_scan_of_chunk_states(poisoned, device, reverse):
+    """Each chunk's exclusive prefix (suffix) over 151 chunk states, three blocks of the
+    scan's 64 with a short last one, equals torch's cumsum, in place."""
+    bh, n_chunks, r, d = 2, 151, 2, 16
+    gen = torch.Generator().manual_seed(7 + reverse)
+    chunks = torch.randn(bh, n_chunks, r, d, d + 1, generator=gen).to(device)
     if reverse:
-        want = per_chunk.flip(1).cumsum(1).flip(1) - per_chunk
+        want = chunks.flip(1).cumsum(1).flip(1) - chunks
     else:
-        want = per_chunk.cumsum(1) - per_chunk
-    src, src_z = parts[..., :d].contiguous(), parts[..., d].contiguous()
-    if parts_per_chunk == 1:
-        dst, dst_z = src, src_z
-    else:
-        dst = nan_empty((bh, chunks, r, d, d), torch.float32, device)
-        dst_z = nan_empty((bh, chunks, r, d), torch.float32, device)
-    fmt._scan(src, src_z, dst, dst_z, parts_per_chunk, reverse)
-    torch.testing.assert_close(dst, want[..., :d], rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(dst_z, want[..., d], rtol=1e-5, atol=1e-4)
+        want = chunks.cumsum(1) - chunks
+    states, states_z = chunks[..., :d].contiguous(), chunks[..., d].contiguous()
+    scan(states, states_z, reverse)
+    torch.testing.assert_close(states, want[..., :d], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(states_z, want[..., d], rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("stride", [1, 2, 3])
-def test_causal_backward_walks_forward_chunks_in_groups(poisoned, monkeypatch, device, stride):
+@pytest.mark.parametrize("sms,bwd_per_sm,stride", [(7, 2, 1), (7, 1, 2), (5, 1, 3)])
+def test_causal_backward_walks_forward_chunks_in_groups(poisoned, device, sms, bwd_per_sm,
+                                                        stride):
     """The causal backward's walks take the forward's chunks `stride` at a time, each group
     from its first chunk's kept prefix state; the last group may be short. Every gradient
     matches the reference."""
-    monkeypatch.setattr(fmt, "_walk_stride", lambda *args: stride)
     n = 7 * (16 if device == "cpu" else 64) - 5  # 7 tiles, the last partial
-    monkeypatch.setattr(fmt, "_sm_count", lambda dev: 64)  # a chunk per tile in the forward
+    config = dataclasses.replace(fmm_config(16, torch.device(device)), sm_count=sms,
+                                 far_programs_per_sm=6, bwd_programs_per_sm=bwd_per_sm)
     q, k, v, do, wn, wf = inputs(1, 2, n, 16, torch.float32, device, seed=40 + stride)
-    saved = fmt.fmmformer_fwd(q, k, v, wn, wf, 9, 3, True, save=True)[1]
-    assert saved.states.shape[1] == 7
+    saved = fmmformer_fwd(q, k, v, wn, wf, 9, 3, True, save=True, config=config)[1]
+    assert saved.states.shape[1] == 7  # a chunk per tile in the forward
+    assert -(-2 * 7 // (bwd_per_sm * sms)) == stride
     ref = reference(q, k, v, do, wn, wf, 9, 3, True)
-    check_all(run_triton(q, k, v, do, wn, wf, 9, 3, True), ref, TOL[torch.float32])
+    check_all(run_triton(q, k, v, do, wn, wf, 9, 3, True, config), ref, TOL[torch.float32])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -280,7 +255,7 @@ def test_edge_sizes(poisoned, device, causal, n, bandwidth):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_inference_allocates_little_more_than_o(monkeypatch, device, causal):
+def test_inference_allocates_little_more_than_o(device, causal):
     """No grad: o plus the (small) states, no log-sum-exp; with grad only the log-sum-exp is
     added (the backward recovers Near's share from o, so no Near is kept)."""
     allocated: list[tuple[tuple[int, ...], torch.dtype]] = []
@@ -289,11 +264,10 @@ def test_inference_allocates_little_more_than_o(monkeypatch, device, causal):
         allocated.append((tuple(shape), dtype))
         return nan_empty(shape, dtype, dev)
 
-    monkeypatch.setattr(fmt, "_empty", recording_empty)
     n, d = 100, 16
     q, k, v, _, wn, wf = inputs(1, 2, n, d, torch.float32, device, seed=4)
     o_bytes = q.numel() * q.element_size()
-    with torch.no_grad():
+    with torch.no_grad(), allocate_with(recording_empty):
         o = fmmformer_triton(q, k, v, wn, wf, bandwidth=9, kernels=3, causal=causal)
     assert torch.isfinite(o).all()
     extra = [(s, dt) for s, dt in allocated if s != tuple(q.shape)]
@@ -302,7 +276,7 @@ def test_inference_allocates_little_more_than_o(monkeypatch, device, causal):
     # The states are capped at 9% of o or the floor (8 MiB), whichever is more, and never
     # below one chunk; at this tiny N they are the few chunks that fill the (4) SMs.
     one_chunk = 2 * 3 * d * (d + 1) * 4
-    cap = max(0.09 * o_bytes, one_chunk, fmt.STATE_MEMORY_FLOOR)
+    cap = max(0.09 * o_bytes, one_chunk, CPU_CONFIG.state_memory_floor)
     assert sum(torch.Size(s).numel() * 4 for s, _ in extra) <= cap
     if causal:  # the map passes hold one map's chunk states at a time, each within the cap
         per_map = [s for s, _ in extra if len(s) == 5]
@@ -311,35 +285,32 @@ def test_inference_allocates_little_more_than_o(monkeypatch, device, causal):
 
     allocated.clear()
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    fmmformer_triton(*leaves, wn, wf, bandwidth=9, kernels=3, causal=causal)
+    with allocate_with(recording_empty):
+        fmmformer_triton(*leaves, wn, wf, bandwidth=9, kernels=3, causal=causal)
     assert sum(s == tuple(q.shape) for s, _ in allocated) == 1, "o only, no saved Near"
     assert ((2, n), torch.float32) in allocated, "log-sum-exp"
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("map_passes", [True, False], ids=["map-passes", "fused"])
 @pytest.mark.parametrize("n,d,bandwidth,kernels,dtype", [
-    (77, 16, 5, 3, torch.float32), (131, 32, 0, 1, torch.float32), (300, 16, 30, 2, torch.bfloat16),
+    (77, 16, 5, 3, torch.float32), (300, 16, 30, 2, torch.bfloat16),
     (200, 64, 30, 3, torch.bfloat16),
 ])
-def test_causal_forward_paths(poisoned, monkeypatch, device, map_passes, n, d, bandwidth,
-                              kernels, dtype):
-    """The causal forward runs a band pass and one pass per far-field map, o summed in its own
-    dtype (or, switched off, the fused walk): both give the reference output, without grad
-    and with it, and the backward from either gives every gradient."""
-    monkeypatch.setattr(fmt, "CAUSAL_MAP_PASSES", map_passes)
+def test_causal_inference_forward(poisoned, device, n, d, bandwidth, kernels, dtype):
+    """Without grad the causal forward walks its own chunks (the inference walks' config and
+    programs per SM): the reference output. (With grad: `test_matches_reference`.)"""
     q, k, v, do, wn, wf = inputs(1, 2, n, d, dtype, device, seed=n + kernels)
-    ref = reference(q, k, v, do, wn, wf, bandwidth, kernels, True)
+    leaves = [t.double() for t in (q, k, v, wn, wf)]
+    ref = fmmformer_reference(*leaves, bandwidth=bandwidth, kernels=kernels, causal=True)
     with torch.no_grad():
         o = fmmformer_triton(q, k, v, wn, wf, bandwidth=bandwidth, kernels=kernels, causal=True)
-    assert rel_err(o, ref[0]) < TOL[dtype]
-    check_all(run_triton(q, k, v, do, wn, wf, bandwidth, kernels, True), ref, TOL[dtype])
+    assert rel_err(o, ref) < TOL[dtype]
 
 
 def test_bad_inputs_raise():
     q = torch.randn(1, 1, 8, 48)
     w = torch.ones(1)
-    with pytest.raises(ValueError, match="head dim"):
+    with pytest.raises(ValueError, match="head_dim"):
         fmmformer_fwd(q, q, q, w, w, 2, 3, False)
     q = torch.randn(1, 1, 8, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match="dtype"):
@@ -349,7 +320,7 @@ def test_bad_inputs_raise():
         fmmformer_fwd(q, q, q, w, w, -1, 3, False)
     with pytest.raises(ValueError, match="kernels"):
         fmmformer_fwd(q, q, q, w, w, 2, 4, False)
-    with pytest.raises(ValueError, match="one shape and dtype"):
+    with pytest.raises(ValueError, match="share one dtype"):
         fmmformer_fwd(q, q.half(), q, w, w, 2, 3, False)
 
 
@@ -385,204 +356,24 @@ def test_launch_options_carry_the_register_cap():
     assert KernelConfig(64, 64, 4, 1).launch() == {"num_warps": 4, "num_stages": 1}
     capped = KernelConfig(64, 64, 4, 1, maxnreg=128).launch()
     assert capped == {"num_warps": 4, "num_stages": 1, "maxnreg": 128}
-    assert fmt.CONFIGS["fwd"][64].launch()["maxnreg"] == 128  # what the H100 runs measured
+    # The forward at D = 64 on a GPU: what the H100 runs measured.
+    gpu = fmm_config(64, torch.device("cuda"), sm_count=132)
+    assert gpu.fwd.launch()["maxnreg"] == 128 and str(gpu.fwd) == "64x64w4s1r128"
+    assert str(gpu.band_bwd_kv) == "64x32w4s2" and gpu.sm_count == 132
 
 
-# ---------------------------------------------------------------------------------------------
-# GPU check and timing (not a test): python tests/test_fmmformer_triton.py [--sweep]
-# ---------------------------------------------------------------------------------------------
-def bench(sweep: bool = False, odd: bool = True, baseline: bool = True,
-          n: int = 65536, heads: int = 16, d: int = 64, bandwidth: int = 30) -> None:
-    """Times and memory against the targets, accuracy at the benchmark shape and (`odd`) at
-    N = 1001 with poisoned outputs, and (`baseline`) FlexAttention window + linear attention.
-    `sweep` first tries kernel configs (printing each) and keeps the fastest."""
-    import sys
-    import time
-
-    from variants.window import make_window_flex
-
-    out_dir = os.environ.get("OUT")
-    log_file = open(os.path.join(out_dir, "fmm_bench.log"), "w") if out_dir else None
-
-    def log(*args):
-        line = " ".join(str(a) for a in args)
-        print(line, flush=True)
-        if log_file:
-            log_file.write(line + "\n")
-            log_file.flush()
-
-    dev, dtype, r = "cuda", torch.bfloat16, 3
-    props = torch.cuda.get_device_properties(0)
-    log(f"{props.name}, {props.multi_processor_count} SMs; "
-        f"torch {torch.__version__}, triton {triton.__version__}")
-    # Device ceilings: a large copy (read + write) and a large bf16 matmul.
-    x = torch.empty(2**30, dtype=torch.uint8, device=dev)
-    y = torch.empty_like(x)
-    copy_ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=25, rep=200)
-    a = torch.randn(8192, 8192, device=dev, dtype=dtype)
-    mm_ms = triton.testing.do_bench(lambda: a @ a, warmup=25, rep=200)
-    copy_tbs, mm_tflops = 2 * 2**30 / copy_ms / 1e9, 2 * 8192**3 / mm_ms / 1e9
-    log(f"copy {copy_tbs:.2f} TB/s, bf16 matmul {mm_tflops:.0f} TFLOP/s")
-    del x, y, a
-
-    q, k, v, do, wn, wf = inputs(1, heads, n, d, dtype, dev, seed=0)
-    shape = Shape(1, heads, n, d, dtype=dtype)
-    min_bytes = 4 * q.numel() * q.element_size()
-    params = {"bandwidth": bandwidth, "kernels": r, "blend": "sigmoid"}
-    log(f"bf16 B=1 H={heads} N={n} D={d} k={bandwidth} r={r}: qkvo {min_bytes / 1e6:.0f} MB, "
-        f"floor {min_bytes / copy_tbs / 1e9:.3f} ms; "
-        f"fwd {fmm_flops(shape, params) / 1e9:.1f} GFLOP")
-
-    def fwd(causal):
-        return lambda: fmmformer_triton(q, k, v, wn, wf, bandwidth=bandwidth, kernels=r,
-                                        causal=causal)
-
-    leaves = [t.clone().requires_grad_() for t in (q, k, v, wn, wf)]
-
-    def fwd_bwd(causal):
-        return lambda: fmmformer_triton(*leaves, bandwidth=bandwidth, kernels=r,
-                                        causal=causal).backward(do)
-
-    def time_ms(fn, grad=False):
-        with torch.enable_grad() if grad else torch.no_grad():
-            return triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8],
-                                           grad_to_none=leaves if grad else None)
-
-    if sweep:
-        t0 = time.time()
-        kc = KernelConfig
-        trials = {  # KernelConfig(block_m, block_n, num_warps, num_stages, tiles, block_v)
-            "state": [kc(64, 64, 4, 3, 1, 64), kc(64, 64, 4, 3, 1, 32), kc(64, 64, 8, 3, 1, 64),
-                      kc(64, 64, 4, 4, 1, 32), kc(32, 64, 4, 4, 1, 32)],
-            "fwd": [kc(64, 64, 4, 2, 1, 64), kc(64, 64, 4, 3, 1, 32), kc(64, 64, 4, 2, 1, 32),
-                    kc(128, 64, 8, 3, 1, 64), kc(128, 64, 8, 2, 1, 32), kc(64, 64, 4, 3, 2, 32),
-                    kc(64, 32, 4, 3, 1, 32)],
-            "fwd_causal": [kc(64, 64, 8, 2, 1, 64), kc(64, 64, 8, 2, 1, 32), kc(64, 64, 8, 1, 1, 32),
-                           kc(64, 64, 4, 2, 1, 32), kc(64, 64, 8, 2, 1, 16),
-                           kc(64, 32, 8, 2, 1, 32)],
-            "bwd": [kc(64, 64, 4, 2), kc(64, 64, 8, 2), kc(128, 64, 8, 2)],
-        }
-        groups = {"bwd": ("bwd_dq", "bwd_dkdv")}
-        for kind, configs in trials.items():
-            causal = kind.endswith("causal")
-            keys = groups.get(kind, (kind,))
-            best = None
-            for cfg in configs:
-                if time.time() - t0 > 150:
-                    log(f"sweep {kind}: out of time, keeping {fmt.CONFIGS[keys[0]][d]}")
-                    break
-                saved = {key: fmt.CONFIGS[key][d] for key in keys}
-                for key in keys:
-                    fmt.CONFIGS[key][d] = cfg
-                try:
-                    fn = fwd_bwd(causal) if kind.startswith("bwd") else fwd(causal)
-                    ms = time_ms(fn, grad=kind.startswith("bwd"))[0]
-                    log(f"sweep {kind:10} {cfg}: {ms:.3f} ms")
-                    if best is None or ms < best[0]:
-                        best = (ms, cfg)
-                except Exception as exc:  # a config that fails to compile is skipped
-                    log(f"sweep {kind:10} {cfg}: failed {type(exc).__name__}: {str(exc)[:200]}")
-                for key, old in saved.items():
-                    fmt.CONFIGS[key][d] = old
-            if best:
-                for key in keys:
-                    fmt.CONFIGS[key][d] = best[1]
-                log(f"sweep {kind}: best {best[1]} {best[0]:.3f} ms")
-        log("configs:", {key: str(val[d]) for key, val in fmt.CONFIGS.items()})
-
-    o_bytes = q.numel() * q.element_size()
-    rows = {}
-    for causal in (False, True):
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        with torch.no_grad():
-            o = fwd(causal)()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
-        del o
-        f = time_ms(fwd(causal))
-        fb = time_ms(fwd_bwd(causal), grad=True)
-        rows[causal] = (f, fb, peak)
-        log(f"causal={causal}: fwd {f[0]:.3f} ms ({f[1]:.3f}-{f[2]:.3f}), "
-            f"{min_bytes / f[0] / 1e6:.0f} GB/s; fwd_bwd {fb[0]:.3f} ms ({fb[1]:.3f}-{fb[2]:.3f}); "
-            f"peak fwd mem {peak / 2**20:.1f} MiB = {peak / o_bytes:.3f} x o")
-    for causal in (False, True):
-        _, saved = fmmformer_fwd(q, k, v, wn, wf, bandwidth, r, causal, save=True)
-        ms = time_ms(lambda: fmt.fmmformer_bwd(q, k, v, saved, do, wn, wf, bandwidth, r, causal))
-        log(f"causal={causal}: backward alone {ms[0]:.3f} ms")
-        del saved
-    for causal in (False, True):
-        rows_of = fmt._causal_chunk_rows if causal else fmt._state_chunk_rows
-        chunk_rows = rows_of(n, heads, r, d, o_bytes, q.device)
-
-        def state_pass():
-            if causal:  # with o's bytes as scratch, as the forward
-                fmt._prefix_states(k, v, r, chunk_rows, scratch=torch.empty_like(q))
-            else:
-                fmt._state_pass(k, v, r, causal, chunk_rows)
-
-        ms = time_ms(state_pass)[0]
-        log(f"causal={causal}: state pass (+scan) alone {ms:.3f} ms, "
-            f"{triton.cdiv(n, chunk_rows)} chunks; K, V read at {2 * o_bytes / ms / 1e6:.0f} GB/s")
-
-    # Accuracy at the benchmark shape (float64 reference on the GPU, same bf16 inputs), then
-    # at an odd N with every kernel output poisoned with NaN first.
-    for causal in (False, True):
-        ref = reference(q, k, v, do, wn, wf, bandwidth, r, causal)
-        got = run_triton(q, k, v, do, wn, wf, bandwidth, r, causal)
-        errs = ", ".join(f"{name} {rel_err(g, rr):.1e}" for name, g, rr in
-                         zip(("o", "dq", "dk", "dv", "dwn", "dwf"), got, ref))
-        log(f"accuracy N={n} causal={causal}: {errs}")
-        del ref, got
-    torch.cuda.empty_cache()
-    empty = fmt._empty
-    fmt._empty = nan_empty
-    try:
-        for causal in (False, True) if odd else ():
-            small = inputs(1, 4, 1001, d, dtype, dev, seed=int(causal))
-            ref = reference(*small, bandwidth, r, causal)
-            got = run_triton(*small, bandwidth, r, causal)
-            errs = [rel_err(g, rr) for g, rr in zip(got, ref)]
-            log(f"accuracy N=1001 causal={causal} (poisoned): " + ", ".join(
-                f"{name} {e:.1e}" for name, e in zip(("o", "dq", "dk", "dv", "dwn", "dwf"), errs))
-                + ("  OK" if max(errs) < TOL[dtype] else "  FAIL"))
-    finally:
-        fmt._empty = empty
-
-    # Baseline: FlexAttention window + linear attention (Triton), back to back.
-    from variants.linear_triton import linear_attention_triton
-
-    base = {"flex": float("nan"), "lin1": float("nan"), "lin3": float("nan")}
-    if baseline:
-        flex = make_window_flex(shape, bandwidth=bandwidth)
-        base["flex"] = time_ms(lambda: flex(q, k, v))[0]
-        base["lin1"] = time_ms(lambda: linear_attention_triton(q, k, v, False, "elu"))[0]
-        maps = ("elu", "elu_neg", "tanh")
-        base["lin3"] = time_ms(
-            lambda: [linear_attention_triton(q, k, v, False, m) for m in maps])[0]
-    log(f"baseline (non-causal fwd): flex window {base['flex']:.3f} ms, "
-        f"linear x1 {base['lin1']:.3f} ms, linear x3 {base['lin3']:.3f} ms")
-
-    f, fb, peak = rows[False]
-    fc = rows[True][0]
-    log("\ntarget                                   value      goal")
-    log(f"(1) fwd GB/s, non-causal               {min_bytes / f[0] / 1e6:7.0f}  "
-        f">= {0.5 * copy_tbs * 1e3:.0f} ({f[0]:.3f} ms)")
-    log(f"(2) (flex + linear x1) / fwd           {(base['flex'] + base['lin1']) / f[0]:7.2f}  >= 2")
-    log(f"    (flex + linear x3) / fwd           {(base['flex'] + base['lin3']) / f[0]:7.2f}")
-    log(f"(3) fwd_bwd / fwd, non-causal          {fb[0] / f[0]:7.2f}  <= 4")
-    log(f"    fwd_bwd / fwd, causal              {rows[True][1][0] / fc[0]:7.2f}  <= 4")
-    log(f"(6) fwd peak extra mem / o, non-causal {peak / o_bytes:7.3f}  <= 1.1")
-    log(f"    causal                             {rows[True][2] / o_bytes:7.3f}  <= 1.1")
-    log(f"(7) causal fwd / non-causal fwd        {fc[0] / f[0]:7.2f}  <= 1.5")
-    if log_file:
-        log_file.close()
-    sys.stdout.flush()
-
-
-if __name__ == "__main__":
-    import sys
-
-    bench(sweep="--sweep" in sys.argv, odd="--no-odd" not in sys.argv,
-          baseline="--no-baseline" not in sys.argv)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_module_observes_its_launch_config(causal):
+    """The registered module reports the launch config of its last call: the kernels that
+    direction launches, with their tiles, and the SM count."""
+    shape = Shape(1, 2, 40, 16, causal=causal)
+    module = get_variant("fmmformer_triton").factory(shape, bandwidth=3, kernels=1,
+                                                     blend="sigmoid")
+    assert module.observations() == {}
+    q, k, v, *_ = inputs(1, 2, 40, 16, torch.float32, "cpu", seed=1)
+    with torch.no_grad():
+        module(q, k, v)
+    text = module.observations()["launch_config"]
+    assert text == fmm_config(16, q.device).describe(causal)
+    assert ("far_bwd_q=16x16w4s1" in text) == causal and ("fwd=16x16w4s1" in text) != causal
+    assert text.endswith("sms=4")

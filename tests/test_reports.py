@@ -493,3 +493,19 @@ def test_a_study_plugs_its_tables_and_command_into_the_reports(tmp_path: Path, c
         assert main(["fastest"]) == 0 and "fastest: ok" in capsys.readouterr().out
     finally:
         unregister_study("toy")
+
+
+def test_best_exact_is_the_fastest_softmax_kernel_that_ran_and_passed_accuracy() -> None:
+    """A faster exact peer (flash-attn) becomes the best exact kernel where it ran; where it
+    was skipped, or where its accuracy rows failed, the next fastest is."""
+    n = 2**14
+    rows = claim_rows(10.0, 1.0)
+    rows.append(row("softmax_flash_attn", "softmax", n, 1.5))
+    assert verdicts(rows).index.tolist()[1] == "best exact (softmax_flash_attn)"
+    skipped = [*claim_rows(10.0, 1.0), row("softmax_flash_attn", "softmax", n, status="skipped",
+                                            reason="flash-attn needs CUDA")]
+    assert "best exact (softmax_sdpa)" in verdicts(skipped).index
+    for status in ("inexact", "error"):
+        wrong = [*rows, row("softmax_flash_attn", "softmax", n, 30.0, suite="accuracy",
+                            metric="floor_ratio", status=status, reason="dq over its floor")]
+        assert "best exact (softmax_sdpa)" in verdicts(wrong).index

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from harness.timing import graph_replay, time_closure
+import time
 
-NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+from harness.timing import EventClock, graph_replay, time_closure
+
 
 
 def test_cpu_timing_resets_gradients_between_calls():
@@ -20,7 +21,7 @@ def test_cpu_timing_resets_gradients_between_calls():
     assert calls and all(g is None for g in calls)
 
 
-@NO_CUDA
+@pytest.mark.cuda
 def test_graph_replay_writes_the_gradients_of_a_fresh_backward():
     """A captured forward and backward: each replay recomputes the output and writes (not
     accumulates) the gradients an uncaptured call gives, on new input values."""
@@ -35,9 +36,28 @@ def test_graph_replay_writes_the_gradients_of_a_fresh_backward():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-@NO_CUDA
+@pytest.mark.cuda
 def test_cuda_graph_timing_measures_the_gpu_work():
     a = torch.randn(4096, 4096, device="cuda")
     one = time_closure(lambda: a @ a, torch.device("cuda"), cuda_graph=True)
     four = time_closure(lambda: [a @ a for _ in range(4)], torch.device("cuda"), cuda_graph=True)
     assert 0 < one.median and 3 * one.median < four.median < 5 * one.median
+
+
+@NO_CUDA
+def test_event_clock_advances_by_the_gpu_time_of_timed_calls_cuda():
+    """Read around a timed call, the clock gives that call's CUDA-event time (as do_bench
+    measures it), and host time between calls does not move it."""
+    a = torch.randn(4096, 4096, device="cuda")
+    clock = EventClock()
+    one, four = clock.timed(lambda: a @ a), clock.timed(lambda: [a @ a for _ in range(4)])
+    one()
+    before = clock.now()
+    one()
+    t_one = clock.now() - before
+    time.sleep(0.05)
+    before = clock.now()
+    four()
+    t_four = clock.now() - before
+    reference = time_closure(lambda: a @ a, torch.device("cuda")).median * 1e-3
+    assert 0.5 * reference < t_one < 2 * reference and 3 * t_one < t_four < 5 * t_one

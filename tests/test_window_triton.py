@@ -1,12 +1,9 @@
 """Triton sliding-window attention against the PyTorch reference: output, logsumexp, gradients.
 
-CPU runs need the Triton interpreter (`TRITON_INTERPRET=1` set before Triton is imported);
-without it and without CUDA these tests skip. `python tests/test_window_triton.py` on a GPU
-times window_triton against window_flex (N = 65536, bf16, B=1, H=16, D=64).
+CPU runs use the Triton interpreter; `pytest -m cuda` runs the GPU cases. Timing:
+`benchmarks/window_triton.py`.
 """
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
@@ -14,29 +11,22 @@ import triton
 import triton.language as tl
 
 from harness.registry import Shape, get_variant
+from tests.helpers import DEVICES, rel_err
 from variants.softmax import softmax_reference
 from variants.window import window_reference
 from variants.window_triton import (
-    _key_tile_queries,
-    _query_tile_keys,
+    Tiles,
+    WindowConfig,
+    key_tile_queries,
+    query_tile_keys,
     window_attention_triton,
     window_bwd,
+    window_config,
     window_fwd,
 )
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-NO_CUDA = not torch.cuda.is_available()
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1")),
-    pytest.param("cuda", marks=pytest.mark.skipif(NO_CUDA, reason="needs CUDA")),
-]
 # fp32 runs exact fp32 dots (interpreter and GPU alike); bf16 rounds P and dS to bf16.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    assert torch.isfinite(x).all(), "non-finite values (unwritten or NaN output)"
-    return ((x.double() - ref).norm() / ref.norm()).item()
 
 
 def inputs(shape: tuple[int, ...], dtype: torch.dtype, device: str, seed: int):
@@ -109,9 +99,9 @@ def _probe_tiles(
     else:
         right = bandwidth
     if KEYS:
-        lo, mid_lo, mid_hi, hi = _key_tile_queries(start, n, bandwidth, right, BLOCK_M, BLOCK_N)
+        lo, mid_lo, mid_hi, hi = key_tile_queries(start, n, bandwidth, right, BLOCK_M, BLOCK_N)
     else:
-        lo, mid_lo, mid_hi, hi = _query_tile_keys(start, n, bandwidth, right, BLOCK_M, BLOCK_N)
+        lo, mid_lo, mid_hi, hi = query_tile_keys(start, n, bandwidth, right, BLOCK_M, BLOCK_N)
     tl.store(out_ptr + i, lo)
     tl.store(out_ptr + COUNT + i, mid_lo)
     tl.store(out_ptr + 2 * COUNT + i, mid_hi)
@@ -228,7 +218,7 @@ def test_wide_band_is_full_attention(device, causal, n, bandwidth):
 
 def test_bad_inputs_raise():
     q = torch.randn(1, 1, 8, 48)
-    with pytest.raises(ValueError, match="head dim"):
+    with pytest.raises(ValueError, match="head_dim"):
         window_fwd(q, q, q, 2, False)
     q = torch.randn(1, 1, 8, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match="dtype"):
@@ -259,67 +249,28 @@ def test_registered_factory_runs(device):
     assert rel_err(fn(q, k, v), ref) < 1e-5
 
 
-# ---------------------------------------------------------------------------------------------
-# GPU timing (not a test): python tests/test_window_triton.py
-# ---------------------------------------------------------------------------------------------
-def _time(fn, q, k, v, do, mode: str) -> list[float]:
-    """Median, p20, p80 ms of `fn` forward (no grad) or forward + backward."""
-    if mode == "fwd":
-        with torch.no_grad():
-            return triton.testing.do_bench(lambda: fn(q, k, v), rep=300, quantiles=[0.5, 0.2, 0.8])
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    call = lambda: fn(*leaves).backward(do)  # noqa: E731
-    return triton.testing.do_bench(call, rep=300, grad_to_none=leaves, quantiles=[0.5, 0.2, 0.8])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_registered_callable_observes_its_tiles(causal):
+    """The registered callable reports the tiles its kernels ran with: under the interpreter
+    one small, unequal pair per kernel."""
+    fn = get_variant("window_triton").factory(Shape(1, 1, 40, 16, causal=causal), bandwidth=5)
+    assert fn.observations() == {}
+    q, k, v, _ = inputs((1, 1, 40, 16), torch.float32, "cpu", seed=2)
+    fn(q, k, v)
+    want = "fwd=32x16w4s1 dq=32x16w4s1 dkdv=16x32w4s1"
+    assert fn.observations() == {"launch_config": want}
+    assert str(window_config(q, 5, causal)) == want
 
 
-def _accuracy(q, k, v, do, bandwidth: int, causal: bool) -> list[float]:
-    """rel err of o, dq, dk, dv (bf16 kernels, autotuned configs) against an fp32 reference."""
-    leaves = [t.float().requires_grad_() for t in (q, k, v)]
-    o_ref = window_reference(*leaves, bandwidth, causal)
-    o_ref.backward(do.float())
-    ours = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    o = window_attention_triton(*ours, bandwidth, causal)
+@pytest.mark.parametrize("device", DEVICES)
+def test_given_tiles_give_the_same_results(device):
+    """Tiles passed in (forward, dQ and dK/dV) rather than chosen: same output and gradients."""
+    q, k, v, do = inputs((1, 1, 77, 16), torch.float32, device, seed=5)
+    o_ref, _, *grads_ref = reference(q, k, v, do, 9, False)
+    config = WindowConfig(Tiles(16, 32), Tiles(16, 16), Tiles(32, 16))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    o = window_attention_triton(*leaves, 9, False, config)
     o.backward(do)
-    got, want = (o, *(t.grad for t in ours)), (o_ref, *(t.grad for t in leaves))
-    return [rel_err(a, b.double()) for a, b in zip(got, want)]
-
-
-def bench(n: int = 65536, heads: int = 16, d: int = 64, flex: bool = True) -> None:
-    """window_triton against window_flex (same band mask), bf16, B=1; floor from H100 ceilings."""
-    from variants import window_triton as wt
-    from variants.window import make_window_flex, window_flops
-
-    copy_bps, matmul_fps = 3.0e12, 800e12  # H100 here: d2d copy (read+write), bf16 matmul
-    tensor = heads * n * d * 2
-    rows = []
-    print(f"bf16 B=1 H={heads} N={n} D={d}; do_bench median ms (p20-p80)", flush=True)
-    for bandwidth in (30, 256):
-        for causal in (False, True):
-            shape = Shape(1, heads, n, d, causal=causal, dtype=torch.bfloat16)
-            q, k, v, do = inputs((1, heads, n, d), torch.bfloat16, "cuda", seed=bandwidth + causal)
-            errs = ", ".join(f"{e:.1e}" for e in _accuracy(q, k, v, do, bandwidth, causal))
-            print(f"k={bandwidth} causal={causal}: rel err o, dq, dk, dv = {errs}", flush=True)
-            impls = {"triton": lambda a, b, c: window_attention_triton(a, b, c, bandwidth, causal)}
-            if flex:
-                impls["flex"] = make_window_flex(shape, bandwidth=bandwidth)
-            flops = window_flops(shape, {"bandwidth": bandwidth})
-            # fwd: 2 matmuls, reads q, k, v, writes o; bwd: 5 more, reads q, k, v, o, dO, writes 3.
-            modes = (("fwd", flops, 4 * tensor), ("fwd_bwd", 3.5 * flops, 12 * tensor))
-            for mode, fl, nbytes in modes:
-                floor = max(fl / matmul_fps, nbytes / copy_bps) * 1e3
-                t = {name: _time(fn, q, k, v, do, mode) for name, fn in impls.items()}
-                flex_ms = t.get("flex", [float("nan")])
-                rows.append((bandwidth, causal, mode, t["triton"], flex_ms, floor))
-                print(f"  {mode}", {name: [round(x, 4) for x in ms] for name, ms in t.items()})
-    for name in ("_window_fwd_kernel", "_window_bwd_dq_kernel", "_window_bwd_dkdv_kernel"):
-        print(name, {key[:4]: str(cfg) for key, cfg in getattr(wt, name).cache.items()})
-    print("\nk    causal mode     triton_ms  flex_ms  triton/flex  floor_ms  triton/floor")
-    for bandwidth, causal, mode, t, f, floor in rows:
-        print(
-            f"{bandwidth:<4} {causal!s:6} {mode:8} {t[0]:9.3f} {f[0]:8.3f} {t[0] / f[0]:11.2f}"
-            f" {floor:9.3f} {t[0] / floor:12.2f}"
-        )
-
-
-if __name__ == "__main__":
-    bench()
+    assert rel_err(o, o_ref) < 1e-5
+    for name, leaf, g_ref in zip("qkv", leaves, grads_ref):
+        assert rel_err(leaf.grad, g_ref) < 1e-5, f"d{name}"

@@ -24,7 +24,7 @@ backward 7 (non-causal) or 11 (causal).
 """
 from __future__ import annotations
 
-import functools
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -33,45 +33,90 @@ import triton.language as tl
 
 from harness.registry import Shape, register_variant, triton_devices
 from variants.linear import EPS, FEATURE_MAPS, LINEAR_CHOICES, LINEAR_PARAMS, linear_flops
+from variants.triton_common import (
+    ObservesLaunch,
+    check_qkv,
+    empty,
+    phi_one_grad,
+    sm_count,
+    unsupported_shape,
+)
 
-HEAD_DIMS = (16, 32, 64, 128)
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PHI_IDS = {name: i for i, name in enumerate(FEATURE_MAPS)}  # elu, elu_neg, tanh -> 0, 1, 2
 
+
 # ----------------------------------------------------------------------------------------------
-# Configs. Segments hold `seg_chunks` units of `state.CHUNK` rows; the other kernels' CHUNK (the
-# causal chunk C, the row block of the other sweeps) must divide that unit. Picked from a sweep
-# on an H100 (bf16, B=1, H=16, N=65536, D=64); `_config` shrinks chunks for wide operands.
-# Benchmarks may edit CONFIG.
-CONFIG: dict[str, dict[str, int]] = {
-    "state": {"CHUNK": 64, "num_warps": 4, "num_stages": 3},  # phi(K)^T V per segment
-    "fwd": {"CHUNK": 64, "num_warps": 4, "num_stages": 3},  # non-causal apply
-    "fwd_causal": {"CHUNK": 64, "num_warps": 4, "num_stages": 2},
-    "bwd_dq": {"CHUNK": 64, "num_warps": 4, "num_stages": 2},  # non-causal dq and dS sums
-    "bwd_dkdv": {"CHUNK": 64, "num_warps": 8, "num_stages": 3},  # non-causal dk, dv
-    "bwd_dq_causal": {"CHUNK": 64, "num_warps": 4, "num_stages": 2},  # dq, r, dS sums
-    "bwd_dkdv_causal": {"CHUNK": 64, "num_warps": 4, "num_stages": 2},
-    "programs_per_sm": {"value": 4},  # segments are sized to give about this many programs/SM
-}
+# Configs. Segments hold whole units of `seg_rows` rows; every kernel's chunk (the causal chunk
+# C, the row block of the other sweeps) must divide that unit.
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Rows per chunk and launch options of one kernel."""
+
+    chunk: int
+    num_warps: int
+    num_stages: int
+
+    def launch(self) -> dict:
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    def __str__(self) -> str:
+        return f"{self.chunk}w{self.num_warps}s{self.num_stages}"
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """Every launch choice of the linear-attention kernels for one problem; segments are sized
+    to give about `programs_per_sm` programs per SM."""
+
+    state: Tiles  # phi(K)^T V per segment
+    fwd: Tiles  # non-causal apply
+    fwd_causal: Tiles
+    bwd_dq: Tiles  # non-causal dq and dS sums
+    bwd_dkdv: Tiles  # non-causal dk, dv
+    bwd_dq_causal: Tiles  # dq, r, dS sums
+    bwd_dkdv_causal: Tiles
+    sm_count: int
+    programs_per_sm: int = 4
+    seg_rows: int = 64
+
+    def describe(self, causal: bool) -> str:
+        """Compact text of the kernels a call of this causality launches, and the SM count."""
+        kinds = (("state", "fwd_causal", "bwd_dq_causal", "bwd_dkdv_causal") if causal
+                 else ("state", "fwd", "bwd_dq", "bwd_dkdv"))
+        return " ".join(f"{kind}={getattr(self, kind)}" for kind in kinds) + f" sms={self.sm_count}"
+
+
+# Picked from a sweep on an H100 (bf16, B=1, H=16, N=65536, D=64); `linear_config` shrinks the
+# chunks for wide operands.
+_H100_TILES = dict(
+    state=Tiles(64, 4, 3), fwd=Tiles(64, 4, 3), fwd_causal=Tiles(64, 4, 2),
+    bwd_dq=Tiles(64, 4, 2), bwd_dkdv=Tiles(64, 8, 3), bwd_dq_causal=Tiles(64, 4, 2),
+    bwd_dkdv_causal=Tiles(64, 4, 2),
+)
+
+
+def _narrowed(tiles: Tiles, width: int) -> Tiles:
+    """Wide operand tiles (D=128 in bf16, D>=64 in fp32) shrink the chunk and pipeline depth and
+    take 8 warps, so that shared memory fits (H100: 227 KB per block) and spills stay moderate."""
+    chunk, warps, stages = tiles.chunk, tiles.num_warps, tiles.num_stages
+    if width >= 2:
+        chunk, stages, warps = min(chunk, 32), min(stages, 2), max(warps, 8)
+    if width >= 4:
+        chunk, stages = min(chunk, 16), 1
+    return Tiles(chunk, warps, stages)
+
+
+def linear_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> LinearConfig:
+    """The launch config for `head_dim` and the inputs' `dtype` on `device`."""
+    width = head_dim * (2 if dtype == torch.bfloat16 else 4) // 128  # row bytes / bf16 D=64's
+    tiles = {kind: _narrowed(t, width) for kind, t in _H100_TILES.items()}
+    return LinearConfig(**tiles, sm_count=sm_count(device))
 
 
 # ----------------------------------------------------------------------------------------------
 # Kernels. Row tiles are masked at N: padded rows get phi = 0 so they add nothing to states.
-
-
-@triton.jit
-def _phi(x, PHI: tl.constexpr):
-    # [rows, D] fp32 -> (phi(x), phi'(x)); tanh(x) + 1 is written as 2 sigmoid(2x) (no tanh op
-    # in the interpreter, and it never overflows).
-    if PHI == 0:  # elu(x) + 1
-        e = tl.exp(tl.minimum(x, 0.0))
-        return tl.where(x > 0, x + 1.0, e), tl.where(x > 0, 1.0, e)
-    elif PHI == 1:  # elu(-x) + 1
-        e = tl.exp(tl.minimum(-x, 0.0))
-        return tl.where(x < 0, 1.0 - x, e), tl.where(x < 0, -1.0, -e)
-    else:  # tanh(x) + 1
-        p = 2.0 / (1.0 + tl.exp(-2.0 * x))
-        return p, p * (2.0 - p)
 
 
 @triton.jit
@@ -116,7 +161,7 @@ def _linear_state_kernel(
         # [CHUNK, D]
         k = tl.load(K + tile, mask=valid[:, None], other=0.0).to(tl.float32)
         v = tl.load(V + tile, mask=valid[:, None], other=0.0)
-        fk, _ = _phi(k, PHI)
+        fk, _ = phi_one_grad(k, PHI)
         fk = tl.where(valid[:, None], fk, 0.0)
         acc += _dot(tl.trans(fk), v, LOWP, PREC)
         z += tl.sum(fk, 0)
@@ -154,7 +199,7 @@ def _linear_fwd_kernel(
         tile = rows[:, None] * D + offs_d[None, :]
         # [BLOCK_M, D]
         q = tl.load(Q + tile, mask=valid[:, None], other=0.0).to(tl.float32)
-        fq, _ = _phi(q, PHI)
+        fq, _ = phi_one_grad(q, PHI)
         num = _dot(fq, s, LOWP, PREC)
         den = tl.sum(fq * z[None, :], 1) + eps
         tl.store(O + tile, (num / den[:, None]).to(O.dtype.element_ty), mask=valid[:, None])
@@ -202,8 +247,8 @@ def _linear_fwd_causal_kernel(
         k = tl.load(K + tile, mask=valid[:, None], other=0.0).to(tl.float32)
         # [CHUNK, BLOCK_V]
         v = tl.load(V + vtile, mask=valid[:, None], other=0.0)
-        fq, _ = _phi(q, PHI)
-        fk, _ = _phi(k, PHI)
+        fq, _ = phi_one_grad(q, PHI)
+        fk, _ = phi_one_grad(k, PHI)
         fk = tl.where(valid[:, None], fk, 0.0)
         # [CHUNK, CHUNK]
         a = tl.where(causal, _dot(fq, tl.trans(fk), LOWP, PREC), 0.0)
@@ -253,7 +298,7 @@ def _linear_bwd_dq_kernel(
         # [CHUNK, D]
         q = tl.load(Q + tile, mask=valid[:, None], other=0.0).to(tl.float32)
         do = tl.load(DO + tile, mask=valid[:, None], other=0.0).to(tl.float32)
-        fq, dphi = _phi(q, PHI)
+        fq, dphi = phi_one_grad(q, PHI)
         fq = tl.where(valid[:, None], fq, 0.0)
         # [CHUNK]
         den = tl.sum(fq * z[None, :], 1) + eps
@@ -306,7 +351,7 @@ def _linear_bwd_dkdv_kernel(
         # [BLOCK_M, D]
         k = tl.load(K + tile, mask=valid[:, None], other=0.0).to(tl.float32)
         v = tl.load(V + tile, mask=valid[:, None], other=0.0)
-        fk, dphi = _phi(k, PHI)
+        fk, dphi = phi_one_grad(k, PHI)
         if PART != 2:
             dfk = _dot(v, ds_t, LOWP, PREC) + dz[None, :]
             tl.store(DK + tile, (dfk * dphi).to(DK.dtype.element_ty), mask=valid[:, None])
@@ -366,8 +411,8 @@ def _linear_bwd_dq_causal_kernel(
         do = tl.load(DO + tile, mask=valid[:, None], other=0.0).to(tl.float32)
         # [CHUNK]
         den = tl.load(DEN + rows, mask=valid, other=1.0)
-        fk = tl.where(valid[:, None], _phi(k.to(tl.float32), PHI)[0], 0.0)
-        fq, dphi = _phi(q, PHI)
+        fk = tl.where(valid[:, None], phi_one_grad(k.to(tl.float32), PHI)[0], 0.0)
+        fq, dphi = phi_one_grad(q, PHI)
         fq = tl.where(valid[:, None], fq, 0.0)
         g = do / den[:, None]
         # [CHUNK, D]
@@ -423,8 +468,8 @@ def _linear_bwd_dkdv_causal_kernel(
         # [CHUNK]
         den = tl.load(DEN + rows, mask=valid, other=1.0)
         r = tl.load(R + rows, mask=valid, other=0.0)
-        fk, dphi = _phi(k, PHI)
-        fq = tl.where(valid[:, None], _phi(q, PHI)[0], 0.0)
+        fk, dphi = phi_one_grad(k, PHI)
+        fq = tl.where(valid[:, None], phi_one_grad(q, PHI)[0], 0.0)
         g = do / den[:, None]
         # [CHUNK, CHUNK] masked scores and their gradient
         a = tl.where(causal, _dot(fq, tl.trans(fk), LOWP, PREC), 0.0)
@@ -456,39 +501,17 @@ class LinearSaved(NamedTuple):
     seg_len: int  # rows per segment
 
 
-def _empty(shape, dtype, device) -> torch.Tensor:
-    """Every buffer the kernels fill comes from here (tests poison it with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+def _seg_chunks(n_chunks: int, bh: int, cfg: LinearConfig) -> int:
+    """Segment units per segment so that about `programs_per_sm` programs run per SM."""
+    return max(1, triton.cdiv(n_chunks * bh, cfg.programs_per_sm * cfg.sm_count))
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _seg_chunks(n_chunks: int, bh: int, device: torch.device) -> int:
-    """Chunks per segment so that about `programs_per_sm` programs run per SM."""
-    sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
-    target = CONFIG["programs_per_sm"]["value"] * sms
-    return max(1, triton.cdiv(n_chunks * bh, target))
-
-
-def _config(name: str, d: int, lowp: bool, seg_len: int) -> dict[str, int]:
-    """CONFIG[name] for this head dim and operand type, chunk checked against the segments.
-
-    Wide operand tiles (D=128 in bf16, D>=64 in fp32) shrink the chunk and pipeline depth and
-    take 8 warps, so that shared memory fits (H100: 227 KB per block) and spills stay moderate.
-    """
-    cfg = dict(CONFIG[name])
-    width = d * (2 if lowp else 4) // 128  # operand row bytes over those of bf16 at D=64
-    if width >= 2:
-        cfg["CHUNK"], cfg["num_stages"] = min(cfg["CHUNK"], 32), min(cfg["num_stages"], 2)
-        cfg["num_warps"] = max(cfg["num_warps"], 8)
-    if width >= 4:
-        cfg["CHUNK"], cfg["num_stages"] = min(cfg["CHUNK"], 16), 1
-    if seg_len % cfg["CHUNK"]:  # a chunk must not straddle two segments
-        raise ValueError(f"{name} CHUNK {cfg['CHUNK']} must divide the segment length {seg_len}")
-    return cfg
+def _tiles(cfg: LinearConfig, name: str, seg_len: int) -> Tiles:
+    """`name`'s tiles, its chunk checked against the segments."""
+    tiles = getattr(cfg, name)
+    if seg_len % tiles.chunk:  # a chunk must not straddle two segments
+        raise ValueError(f"{name} chunk {tiles.chunk} must divide the segment length {seg_len}")
+    return tiles
 
 
 def _precisions(q: torch.Tensor) -> tuple[bool, str]:
@@ -507,13 +530,7 @@ def _precisions(q: torch.Tensor) -> tuple[bool, str]:
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str) -> None:
-    if not (q.shape == k.shape == v.shape) or q.dim() != 4:
-        shapes = ", ".join(str(tuple(t.shape)) for t in (q, k, v))
-        raise ValueError(f"q, k, v must share one [B, H, N, D] shape; got {shapes}")
-    if q.shape[-1] not in HEAD_DIMS:
-        raise ValueError(f"linear_triton needs head_dim in {HEAD_DIMS}, got {q.shape[-1]}")
-    if q.dtype not in DTYPES or not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"linear_triton needs fp16/bf16/fp32 inputs of one dtype, got {q.dtype}")
+    check_qkv("linear_triton", q, k, v)
     if feature_map not in PHI_IDS:
         raise ValueError(f"unknown feature_map '{feature_map}'; valid: {', '.join(PHI_IDS)}")
 
@@ -528,6 +545,7 @@ def linear_fwd(
     *,
     save: bool = True,
     seg_chunks: int | None = None,
+    config: LinearConfig | None = None,
 ) -> tuple[torch.Tensor, LinearSaved]:
     """Linear-attention forward (Triton).
 
@@ -537,7 +555,8 @@ def linear_fwd(
         feature_map: `elu` (elu+1, default), `elu_neg` (elu(-x)+1) or `tanh` (tanh+1).
         eps: added to the normalizer.
         save: keep what the backward needs (causal: the `[B*H, N]` normalizers).
-        seg_chunks: chunks per segment (default: sized from the SM count).
+        seg_chunks: segment units per segment (default: sized from the SM count).
+        config: launch config (default `linear_config(D, q.dtype, q.device)`).
 
     Returns:
         `o` `[B, H, N, D]` in q's dtype, and the `LinearSaved` for `linear_bwd`.
@@ -547,37 +566,37 @@ def linear_fwd(
     b, h, n, d = q.shape
     bh, dev, phi = b * h, q.device, PHI_IDS[feature_map]
     lowp, prec = _precisions(q)
-    chunk = CONFIG["state"]["CHUNK"]
-    seg_chunks = seg_chunks or _seg_chunks(triton.cdiv(n, chunk), bh, dev)
-    seg_len = seg_chunks * chunk
+    cfg = config or linear_config(d, q.dtype, dev)
+    seg_chunks = seg_chunks or _seg_chunks(triton.cdiv(n, cfg.seg_rows), bh, cfg)
+    seg_len = seg_chunks * cfg.seg_rows
     nseg = triton.cdiv(n, seg_len)
-    seg_s = _empty((bh, nseg, d, d), torch.float32, dev)
-    seg_z = _empty((bh, nseg, d), torch.float32, dev)
-    cfg = _config("state", d, lowp, seg_len)
+    seg_s = empty((bh, nseg, d, d), torch.float32, dev)
+    seg_z = empty((bh, nseg, d), torch.float32, dev)
+    tiles = _tiles(cfg, "state", seg_len)
     _linear_state_kernel[(bh, nseg)](
-        k, v, seg_s, seg_z, n, seg_len, PHI=phi, D=d, CHUNK=cfg["CHUNK"], LOWP=lowp, PREC=prec,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        k, v, seg_s, seg_z, n, seg_len, PHI=phi, D=d, CHUNK=tiles.chunk, LOWP=lowp, PREC=prec,
+        **tiles.launch(),
     )  # fmt: skip
-    o = _empty(q.shape, q.dtype, dev)
+    o = empty(q.shape, q.dtype, dev)
     if not causal:
         state = seg_s.sum(1).to(torch.bfloat16 if lowp else torch.float32)
         z = seg_z.sum(1)
-        cfg = _config("fwd", d, lowp, seg_len)
+        tiles = _tiles(cfg, "fwd", seg_len)
         _linear_fwd_kernel[(bh, nseg)](
             q, o, state, z, n, seg_len, eps,
-            PHI=phi, D=d, BLOCK_M=cfg["CHUNK"], LOWP=lowp, PREC=prec,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            PHI=phi, D=d, BLOCK_M=tiles.chunk, LOWP=lowp, PREC=prec,
+            **tiles.launch(),
         )  # fmt: skip
         return o, LinearSaved(state, z, None, seg_len)
     # Exclusive prefix over segments: the state each segment inherits (kept for the backward).
     s_excl, z_excl = seg_s.cumsum(1) - seg_s, seg_z.cumsum(1) - seg_z
-    den = _empty((bh, n), torch.float32, dev) if save else o  # o: a placeholder never written
-    cfg = _config("fwd_causal", d, lowp, seg_len)
+    den = empty((bh, n), torch.float32, dev) if save else o  # o: a placeholder never written
+    tiles = _tiles(cfg, "fwd_causal", seg_len)
     block_v = min(d, 64)
     _linear_fwd_causal_kernel[(bh, nseg, d // block_v)](
         q, k, v, o, den, s_excl, z_excl, n, seg_len, eps,
-        PHI=phi, D=d, BLOCK_V=block_v, CHUNK=cfg["CHUNK"], STORE_DEN=save, LOWP=lowp,
-        PREC=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PHI=phi, D=d, BLOCK_V=block_v, CHUNK=tiles.chunk, STORE_DEN=save, LOWP=lowp,
+        PREC=prec, **tiles.launch(),
     )  # fmt: skip
     return o, LinearSaved(s_excl, z_excl, den if save else None, seg_len)
 
@@ -591,6 +610,7 @@ def linear_bwd(
     causal: bool,
     feature_map: str = "elu",
     eps: float = EPS,
+    config: LinearConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Linear-attention backward (Triton), through phi and the normalizer.
 
@@ -598,7 +618,7 @@ def linear_bwd(
         q, k, v: the forward's inputs, `[B, H, N, D]`.
         saved: the forward's `LinearSaved` (made with `save=True`).
         do: gradient of the output, `[B, H, N, D]`.
-        causal, feature_map, eps: as in the forward.
+        causal, feature_map, eps, config: as in the forward.
 
     Returns:
         dq, dk, dv in q's dtype.
@@ -610,44 +630,45 @@ def linear_bwd(
     b, h, n, d = q.shape
     bh, dev, phi = b * h, q.device, PHI_IDS[feature_map]
     lowp, prec = _precisions(q)
+    cfg = config or linear_config(d, q.dtype, dev)
     seg_len = saved.seg_len
     nseg = triton.cdiv(n, seg_len)
-    seg_ds = _empty((bh, nseg, d, d), torch.float32, dev)
-    seg_dz = _empty((bh, nseg, d), torch.float32, dev)
-    dq, dk, dv = (_empty(q.shape, q.dtype, dev) for _ in range(3))
+    seg_ds = empty((bh, nseg, d, d), torch.float32, dev)
+    seg_dz = empty((bh, nseg, d), torch.float32, dev)
+    dq, dk, dv = (empty(q.shape, q.dtype, dev) for _ in range(3))
     if not causal:
-        cfg = _config("bwd_dq", d, lowp, seg_len)
+        tiles = _tiles(cfg, "bwd_dq", seg_len)
         _linear_bwd_dq_kernel[(bh, nseg)](
             q, do, saved.state, saved.z, dq, seg_ds, seg_dz, n, seg_len, eps,
-            PHI=phi, D=d, CHUNK=cfg["CHUNK"], LOWP=lowp, PREC=prec,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            PHI=phi, D=d, CHUNK=tiles.chunk, LOWP=lowp, PREC=prec,
+            **tiles.launch(),
         )  # fmt: skip
         ds = seg_ds.sum(1).to(torch.bfloat16 if lowp else torch.float32)
         dz = seg_dz.sum(1)
-        cfg = _config("bwd_dkdv", d, lowp, seg_len)
+        tiles = _tiles(cfg, "bwd_dkdv", seg_len)
         wide = d * (2 if lowp else 4) >= 512  # fp32 operands at D=128
         for part in (1, 2) if wide else (0,):
             _linear_bwd_dkdv_kernel[(bh, nseg)](
                 k, v, dk, dv, ds, dz, n, seg_len,
-                PHI=phi, D=d, BLOCK_M=cfg["CHUNK"], LOWP=lowp, PREC=prec, PART=part,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                PHI=phi, D=d, BLOCK_M=tiles.chunk, LOWP=lowp, PREC=prec, PART=part,
+                **tiles.launch(),
             )  # fmt: skip
         return dq, dk, dv
-    r = _empty((bh, n), torch.float32, dev)
-    cfg = _config("bwd_dq_causal", d, lowp, seg_len)
+    r = empty((bh, n), torch.float32, dev)
+    tiles = _tiles(cfg, "bwd_dq_causal", seg_len)
     _linear_bwd_dq_causal_kernel[(bh, nseg)](
         q, k, v, do, saved.den, r, saved.state, saved.z, dq, seg_ds, seg_dz, n, seg_len,
-        PHI=phi, D=d, CHUNK=cfg["CHUNK"], LOWP=lowp, PREC=prec,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PHI=phi, D=d, CHUNK=tiles.chunk, LOWP=lowp, PREC=prec,
+        **tiles.launch(),
     )  # fmt: skip
     # Sums over the queries of all later segments (exclusive suffix).
     ds_incl, dz_incl = seg_ds.cumsum(1), seg_dz.cumsum(1)
     ds_after, dz_after = ds_incl[:, -1:] - ds_incl, dz_incl[:, -1:] - dz_incl
-    cfg = _config("bwd_dkdv_causal", d, lowp, seg_len)
+    tiles = _tiles(cfg, "bwd_dkdv_causal", seg_len)
     _linear_bwd_dkdv_causal_kernel[(bh, nseg)](
         q, k, v, do, saved.den, r, ds_after, dz_after, dk, dv, n, seg_len,
-        PHI=phi, D=d, CHUNK=cfg["CHUNK"], LOWP=lowp, PREC=prec,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PHI=phi, D=d, CHUNK=tiles.chunk, LOWP=lowp, PREC=prec,
+        **tiles.launch(),
     )  # fmt: skip
     return dq, dk, dv
 
@@ -660,19 +681,22 @@ class LinearAttentionFunction(torch.autograd.Function):
     """Autograd wrapper around `linear_fwd` / `linear_bwd`."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, feature_map: str, eps: float):
+    def forward(ctx, q, k, v, causal: bool, feature_map: str, eps: float,
+                config: LinearConfig | None = None):
         save = any(ctx.needs_input_grad[:3])
-        o, saved = linear_fwd(q, k, v, causal, feature_map, eps, save=save)
+        o, saved = linear_fwd(q, k, v, causal, feature_map, eps, save=save, config=config)
         ctx.save_for_backward(q, k, v, saved.state, saved.z, saved.den)
         ctx.seg_len, ctx.causal, ctx.feature_map, ctx.eps = saved.seg_len, causal, feature_map, eps
+        ctx.config = config
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, state, z, den = ctx.saved_tensors
         saved = LinearSaved(state, z, den, ctx.seg_len)
-        dq, dk, dv = linear_bwd(q, k, v, saved, do, ctx.causal, ctx.feature_map, ctx.eps)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = linear_bwd(q, k, v, saved, do, ctx.causal, ctx.feature_map, ctx.eps,
+                                config=ctx.config)
+        return dq, dk, dv, None, None, None, None
 
 
 def linear_attention_triton(
@@ -682,6 +706,7 @@ def linear_attention_triton(
     causal: bool,
     feature_map: str = "elu",
     eps: float = EPS,
+    config: LinearConfig | None = None,
 ) -> torch.Tensor:
     """Linear attention `phi(q_i)^T S_i / (phi(q_i)^T z_i + eps)`, Triton, differentiable.
 
@@ -691,11 +716,25 @@ def linear_attention_triton(
         causal: keys `j <= i` only (chunked two-level scan) instead of all keys.
         feature_map: `elu` (default, elu+1), `elu_neg` (elu(-x)+1) or `tanh` (tanh+1).
         eps: added to the normalizer (default 1e-6).
+        config: launch config (default `linear_config(D, q.dtype, q.device)`).
 
     Returns:
         `o` `[B, H, N, D]` in q's dtype.
     """
-    return LinearAttentionFunction.apply(q, k, v, causal, feature_map, eps)
+    return LinearAttentionFunction.apply(q, k, v, causal, feature_map, eps, config)
+
+
+class LinearTriton(ObservesLaunch):
+    """The registered callable: linear attention of one feature map and causality, reporting
+    the launch config it used."""
+
+    def __init__(self, causal: bool, feature_map: str):
+        self.causal, self.feature_map = causal, feature_map
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        config = linear_config(q.shape[-1], q.dtype, q.device)
+        self.last_launch = config.describe(self.causal)
+        return linear_attention_triton(q, k, v, self.causal, self.feature_map, config=config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -704,11 +743,7 @@ def linear_attention_triton(
 
 def check_linear_triton(shape: Shape, params: dict) -> str | None:
     """Head dims and dtypes the kernels take."""
-    if shape.head_dim not in HEAD_DIMS:
-        return f"linear_triton needs head_dim in {HEAD_DIMS}, got {shape.head_dim}"
-    if shape.dtype not in DTYPES:
-        return f"linear_triton takes fp16/bf16/fp32, not {shape.dtype}"
-    return None
+    return unsupported_shape("linear_triton", shape)
 
 
 @register_variant(
@@ -724,4 +759,4 @@ def check_linear_triton(shape: Shape, params: dict) -> str | None:
 )
 def make_linear_triton(shape: Shape, feature_map: str):
     """Linear attention in Triton: segment-parallel state reduction, chunked causal scan."""
-    return functools.partial(linear_attention_triton, causal=shape.causal, feature_map=feature_map)
+    return LinearTriton(shape.causal, feature_map)

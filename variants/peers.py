@@ -1,9 +1,11 @@
 """Optional external peers: fla (linear), flash-attn and xformers (softmax and window).
 
-Each is detected at run time: `requires` names the package (missing: a `skipped` row), and
-`available` tries one tiny CUDA call, so a package that imports but cannot run (built for
-another torch or CUDA, too old a GPU) gives a one-line reason instead of a crash. Nothing
-here imports the packages at module import.
+Each is detected at run time: a missing package is a `skipped` row, and `available` tries
+one tiny CUDA call, so a package that imports but cannot run (too old a GPU, a broken build)
+gives a one-line reason instead of a crash. flash-attn is flash-attn-4 (`flash_attn.cute`)
+when installed, else flash-attn 2; the rows name the one that ran (`backend_ran`). An
+xformers built for another torch or CUDA (its shipped build record says which) is not run:
+its reason names both versions. Nothing here imports the packages at module import.
 
 All three take `[B, N, H, D]` tensors while variants receive `[B, H, N, D]`: the callables
 transpose inside, so the timed call includes the layout work (flash-attn and xformers take the
@@ -12,7 +14,12 @@ strided view as is; for fla the callable makes contiguous copies, as fla would i
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -112,19 +119,97 @@ def make_linear_fla(shape: Shape, feature_map: str):
 
 
 # ----------------------------------------------------------------------------------------------
-# flash-attn: flash_attn_func, dense or with a (left, right) window.
+# flash-attn: flash-attn-4 (CuTe DSL, `flash_attn.cute`) when installed, else flash-attn 2.
+
+
+@dataclass(frozen=True)
+class FlashAttn:
+    """One installed flash-attn: its distribution name and version, and its attention call.
+
+    `attend(q, k, v, causal, window)` takes `[B, N, H, D]` tensors and a `(left, right)` window
+    (`(-1, -1)`: no window) and returns `o` in the same layout.
+    """
+
+    package: str
+    attend: Callable
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "(version unknown)"
+
+
+def _has_module(name: str) -> bool:
+    """Whether module `name` is installed. Finding a submodule imports its package: a package
+    that is there but fails to import counts as installed (its probe then says why)."""
+    if importlib.util.find_spec(name.partition(".")[0]) is None:
+        return False
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+    except Exception:  # noqa: BLE001 - the package's own import failed
+        return True
+
+
+def _flash_attn_4() -> FlashAttn:
+    from flash_attn.cute import flash_attn_func
+
+    def attend(q, k, v, causal, window):
+        out, _lse = flash_attn_func(q, k, v, causal=causal, window_size=window)
+        return out
+
+    return FlashAttn(f"flash-attn-4 {_version('flash-attn-4')}", attend)
+
+
+def _flash_attn_2() -> FlashAttn:
+    from flash_attn import flash_attn_func
+
+    def attend(q, k, v, causal, window):
+        return flash_attn_func(q, k, v, causal=causal, window_size=window)
+
+    return FlashAttn(f"flash-attn {_version('flash-attn')}", attend)
+
+
+# (module that marks it installed, name, builder), tried in this order: the first whose tiny
+# CUDA call works is the one measured.
+FLASH_ATTN_BUILDS = (
+    ("flash_attn.cute", "flash-attn-4", _flash_attn_4),
+    ("flash_attn.flash_attn_interface", "flash-attn 2", _flash_attn_2),
+)
+FLASH_ATTN_MISSING = "neither flash-attn-4 (flash_attn.cute) nor flash-attn 2 is installed"
 
 
 @functools.cache
+def flash_attn_build(device: torch.device) -> FlashAttn | str:
+    """The flash-attn that runs on this GPU (flash-attn-4 first), else a one-line reason."""
+    installed = [(name, make) for module, name, make in FLASH_ATTN_BUILDS if _has_module(module)]
+    if not installed:
+        return FLASH_ATTN_MISSING
+    if not torch.cuda.is_available():
+        return "flash-attn needs CUDA"
+    reasons = []
+    for name, make in installed:
+        found: list[FlashAttn] = []
+
+        def call(make=make, found=found):
+            build = make()
+            build.attend(*_tiny(), True, (-1, -1))
+            found.append(build)
+
+        reason = _probe(name, call)
+        if reason is None:
+            return found[0]
+        reasons.append(reason)
+    return "; ".join(dict.fromkeys(reasons))
+
+
 def flash_attn_available(device: torch.device) -> str | None:
-    """None when flash_attn_func runs on this GPU, else a one-line reason."""
-
-    def call():
-        from flash_attn import flash_attn_func
-
-        flash_attn_func(*_tiny(), causal=True)
-
-    return _probe("flash-attn", call)
+    """None when a flash-attn runs on this GPU, else a one-line reason."""
+    build = flash_attn_build(device)
+    return build if isinstance(build, str) else None
 
 
 def check_flash(shape: Shape, params: dict) -> str | None:
@@ -133,31 +218,37 @@ def check_flash(shape: Shape, params: dict) -> str | None:
     return check_half(shape, params)
 
 
-def make_flash(causal: bool, window: tuple[int, int]):
-    """flash_attn_func on `[B, N, H, D]` views of the inputs (no copy: last dim is unit-stride)."""
-    from flash_attn import flash_attn_func
+class FlashAttention:
+    """flash-attn on `[B, N, H, D]` views of the inputs (no copy: the last dim is unit-stride);
+    `detect_backend` names the flash-attn package and version that ran."""
 
-    def attend(q, k, v):
+    def __init__(self, causal: bool, window: tuple[int, int]):
+        reason = flash_attn_available(torch.device("cuda"))
+        if reason:
+            raise RuntimeError(reason)
+        self.build = flash_attn_build(torch.device("cuda"))
+        self.causal, self.window = causal, window
+
+    def __call__(self, q, k, v):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        o = flash_attn_func(q, k, v, causal=causal, window_size=window)
-        return o.transpose(1, 2)
+        return self.build.attend(q, k, v, self.causal, self.window).transpose(1, 2)
 
-    return attend
+    def detect_backend(self, q, k, v) -> str:
+        return self.build.package
 
 
 @register_variant(
     "softmax_flash_attn",
     family="softmax",
     devices=("cuda",),
-    requires=("flash_attn",),
     available=flash_attn_available,
     check=check_flash,
     reference="softmax_naive",
     flops=softmax_flops,
 )
 def make_softmax_flash_attn(shape: Shape):
-    """flash-attn's flash_attn_func (FlashAttention-2), dense or causal."""
-    return make_flash(shape.causal, (-1, -1))
+    """flash-attn's flash_attn_func (flash-attn-4, else FlashAttention-2), dense or causal."""
+    return FlashAttention(shape.causal, (-1, -1))
 
 
 def check_flash_window(shape: Shape, params: dict) -> str | None:
@@ -170,7 +261,6 @@ def check_flash_window(shape: Shape, params: dict) -> str | None:
     params=WINDOW_PARAMS,
     short=WINDOW_SHORT,
     devices=("cuda",),
-    requires=("flash_attn",),
     available=flash_attn_available,
     check=check_flash_window,
     reference="window",
@@ -178,16 +268,45 @@ def check_flash_window(shape: Shape, params: dict) -> str | None:
 )
 def make_window_flash_attn(shape: Shape, bandwidth: int):
     """flash-attn with window_size=(k, k), or (k, 0) causal: keys |i - j| <= k."""
-    return make_flash(shape.causal, (bandwidth, 0 if shape.causal else bandwidth))
+    return FlashAttention(shape.causal, (bandwidth, 0 if shape.causal else bandwidth))
 
 
 # ----------------------------------------------------------------------------------------------
 # xformers: memory_efficient_attention, with a causal or local (banded) bias.
 
 
+def xformers_build_mismatch() -> str | None:
+    """Why the installed xformers was built for another PyTorch, read from the build record
+    it ships (`xformers/cpp_lib.json`: the torch and CUDA versions of its build), or None when
+    they match this torch (or the package ships no such record)."""
+    spec = importlib.util.find_spec("xformers")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    record = Path(next(iter(spec.submodule_search_locations))) / "cpp_lib.json"
+    try:
+        built = json.loads(record.read_text())["version"]
+        built_torch, code = str(built["torch"]), built.get("cuda")
+        # CUDA as major * 100 + minor (1208: 12.8), as xformers writes it.
+        built_cuda = None if code is None else f"{int(code) // 100}.{int(code) % 100}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    ours_cuda = torch.version.cuda
+    same_torch = built_torch.split("+")[0] == torch.__version__.split("+")[0]
+    same_cuda = built_cuda is None or ours_cuda is None or built_cuda == ours_cuda
+    if same_torch and same_cuda:
+        return None
+    return (f"xformers {_version('xformers')} is built for torch {built_torch}"
+            f"{f', CUDA {built_cuda}' if built_cuda else ''}; this is torch {torch.__version__}"
+            f"{f', CUDA {ours_cuda}' if ours_cuda else ''}")
+
+
 @functools.cache
 def xformers_available(device: torch.device) -> str | None:
-    """None when memory_efficient_attention runs on this GPU, else a one-line reason."""
+    """None when memory_efficient_attention runs on this GPU, else a one-line reason (first:
+    a build for another torch, which is not run at all)."""
+    mismatch = xformers_build_mismatch()
+    if mismatch:
+        return mismatch
 
     def call():
         import xformers.ops as xops

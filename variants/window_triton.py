@@ -13,68 +13,96 @@ Only `o` and the logsumexp (N floats per head) are saved; nothing N x N or N x (
 """
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from harness.registry import Shape, register_variant, triton_devices
+from variants.triton_common import (
+    LN2_C,
+    LOG2E,
+    LOG2E_C,
+    ObservesLaunch,
+    check_qkv,
+    chosen,
+    dot,
+    empty,
+    fastest,
+    unsupported_shape,
+)
 from variants.window import WINDOW_PARAMS, WINDOW_SHORT, check_bandwidth, window_flops
 
-HEAD_DIMS = (16, 32, 64, 128)
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-LOG2E = 1.4426950408889634
-# The kernels work in log2 units (exp2 is the native instruction); lse is stored in natural log.
-_LOG2E = tl.constexpr(LOG2E)
-_LN2 = tl.constexpr(0.6931471805599453)
 
 # ---------------------------------------------------------------------------------------------
-# Configs. Small lists: every config is compiled once per (dtype, D, causal) and benchmarked once
-# per autotune key. Under the interpreter one small, unequal tile pair exercises every edge case.
+# Configs. On a GPU each kernel takes the fastest of a few tile candidates, timed once per
+# problem (N, D, k, causal, dtype): small k wants short tiles (less band waste), large k long
+# ones (more reuse per loaded tile); dK/dV keeps its key tile resident, so its query tiles are
+# the short side. The interpreter takes one small, unequal tile pair that exercises every edge.
 # ---------------------------------------------------------------------------------------------
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+@dataclass(frozen=True)
+class Tiles:
+    """Tile sizes and launch options of one kernel."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def launch(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.num_warps,
+                    num_stages=self.num_stages)
+
+    def __str__(self) -> str:
+        return f"{self.block_m}x{self.block_n}w{self.num_warps}s{self.num_stages}"
 
 
-def _autotune_bench(fn, quantiles):
-    # Shorter than do_bench's defaults (25 + 100 ms a config): a new (N, k) retunes three kernels.
-    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+@dataclass(frozen=True)
+class WindowConfig:
+    """The tiles of the forward, dQ and dK/dV kernels (None: not chosen yet)."""
+
+    fwd: Tiles | None
+    dq: Tiles | None
+    dkdv: Tiles | None
+
+    def __str__(self) -> str:
+        return " ".join(f"{kind}={getattr(self, kind) or '-'}" for kind in ("fwd", "dq", "dkdv"))
 
 
-def _configs(tiles: list[tuple[int, ...]], interpret: tuple[int, int]) -> list[triton.Config]:
-    if _INTERPRET:
-        tiles = [(*interpret, 4, 1)]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m, n, w, s in tiles
-    ]
+CANDIDATES = {
+    "fwd": (Tiles(64, 64, 4, 2), Tiles(128, 64, 4, 3), Tiles(128, 128, 8, 3)),
+    "dq": (Tiles(64, 64, 4, 2), Tiles(128, 64, 8, 2)),
+    "dkdv": (Tiles(64, 64, 4, 2), Tiles(32, 64, 4, 2), Tiles(32, 128, 4, 3)),
+}
+INTERPRET_TILES = {"fwd": Tiles(32, 16, 4, 1), "dq": Tiles(32, 16, 4, 1),
+                   "dkdv": Tiles(16, 32, 4, 1)}
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Small k wants short tiles (less band waste), large k
-# long ones (more reuse per loaded tile); dK/dV keeps its key tile resident, so its query tiles
-# are the short side.
-FWD_CONFIGS = _configs([(64, 64, 4, 2), (128, 64, 4, 3), (128, 128, 8, 3)], (32, 16))
-DQ_CONFIGS = _configs([(64, 64, 4, 2), (128, 64, 8, 2)], (32, 16))
-DKDV_CONFIGS = _configs([(64, 64, 4, 2), (32, 64, 4, 2), (32, 128, 4, 3)], (16, 32))
-AUTOTUNE_KEY = ["N", "HEAD_DIM", "bandwidth", "CAUSAL"]
+def _problem(kernel: str, q: torch.Tensor, band: int, causal: bool) -> tuple:
+    return (kernel, *q.shape[-2:], band, bool(causal), q.dtype, q.device)
+
+
+def choose_tiles(kernel: str, q: torch.Tensor, band: int, causal: bool, launch) -> Tiles:
+    """`kernel`'s tiles for this problem: the interpreter's, or on a GPU the fastest candidate
+    as `launch(tiles)` runs it (timed on the first call of a problem, remembered after)."""
+    if q.device.type != "cuda":
+        return INTERPRET_TILES[kernel]
+    return fastest(_problem(kernel, q, band, causal), CANDIDATES[kernel], launch)
+
+
+def window_config(q: torch.Tensor, bandwidth: int, causal: bool) -> WindowConfig:
+    """The tiles each kernel runs with for q's problem (on a GPU: those chosen so far)."""
+    band = _band(q.shape[-2], bandwidth)
+    if q.device.type != "cuda":
+        return WindowConfig(**INTERPRET_TILES)
+    return WindowConfig(*(chosen(_problem(kernel, q, band, causal))
+                          for kernel in ("fwd", "dq", "dkdv")))
 
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
-# The interpreter multiplies bf16 dot operands as raw uint16 bits (triton-lang/triton#11584);
-# there they go to fp32 first, which is what the tensor cores compute from bf16 anyway.
-_UPCAST_DOTS = tl.constexpr(_INTERPRET)
-
-
-@triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr):
-    if _UPCAST_DOTS:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
 @triton.jit
 def _band_split(lo, hi, first_full, last_full, BLOCK: tl.constexpr):
     """Tiles start at lo, lo + BLOCK, ... below hi. Returns (mid_lo, mid_hi): the tiles starting
@@ -88,7 +116,7 @@ def _band_split(lo, hi, first_full, last_full, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _query_tile_keys(m0, N, bandwidth, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def query_tile_keys(m0, N, bandwidth, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key tiles for queries [m0, m0 + BLOCK_M): they start at lo and step BLOCK_N below hi;
     those starting in [mid_lo, mid_hi) lie wholly inside every row's band and below N.
     Elementwise, so tests can probe it on vectors of cases. Returns (lo, mid_lo, mid_hi, hi)."""
@@ -101,7 +129,7 @@ def _query_tile_keys(m0, N, bandwidth, right, BLOCK_M: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
-def _key_tile_queries(n0, N, bandwidth, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def key_tile_queries(n0, N, bandwidth, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Query tiles that see keys [n0, n0 + BLOCK_N) (key j is seen by i in [j - right, j + k]),
     stepping BLOCK_M; those in [mid_lo, mid_hi) need no mask. Returns (lo, mid_lo, mid_hi, hi)."""
     lo = tl.maximum(n0 - right, 0)
@@ -113,7 +141,7 @@ def _key_tile_queries(n0, N, bandwidth, right, BLOCK_M: tl.constexpr, BLOCK_N: t
 
 
 @triton.jit
-def _window_fwd_inner(
+def window_fwd_inner(
     acc, m_i, l_i, q, k_ptr, v_ptr, offs_m, start, stop, N, bandwidth, right, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -132,7 +160,7 @@ def _window_fwd_inner(
             kt = tl.load(k_ptr + k_offs)
             vt = tl.load(v_ptr + v_offs)
         # [BLOCK_M, BLOCK_N], in log2 units
-        qk = _dot(q, tl.trans(kt), None, PRECISION) * qk_scale
+        qk = dot(q, tl.trans(kt), None, PRECISION) * qk_scale
         if MASK:
             rel = offs_n[None, :] - offs_m[:, None]
             inside = (rel >= -bandwidth) & (rel <= right) & (offs_n[None, :] < N)
@@ -143,12 +171,11 @@ def _window_fwd_inner(
         # [BLOCK_M, BLOCK_N]
         p = tl.math.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = _dot(p.to(vt.dtype), vt, acc * alpha[:, None], PRECISION)
+        acc = dot(p.to(vt.dtype), vt, acc * alpha[:, None], PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=AUTOTUNE_KEY, do_bench=_autotune_bench)
 @triton.jit(do_not_specialize=["N", "bandwidth"])
 def _window_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, N, bandwidth, qk_scale,
@@ -175,28 +202,28 @@ def _window_fwd_kernel(
         right = 0
     else:
         right = bandwidth
-    lo, mid_lo, mid_hi, hi = _query_tile_keys(m0, N, bandwidth, right, BLOCK_M, BLOCK_N)
+    lo, mid_lo, mid_hi, hi = query_tile_keys(m0, N, bandwidth, right, BLOCK_M, BLOCK_N)
 
     # [BLOCK_M]
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     # [BLOCK_M, HEAD_DIM]
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    acc, m_i, l_i = _window_fwd_inner(
+    acc, m_i, l_i = window_fwd_inner(
         acc, m_i, l_i, q, k_ptr, v_ptr, offs_m, lo, mid_lo, N, bandwidth, right, qk_scale,
         HEAD_DIM, BLOCK_N, True, PRECISION,
     )
-    acc, m_i, l_i = _window_fwd_inner(
+    acc, m_i, l_i = window_fwd_inner(
         acc, m_i, l_i, q, k_ptr, v_ptr, offs_m, mid_lo, mid_hi, N, bandwidth, right, qk_scale,
         HEAD_DIM, BLOCK_N, False, PRECISION,
     )
-    acc, m_i, l_i = _window_fwd_inner(
+    acc, m_i, l_i = window_fwd_inner(
         acc, m_i, l_i, q, k_ptr, v_ptr, offs_m, mid_hi, hi, N, bandwidth, right, qk_scale,
         HEAD_DIM, BLOCK_N, True, PRECISION,
     )
     acc = acc / l_i[:, None]
     tl.store(o_ptr + qo_offs, acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(lse_ptr + offs_m, (m_i + tl.math.log2(l_i)) * _LN2, mask=row_ok)
+    tl.store(lse_ptr + offs_m, (m_i + tl.math.log2(l_i)) * LN2_C, mask=row_ok)
 
 
 @triton.jit
@@ -216,18 +243,17 @@ def _window_bwd_dq_inner(
             kt = tl.load(k_ptr + kv_offs)
             vt = tl.load(v_ptr + kv_offs)
         # [BLOCK_M, BLOCK_N]
-        p = tl.math.exp2(_dot(q, tl.trans(kt), None, PRECISION) * qk_scale - lse2[:, None])
+        p = tl.math.exp2(dot(q, tl.trans(kt), None, PRECISION) * qk_scale - lse2[:, None])
         if MASK:
             # Keys past N need no mask here: they load as zeros, so ds * k adds exactly 0.
             rel = offs_n[None, :] - offs_m[:, None]
             p = tl.where((rel >= -bandwidth) & (rel <= right), p, 0.0)
-        dp = _dot(do, tl.trans(vt), None, PRECISION)
+        dp = dot(do, tl.trans(vt), None, PRECISION)
         ds = p * (dp - delta[:, None])
-        dq = _dot(ds.to(kt.dtype), kt, dq, PRECISION)
+        dq = dot(ds.to(kt.dtype), kt, dq, PRECISION)
     return dq
 
 
-@triton.autotune(configs=DQ_CONFIGS, key=AUTOTUNE_KEY, do_bench=_autotune_bench)
 @triton.jit(do_not_specialize=["N", "bandwidth"])
 def _window_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
@@ -260,13 +286,13 @@ def _window_bwd_dq_kernel(
     # [BLOCK_M]
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(delta_ptr + offs_m, delta, mask=row_ok)
-    lse2 = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0) * _LOG2E
+    lse2 = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0) * LOG2E_C
 
     if CAUSAL:
         right = 0
     else:
         right = bandwidth
-    lo, mid_lo, mid_hi, hi = _query_tile_keys(m0, N, bandwidth, right, BLOCK_M, BLOCK_N)
+    lo, mid_lo, mid_hi, hi = query_tile_keys(m0, N, bandwidth, right, BLOCK_M, BLOCK_N)
     # [BLOCK_M, HEAD_DIM]
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dq = _window_bwd_dq_inner(
@@ -300,27 +326,26 @@ def _window_bwd_dkdv_inner(
             q = tl.load(q_ptr + qo_offs, mask=row_ok[:, None], other=0.0)
             do = tl.load(do_ptr + qo_offs, mask=row_ok[:, None], other=0.0)
             # [BLOCK_M]
-            lse2 = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0) * _LOG2E
+            lse2 = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0) * LOG2E_C
             delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
         else:
             q = tl.load(q_ptr + qo_offs)
             do = tl.load(do_ptr + qo_offs)
-            lse2 = tl.load(lse_ptr + offs_m) * _LOG2E
+            lse2 = tl.load(lse_ptr + offs_m) * LOG2E_C
             delta = tl.load(delta_ptr + offs_m)
         # [BLOCK_N, BLOCK_M]: the transposed problem, so dK and dV come out row-major.
-        pt = tl.math.exp2(_dot(kt, tl.trans(q), None, PRECISION) * qk_scale - lse2[None, :])
+        pt = tl.math.exp2(dot(kt, tl.trans(q), None, PRECISION) * qk_scale - lse2[None, :])
         if MASK:
             # Rows past N need no mask: q and dO load as zeros there, so they add exactly 0.
             rel = offs_n[:, None] - offs_m[None, :]
             pt = tl.where((rel >= -bandwidth) & (rel <= right), pt, 0.0)
-        dv = _dot(pt.to(do.dtype), do, dv, PRECISION)
-        dpt = _dot(vt, tl.trans(do), None, PRECISION)
+        dv = dot(pt.to(do.dtype), do, dv, PRECISION)
+        dpt = dot(vt, tl.trans(do), None, PRECISION)
         dst = pt * (dpt - delta[None, :])
-        dk = _dot(dst.to(q.dtype), q, dk, PRECISION)
+        dk = dot(dst.to(q.dtype), q, dk, PRECISION)
     return dk, dv
 
 
-@triton.autotune(configs=DKDV_CONFIGS, key=AUTOTUNE_KEY, do_bench=_autotune_bench)
 @triton.jit(do_not_specialize=["N", "bandwidth"])
 def _window_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
@@ -352,7 +377,7 @@ def _window_bwd_dkdv_kernel(
         right = 0
     else:
         right = bandwidth
-    lo, mid_lo, mid_hi, hi = _key_tile_queries(n0, N, bandwidth, right, BLOCK_M, BLOCK_N)
+    lo, mid_lo, mid_hi, hi = key_tile_queries(n0, N, bandwidth, right, BLOCK_M, BLOCK_N)
     # [BLOCK_N, HEAD_DIM]
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -376,33 +401,27 @@ def _window_bwd_dkdv_kernel(
 # Launch wrappers
 # ---------------------------------------------------------------------------------------------
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bandwidth: int) -> None:
-    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(
-            f"q, k, v must share one [B, H, N, D] shape; got {q.shape}, {k.shape}, {v.shape}"
-        )
-    if not q.dtype == k.dtype == v.dtype or q.dtype not in DTYPES:
-        raise ValueError(
-            f"q, k, v must share one dtype of {DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}"
-        )
-    if q.shape[-1] not in HEAD_DIMS:
-        raise ValueError(f"head dim must be one of {HEAD_DIMS}, got {q.shape[-1]}")
+    check_qkv("window_triton", q, k, v)
     if bandwidth < 0:
         raise ValueError(f"bandwidth must be >= 0, got {bandwidth}")
+
+
+def _band(n: int, bandwidth: int) -> int:
+    """The effective k: k >= N is full attention; clamping keeps every index inside int32."""
+    return min(int(bandwidth), max(n - 1, 0))
 
 
 def _launch_args(q: torch.Tensor, bandwidth: int) -> tuple[int, int, int, float, str]:
     """(B*H, N, effective k, qk scale in log2 units, dot precision)."""
     batch, heads, n, d = q.shape
-    # k >= N is full attention; clamping keeps every index well inside int32.
-    band = min(int(bandwidth), max(n - 1, 0))
     # fp32 inputs get exact fp32 dots (no tf32): whoever asks for fp32 wants the accuracy.
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    return batch * heads, n, band, d**-0.5 * LOG2E, precision
+    return batch * heads, n, _band(n, bandwidth), d**-0.5 * LOG2E, precision
 
 
 def _empty_or(out: torch.Tensor | None, like: torch.Tensor, shape, dtype) -> torch.Tensor:
     if out is None:
-        return torch.empty(shape, dtype=dtype, device=like.device)
+        return empty(shape, dtype, like.device)
     if out.shape != torch.Size(shape) or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"out tensor must be contiguous {dtype} of shape {tuple(shape)}")
     return out
@@ -416,6 +435,7 @@ def window_fwd(
     causal: bool,
     *,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    tiles: Tiles | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Banded softmax attention forward.
 
@@ -424,6 +444,7 @@ def window_fwd(
         bandwidth: k >= 0; query i sees keys `|i - j| <= k` (causal `i - k <= j <= i`).
         causal: drop keys after the query.
         out: optional preallocated `(o, lse)` to write into.
+        tiles: the kernel's tiles (default `choose_tiles`).
 
     Returns:
         `o` `[B, H, N, D]` in the input dtype and `lse` `[B, H, N]` fp32, the natural-log
@@ -436,11 +457,14 @@ def window_fwd(
     lse = _empty_or(out[1] if out else None, q, q.shape[:-1], torch.float32)
     if n == 0 or bh == 0:
         return o, lse
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), bh)  # noqa: E731
-    _window_fwd_kernel[grid](
-        q, k, v, o, lse, n, band, qk_scale,
-        HEAD_DIM=q.shape[-1], CAUSAL=bool(causal), PRECISION=precision,
-    )
+
+    def launch(t: Tiles) -> None:
+        _window_fwd_kernel[(triton.cdiv(n, t.block_m), bh)](
+            q, k, v, o, lse, n, band, qk_scale,
+            HEAD_DIM=q.shape[-1], CAUSAL=bool(causal), PRECISION=precision, **t.launch(),
+        )
+
+    launch(tiles or choose_tiles("fwd", q, band, causal, launch))
     return o, lse
 
 
@@ -455,6 +479,7 @@ def window_bwd(
     causal: bool,
     *,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    config: WindowConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Banded softmax attention backward (FlashAttention-2 style, recomputing the scores).
 
@@ -464,6 +489,7 @@ def window_bwd(
         do: `[B, H, N, D]` gradient of the loss with respect to `o`.
         bandwidth, causal: as in `window_fwd`.
         out: optional preallocated `(dq, dk, dv)` to write into.
+        config: the dQ and dK/dV kernels' tiles (a None entry: `choose_tiles`).
 
     Returns:
         `(dq, dk, dv)`, each `[B, H, N, D]` in the input dtype.
@@ -475,16 +501,24 @@ def window_bwd(
     dq, dk, dv = (_empty_or(out[i] if out else None, q, q.shape, q.dtype) for i in range(3))
     if n == 0 or bh == 0:
         return dq, dk, dv
-    delta = torch.empty_like(lse)
+    delta = empty(lse.shape, torch.float32, q.device)
     common = dict(HEAD_DIM=q.shape[-1], CAUSAL=bool(causal), PRECISION=precision)
     sm_scale = q.shape[-1] ** -0.5
+    tiles = config or WindowConfig(None, None, None)
+
     # dQ first: it also writes delta, which the dK/dV kernel reads.
-    _window_bwd_dq_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), bh)](
-        q, k, v, o, do, lse, delta, dq, n, band, qk_scale, sm_scale, **common,
-    )
-    _window_bwd_dkdv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), bh)](
-        q, k, v, do, lse, delta, dk, dv, n, band, qk_scale, sm_scale, **common,
-    )
+    def launch_dq(t: Tiles) -> None:
+        _window_bwd_dq_kernel[(triton.cdiv(n, t.block_m), bh)](
+            q, k, v, o, do, lse, delta, dq, n, band, qk_scale, sm_scale, **common, **t.launch(),
+        )
+
+    def launch_dkdv(t: Tiles) -> None:
+        _window_bwd_dkdv_kernel[(triton.cdiv(n, t.block_n), bh)](
+            q, k, v, do, lse, delta, dk, dv, n, band, qk_scale, sm_scale, **common, **t.launch(),
+        )
+
+    launch_dq(tiles.dq or choose_tiles("dq", q, band, causal, launch_dq))
+    launch_dkdv(tiles.dkdv or choose_tiles("dkdv", q, band, causal, launch_dkdv))
     return dq, dk, dv
 
 
@@ -493,21 +527,22 @@ def window_bwd(
 # ---------------------------------------------------------------------------------------------
 class _WindowAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bandwidth: int, causal: bool):
-        o, lse = window_fwd(q, k, v, bandwidth, causal)
+    def forward(ctx, q, k, v, bandwidth: int, causal: bool, config: WindowConfig | None):
+        o, lse = window_fwd(q, k, v, bandwidth, causal, tiles=config.fwd if config else None)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.bandwidth, ctx.causal = bandwidth, causal
+        ctx.bandwidth, ctx.causal, ctx.config = bandwidth, causal, config
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = window_bwd(q, k, v, o, lse, do, ctx.bandwidth, ctx.causal)
-        return dq, dk, dv, None, None
+        dq, dk, dv = window_bwd(q, k, v, o, lse, do, ctx.bandwidth, ctx.causal, config=ctx.config)
+        return dq, dk, dv, None, None, None
 
 
 def window_attention_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bandwidth: int, causal: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bandwidth: int, causal: bool,
+    config: WindowConfig | None = None,
 ) -> torch.Tensor:
     """Banded softmax attention with Triton forward and backward (differentiable in q, k, v).
 
@@ -515,22 +550,40 @@ def window_attention_triton(
         q, k, v: `[B, H, N, D]`, fp16/bf16/fp32, D in {16, 32, 64, 128}, any N.
         bandwidth: k >= 0 (k >= N is full attention).
         causal: window `i - k <= j <= i` instead of `|i - j| <= k`.
+        config: the kernels' tiles (default, or a None entry: `choose_tiles`).
 
     Returns:
         `o` `[B, H, N, D]` in the input dtype. Saves only `o` and the logsumexp for backward.
     """
-    return _WindowAttention.apply(q, k, v, bandwidth, causal)
+    return _WindowAttention.apply(q, k, v, bandwidth, causal, config)
+
+
+class WindowTriton(ObservesLaunch):
+    """The registered callable: banded attention of one bandwidth and causality, reporting the
+    tiles its kernels ran with."""
+
+    def __init__(self, bandwidth: int, causal: bool):
+        self.bandwidth, self.causal = bandwidth, causal
+        self.problem: torch.Tensor | None = None
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.problem = q.new_empty((0, *q.shape[-2:]))  # N, D, dtype and device; no data
+        return window_attention_triton(q, k, v, self.bandwidth, self.causal)
+
+    @property
+    def last_launch(self) -> str | None:
+        """The tiles of the last call's problem (on a GPU: those chosen by now, the backward's
+        once a backward ran)."""
+        if self.problem is None:
+            return None
+        return str(window_config(self.problem, self.bandwidth, self.causal))
 
 
 # ---------------------------------------------------------------------------------------------
 # Registration
 # ---------------------------------------------------------------------------------------------
 def check_window_triton(shape: Shape, params: dict) -> str | None:
-    if shape.head_dim not in HEAD_DIMS:
-        return f"window_triton needs head_dim in {HEAD_DIMS}, got {shape.head_dim}"
-    if shape.dtype not in DTYPES:
-        return f"window_triton runs fp16/bf16/fp32, not {shape.dtype}"
-    return check_bandwidth(shape, params)
+    return unsupported_shape("window_triton", shape) or check_bandwidth(shape, params)
 
 
 @register_variant(
@@ -546,5 +599,4 @@ def check_window_triton(shape: Shape, params: dict) -> str | None:
 )
 def make_window_triton(shape: Shape, bandwidth: int):
     """Banded softmax attention, Triton flash-style kernels over the band's tiles only."""
-    causal = shape.causal
-    return lambda q, k, v: window_attention_triton(q, k, v, bandwidth, causal)
+    return WindowTriton(bandwidth, shape.causal)

@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 
 from harness.reports.analysis import crossovers, slopes
+from harness.reports.benchjson import load_compared
 from harness.reports.committed import uncommitted_reason
 from harness.reports.compare import compare_runs, parse_threshold, print_comparison
 from harness.reports.data import BEST, CONFIG, Run, load_run, ok_values
@@ -52,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_plot if p is plot else _report)
 
     cmp = sub.add_parser("compare", help="compare two runs; exit 1 on a regression")
-    cmp.add_argument("old", metavar="OLD", help="results CSV or run directory")
-    cmp.add_argument("new", metavar="NEW", help="results CSV or run directory")
+    cmp.add_argument("old", metavar="OLD", help="results CSV, run directory or pytest-benchmark "
+                                                "JSON (benchmarks/test_speed.py)")
+    cmp.add_argument("new", metavar="NEW", help="results CSV, run directory or pytest-benchmark "
+                                                "JSON")
     cmp.add_argument("--threshold", type=_threshold, default=0.05,
                      help="regression threshold, e.g. 5%% or 0.05 (default 5%%)")
     cmp.add_argument("--metric", default="time_ms", help="metric to compare (default time_ms)")
@@ -108,7 +111,8 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    comp = compare_runs(load_run(args.old), load_run(args.new), args.metric, args.threshold)
+    comp = compare_runs(load_compared(args.old), load_compared(args.new), args.metric,
+                        args.threshold)
     print_comparison(comp, markdown=args.markdown)
     return 1 if comp.regressions else 0
 

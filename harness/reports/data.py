@@ -20,6 +20,7 @@ INT_COLUMNS = ("batch", "heads", "seq_len", "head_dim")
 CASE_COLS = (*CONFIG, "mode", "causal", "seq_len")
 BEST = "best"  # per case, the best ok softmax-family variant
 FLOOR = "rel_err_softmax_floor"  # metric: exact softmax's own low-precision error (accuracy)
+NOT_EXACT = ("inexact", "error", "nan")  # accuracy statuses that disqualify a best exact kernel
 
 
 @dataclass(frozen=True)
@@ -117,13 +118,18 @@ def baseline_values(
     """Per case (CASE_COLS), the baseline's value: a variant label, or `BEST` for the best exact.
 
     The best exact kernel is, per case, the ok softmax-family variant with the lowest value
-    (fastest for time, leanest for memory). Returns CASE_COLS plus `value` (NaN when the
+    (fastest for time, leanest for memory), among those whose accuracy rows at that shape (if
+    the run has any) are all within their limits. Returns CASE_COLS plus `value` (NaN when the
     baseline has no ok row), `winner` (the variant that gave it) and `oom` (no ok row, and
     the baseline, or for BEST some softmax variant, ran out of memory there).
     """
     rows = df[(df["suite"] == suite) & (df["metric"] == metric) & ~is_floor(df)]
     mine = rows["family"] == "softmax" if baseline == BEST else rows["variant"] == baseline
     rows = rows[mine]
+    if baseline == BEST:
+        wrong = inexact_shapes(df).assign(_wrong=True)
+        rows = rows.merge(wrong, on=list(wrong.columns[:-1]), how="left")
+        rows = rows[rows["_wrong"].isna()].drop(columns="_wrong")
     ok = rows[(rows["status"] == "ok") & rows["value"].notna()]
     if not ok.empty:
         ok = ok.loc[ok.groupby(list(CASE_COLS))["value"].idxmin()]
@@ -132,6 +138,14 @@ def baseline_values(
     out = best.merge(oom, on=list(CASE_COLS), how="outer")
     out["oom"] = out["oom"].eq(True) & out["value"].isna()
     return out.reset_index(drop=True)
+
+
+def inexact_shapes(df: pd.DataFrame) -> pd.DataFrame:
+    """(variant, CONFIG, causal, seq_len) where an accuracy row of the variant, output or
+    gradients, is `inexact`, `error` or `nan`: there it is no exact baseline."""
+    cols = ["variant", *CONFIG, "causal", "seq_len"]
+    bad = df[(df["suite"] == "accuracy") & df["status"].isin(NOT_EXACT)]
+    return bad[cols].drop_duplicates()
 
 
 def config_name(config: tuple) -> str:
