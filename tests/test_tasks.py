@@ -223,3 +223,22 @@ def test_unknown_task_is_one_line_from_outside(tmp_path):
                             capture_output=True, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "unknown task 'sudoku'; valid: mqar, listops, charlm" in result.stderr
+
+
+def test_learnable_weights_of_a_variant_train_with_the_model():
+    from harness.registry import Shape, get_variant
+    from suites.tasks.model import TaskModel
+    from suites.tasks.train import optimizer
+    from variants import load_builtin_variants
+
+    load_builtin_variants()
+    shape = Shape(2, 2, 24, 8, True)
+    model = TaskModel(16, 24, 16, 2, 2, lambda: get_variant("fmmformer").factory(
+        shape, bandwidth=3, kernels=2, blend="sigmoid"))
+    blends = [p for n, p in model.named_parameters() if n.endswith("near_logit")]
+    assert len(blends) == 2  # one FMMformer per block, each with its own weights
+    opt = optimizer(model, Recipe())
+    x = torch.randint(16, (2, 24))
+    torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+    opt.step()
+    assert all(p.abs().sum() > 0 for p in blends)  # they start at 0 and moved

@@ -37,18 +37,12 @@ class VariantAttention(nn.Module):
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
-        if isinstance(variant, nn.Module):
-            self.variant = variant
-        else:
-            self._fn = variant
-
-    def attend(self, q, k, v):
-        return self.variant(q, k, v) if "variant" in self._modules else self._fn(q, k, v)
+        self.variant = variant  # a module registers itself: its parameters train with the model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, dim = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        o = self.attend(q.contiguous(), k.contiguous(), v.contiguous())
+        o = self.variant(q.contiguous(), k.contiguous(), v.contiguous())
         return self.out(o.to(x.dtype).transpose(1, 2).reshape(b, n, dim))
 
 
