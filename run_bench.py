@@ -12,8 +12,10 @@
     python run_bench.py report RUN_DIR       # slopes, crossovers, the studies' tables
     python run_bench.py targets RUN_DIR      # the FMMformer study's kernel targets
     python run_bench.py --inputs minilm      # q, k, v of a real model's attention
+    python run_bench.py --suite task --task mqar,listops,charlm --seeds 3   # trained quality
     python run_bench.py capture --model DIR --text FILE --seq-len N --out QKV.safetensors
     python run_bench.py dropin | lowrank | quality   # real-attention quality (harness.realcli)
+    python run_bench.py tasks RUN_DIR        # quality table, claim check, plots of a task run
 
 `python run_bench.py plot|compare|report|targets --help` describes each report command.
 """
@@ -128,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{RunOptions.case_timeout:g})")
     p.add_argument("--fail-fast", action="store_true",
                    help="stop at the first row whose status is not ok, exit 1")
+    p.add_argument("--task", type=csv_list(str), metavar="TASK[,TASK]",
+                   help="trained tasks of --suite task: mqar, listops, charlm (default: all)")
+    p.add_argument("--seeds", type=number(int),
+                   help="training seeds per task case (--suite task; default 1, preset tasks 3)")
     p.add_argument("--inputs", type=csv_list(str), metavar="SOURCE[,SOURCE]",
                    help="where q, k, v come from: randn (default), minilm (a real model's "
                         "attention, N <= 512), file:PATH (from `run_bench.py capture`)")
@@ -144,7 +150,7 @@ CONFIG_FLAGS = {
     "dtype": "dtype", "causal": "causal", "param": "params", "plugin": "plugins",
     "device": "device", "rep_ms": "rep_ms", "min_samples": "min_samples",
     "accuracy_rows": "accuracy_rows", "seed": "seed", "cuda_graph": "cuda_graph",
-    "inputs": "inputs",
+    "inputs": "inputs", "task": "tasks", "seeds": "seeds",
 }  # fmt: skip
 
 
@@ -166,6 +172,7 @@ def print_listing(console: Console, device: str) -> None:
                                          for s in all_suites()))
     console.print(f"modes: {', '.join(MODES)}")
     console.print(f"presets: {', '.join(PRESETS)}")
+    console.print("tasks (--suite task): mqar, listops, charlm")
     console.print(f"dtypes: {', '.join(DTYPES)}")
     console.print(f"inputs: {', '.join(INPUT_CHOICES)}")
 
@@ -232,7 +239,9 @@ def config_from_args(args, sharded: bool = False) -> tuple[BenchConfig, Path]:
     overrides = {k: v for k, v in requested(args).items() if k not in ("preset", "device")}
     if "seq_lens" not in overrides and args.inputs and "randn" not in args.inputs:
         overrides["seq_lens"] = default_lengths(args.inputs)  # a capture's lengths
-    config = with_overrides(preset_config(args.preset or "quick", device), **overrides)
+    preset = args.preset or ("tasks" if args.suite == ("task",) and device == "cuda" else
+                             "tasks-smoke" if args.suite == ("task",) else "quick")
+    config = with_overrides(preset_config(preset, device), **overrides)
     if args.out:
         check_new_run_dir(args.out, joining=sharded)
     return config, args.out or new_run_dir(DEFAULT_ROOT, config)
@@ -276,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     console = Console(width=None if sys.stdout.isatty() else 160)
     try:
+        if argv and argv[0] == "tasks":
+            from harness.reports.tasks import main as tasks_main
+
+            return tasks_main(argv[1:])
         if argv and argv[0] in REAL_COMMANDS:
             from harness.realcli import main as real_main
 

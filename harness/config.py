@@ -13,7 +13,7 @@ from harness.inputs import sources
 from harness.suite import MODES, SuiteError, default_suites, get_suite
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-PRESETS = ("quick", "fig6")
+PRESETS = ("quick", "fig6", "tasks", "tasks-smoke")
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ class BenchConfig:
     seed: int = 0
     cuda_graph: bool = False  # time CUDA-graph replays: the GPU without the Python launch path
     inputs: tuple[str, ...] = ("randn",)  # q, k, v sources: randn, minilm, smollm2, file:PATH
+    tasks: tuple[str, ...] = ("mqar", "listops", "charlm")  # trained tasks (`task` suite)
+    seeds: int = 1  # training seeds per task case: seed, seed + 1, ...
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -88,9 +90,16 @@ def preset_config(name: str, device: str) -> BenchConfig:
     quick: small lengths that finish in minutes (CPU: fp32, 4 heads; CUDA: bf16, 16 heads).
     fig6: the FMMformer paper's scaling figure: bf16, B=1, H=16, D=64, N=2^10..2^16,
         fwd and fwd_bwd, causal and non-causal, time, memory and accuracy.
+    tasks: the trained tasks (`task` suite) at full size, 3 seeds, bf16 autocast (GPU).
+    tasks-smoke: the trained tasks shrunk for a CPU (fp32, 1 seed).
     """
     if name not in PRESETS:
         raise ConfigError(f"unknown preset '{name}'; valid: {', '.join(PRESETS)}")
+    if name == "tasks":
+        return BenchConfig(preset=name, device=device, suites=("task",), seeds=3,
+                           dtype="bf16" if device == "cuda" else "fp32")
+    if name == "tasks-smoke":
+        return BenchConfig(preset=name, device=device, suites=("task",))
     suites = default_suites()  # recorded in meta.json as they were at the run's start
     if name == "fig6":
         return BenchConfig(
@@ -117,7 +126,8 @@ def with_overrides(config: BenchConfig, **overrides: Any) -> BenchConfig:
 
 def validate(config: BenchConfig) -> None:
     """Reject configurations that cannot run, with one-line messages naming valid choices."""
-    for name in ("variants", "suites", "modes", "seq_lens", "causal", "params", "plugins"):
+    for name in ("variants", "suites", "modes", "seq_lens", "causal", "params", "plugins",
+                 "tasks"):
         if not isinstance(getattr(config, name), tuple):
             raise ConfigError(f"{name} must be a list, got {getattr(config, name)!r}")
     for suite in config.suites:
@@ -136,7 +146,13 @@ def validate(config: BenchConfig) -> None:
         raise ConfigError("device 'cuda' requested but CUDA is not available; valid: cpu")
     if config.cuda_graph and config.device != "cuda":
         raise ConfigError("--cuda-graph times CUDA-graph replays; valid only with device cuda")
-    for name in ("batch", "heads", "head_dim", "accuracy_rows", "min_samples"):
+    own = [s for s in config.suites if get_suite(s).problems is not None]
+    if own and len(config.suites) > 1:
+        raise ConfigError(f"the {own[0]} suite runs alone (it brings its own problems); run "
+                          f"--suite {own[0]} separately")
+    for name in own:
+        get_suite(name).problems(config)  # its sizes and names, before anything runs
+    for name in ("batch", "heads", "head_dim", "accuracy_rows", "min_samples", "seeds"):
         value = getattr(config, name)
         if not _is_int(value) or value < 1:
             raise ConfigError(f"{flag(name)} must be a positive integer, got {value!r}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -30,10 +31,13 @@ Todo = list[tuple[Case, str]]  # (case, suite name) pairs of one variant at one 
 class CaseRunner:
     """Measures the cases of one variant configuration at one shape, in this process."""
 
-    def __init__(self, config: BenchConfig, roofline: Roofline | None = None):
+    def __init__(self, config: BenchConfig, roofline: Roofline | None = None,
+                 run_dir: Path | None = None):
         self.config = config
         self.device = torch.device(config.device)
         self.roofline = roofline
+        self.run_dir = run_dir  # where suites write files of their own (learning curves)
+        self.progress = None  # (done, total) callback for the steps of a long case
         self._inputs: tuple[tuple[str, Shape], tuple[torch.Tensor, ...]] | None = None
 
     def inputs(self, shape: Shape, name: str = "randn") -> tuple[torch.Tensor, ...]:
@@ -74,6 +78,7 @@ class CaseRunner:
         """The rows of one case: each metric the suite returns, with what was observed."""
         trial.flags.clear()
         trial.details.clear()
+        trial.case = case
         trial.observed = dict(trial.built)
         try:
             metrics = suite.run(trial, case.mode)
@@ -109,7 +114,7 @@ class CaseRunner:
         if isinstance(fn, torch.nn.Module):
             fn = fn.to(self.device)
         trial = Trial(vc, fn, shape, inputs, self.device, self.config, self.roofline,
-                      inputs_name=inputs_name)
+                      inputs_name=inputs_name, run_dir=self.run_dir, progress=self.progress)
         out = trial.forward()  # the first call compiles; a NaN here fails every case
         if not torch.isfinite(out).all():
             raise Failure("nan", "forward output has NaN or Inf")

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from harness.config import BenchConfig
 
 RANDN = "randn"
+# A suite with its own problems names them `task:NAME` (the task suite); the variant's own checks
+# and the attention timing of such a case take randn q, k, v of the problem's shape.
+TASK_PREFIX = "task:"
 CHOICES = ("randn", *PACKAGED, "file:PATH")
 
 
@@ -93,7 +96,7 @@ def _file_qkv(path: str) -> QKV:
 
 def source(spec: str) -> RandnInputs | CapturedInputs:
     """The input source named by `spec`; `ConfigError` (one line) for anything else."""
-    if spec == RANDN:
+    if spec == RANDN or spec.startswith(TASK_PREFIX):
         return RandnInputs()
     try:
         if spec in PACKAGED:

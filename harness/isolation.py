@@ -108,6 +108,7 @@ class IsolatedRunner:
         self.log_path = Path(run_dir) / LOG_FILE
         self.case_timeout = case_timeout
         self.worker: Worker | None = None
+        self.progress = None  # (done, total) callback for the steps of a long case
 
     def run_group(self, vc: VariantConfig, shape: Shape, todo: Todo,
                   inputs: str = "randn") -> Iterator[list[Row]]:
@@ -123,6 +124,9 @@ class IsolatedRunner:
                     kind, payload = self.worker.receive(self.case_timeout)
                     if kind == "prepared":
                         prepared = True
+                    elif kind == "progress":
+                        if self.progress:
+                            self.progress(*payload)
                     elif kind == "rows":
                         pending.pop(0)
                         yield payload
@@ -167,7 +171,9 @@ def worker_main(conn: Connection, config: dict, roofline: dict | None, log_path:
         load_builtin_suites()
         load_builtin_variants()
         load_plugins(cfg.plugins)
-        runner = CaseRunner(cfg, Roofline(**roofline) if roofline else None)
+        runner = CaseRunner(cfg, Roofline(**roofline) if roofline else None,
+                            Path(log_path).parent)
+        runner.progress = lambda done, total: conn.send(("progress", (done, total)))
     except Exception as exc:  # noqa: BLE001 - reported to the parent as the start failure
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return

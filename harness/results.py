@@ -13,15 +13,16 @@ from harness.suite import metric_unit
 
 COLUMNS = (
     "run_id", "variant", "family", "params", "observed", "suite", "mode", "batch", "heads",
-    "seq_len", "head_dim", "dtype", "causal", "device", "inputs", "metric", "value", "unit",
-    "status", "reason",
+    "seq_len", "head_dim", "dtype", "causal", "device", "inputs", "seed", "metric", "value",
+    "unit", "status", "reason",
 )  # fmt: skip
 # Columns a results file may lack (written before they existed), with the value they then mean.
-OPTIONAL_COLUMNS = {"observed": "{}", "inputs": "randn"}
+# `seed`: a trained task's seed; empty for the other suites (their seed is meta's config.seed).
+OPTIONAL_COLUMNS = {"observed": "{}", "inputs": "randn", "seed": ""}
 # The columns that identify one case; a resumed run skips cases whose key is already written.
 CASE_KEY = (
     "variant", "suite", "mode", "batch", "heads", "seq_len", "head_dim", "dtype", "causal",
-    "inputs",
+    "inputs", "seed",
 )  # fmt: skip
 # `inexact`: a measured value beyond the limit its suite states (the value is kept).
 STATUSES = ("ok", "oom", "skipped", "error", "nan", "timeout", "inexact")
@@ -58,6 +59,7 @@ class Case:
     causal: bool
     device: str
     inputs: str = "randn"
+    seed: int | str = ""
 
     @property
     def key(self) -> tuple:

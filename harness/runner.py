@@ -12,6 +12,7 @@ import json
 import shlex
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -46,7 +47,12 @@ def resolve_configs(config: BenchConfig) -> list[VariantConfig]:
 
 def sweep_problems(config: BenchConfig) -> Iterator[tuple[str, Shape]]:
     """(inputs name, shape) of every problem of the sweep: per input source (which fixes the
-    shape of captured inputs), causal flags, then lengths in increasing order."""
+    shape of captured inputs), causal flags, then lengths in increasing order; for the task
+    suite with problems of its own (it runs alone), those."""
+    own = [get_suite(s) for s in config.suites if get_suite(s).problems is not None]
+    if own:
+        yield from own[0].problems(config)
+        return
     for src in sources(config):
         for causal in config.causal:
             for n in sorted(config.seq_lens):
@@ -156,15 +162,23 @@ class Sweep:
     def planned(self, vc: VariantConfig, shape: Shape,
                 inputs: str = "randn") -> list[tuple[Case, str]]:
         """(case, suite name) pairs of this variant at this shape, in the order they run."""
-        return [(self.case(vc, shape, name, mode, inputs), name)
+        return [(replace(self.case(vc, shape, name, mode, inputs), seed=seed), name)
                 for name in run_suites(self.config)
-                for mode in get_suite(name).modes_of(self.config.modes)]
+                for mode in get_suite(name).modes_of(self.config.modes)
+                for seed in self.case_seeds(name)]
 
     def cases_for(self, vc: VariantConfig, shape: Shape,
                   inputs: str = "randn") -> list[tuple[Case, str]]:
         """(case, suite name) pairs of this variant at this shape still to be run."""
         return [(case, name) for case, name in self.planned(vc, shape, inputs)
                 if case.key not in self.finished]
+
+    def case_seeds(self, suite: str) -> list[int | str]:
+        """A seeded suite's seeds (one case each: `--seed` and the next `--seeds` - 1); a
+        suite without seeds has one case, seed ""."""
+        if not get_suite(suite).seeded:
+            return [""]
+        return [self.config.seed + i for i in range(self.config.seeds)]
 
     def total_cases(self) -> int:
         return sum(len(self.cases_for(vc, shape, name))
@@ -201,7 +215,7 @@ class Sweep:
 
             return IsolatedRunner(self.config, self.roofline, self.rows_dir,
                                   self.options.case_timeout)
-        return CaseRunner(self.config, self.roofline)
+        return CaseRunner(self.config, self.roofline, self.run_dir)
 
     def run(self, command: list[str] | None = None) -> Path:
         """Run every unfinished case; returns the run directory."""
@@ -221,6 +235,14 @@ class Sweep:
         try:
             with Progress(*columns, console=self.console, transient=False) as progress:
                 task = progress.add_task("cases", total=self.total_cases())
+                steps = []  # a bar for the steps of a long case, made when one reports
+
+                def on_steps(done: int, total: int) -> None:
+                    if not steps:
+                        steps.append(progress.add_task("  steps of the case", total=total))
+                    progress.update(steps[0], completed=done, total=total)
+
+                executor.progress = on_steps
                 for name, shape in self.problems():
                     for vc in self.configs:
                         todo = self.cases_for(vc, shape, name)

@@ -20,7 +20,9 @@ its noise band. The `primary` metric is the one a failed case's row carries. `sc
 puts the primary metric in the scaling figure and the log-log slopes. `summary` lists the
 tables printed at the end of a run. `default=False` keeps a suite out of runs that do not
 name it. `order` places the suite in listings, in a run and in the summary (built-ins: time
-10, memory 20, accuracy 30).
+10, memory 20, accuracy 30). `problems` (config -> [(inputs name, Shape)]) gives a suite its
+own problems instead of the sweep's lengths and input sources (it then runs alone), and
+`seeded` makes one case per seed of `--seeds` (the `task` suite trains models this way).
 
 Built-in suites are the modules of the `suites` package (`suites.load_builtin_suites`); a
 `--plugin` file may register more, and families of variants (`harness.registry`).
@@ -87,6 +89,11 @@ class Suite:
     # The suite's own choice of modes from the requested ones (default: those it measures).
     select_modes: Callable[[tuple[str, ...]], tuple[str, ...]] | None = None
     description: str = ""
+    # A suite with its own problems (config -> [(inputs name, Shape)]) runs alone, on those
+    # instead of the sweep's lengths and input sources.
+    problems: Callable | None = None
+    # True: one case per training seed (config.seed, + 1, ... config.seeds of them).
+    seeded: bool = False
 
     @property
     def primary_metric(self) -> Metric:
@@ -114,7 +121,8 @@ def register_suite(name: str, *, modes: tuple[str, ...], primary: str,
         primary: the metric a failed case's row carries; one of `metrics`.
         metrics: every metric the run function may return.
         summary: the end-of-run tables, each of a declared metric.
-        **options: `scaling`, `default`, `order`, `select_modes`, `description`.
+        **options: `scaling`, `default`, `order`, `select_modes`, `description`, `problems`,
+            `seeded`.
     """
     declared = {m.name: m for m in metrics}
     problems = [f"mode '{m}' is not one of {', '.join(MODES)}" for m in modes if m not in MODES]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -48,6 +49,9 @@ class Trial:
     flags: dict[str, str] = field(default_factory=dict)
     inputs_name: str = "randn"  # the q, k, v source (harness.inputs); captured: batch = layer
     details: list[dict] = field(default_factory=list)  # per-head values a suite reports
+    case: object = None  # the `harness.results.Case` being measured
+    run_dir: Path | None = None  # where a suite may write files beside results.csv
+    progress: Callable[[int, int], None] | None = None  # (done, total) of a long case
 
     @property
     def learnable(self) -> list[torch.Tensor]:

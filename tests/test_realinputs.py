@@ -178,12 +178,13 @@ def test_bf16_captured_rows_carry_the_floor(tmp_path):
 
 
 def test_results_without_inputs_column_load_and_upgrade(tmp_path):
-    old = [c for c in COLUMNS if c not in ("inputs", "observed")]
+    old = [c for c in COLUMNS if c not in ("inputs", "observed", "seed")]
     row = dict(zip(old, ["r", "window", "window", "{}", "time", "fwd", 1, 2, 64, 16, "fp32",
                          False, "cpu", "time_ms", 1.5, "ms", "ok", ""]))
     pd.DataFrame([row]).to_csv(tmp_path / "results.csv", index=False)
     df = load_results(tmp_path)
     assert list(df.columns) == list(COLUMNS) and df.inputs.tolist() == ["randn"]
+    assert df.seed.tolist() == [""]
     ResultsWriter(tmp_path, "r").close()  # a resumed run appends in today's column order
     assert pd.read_csv(tmp_path / "results.csv").columns.tolist() == list(COLUMNS)
 
@@ -237,7 +238,7 @@ def test_lowrank_and_quality_commands(small_capture, tmp_path, capsys):
     speed = tmp_path / "gpu"
     speed.mkdir()
     rows = [dict(zip(COLUMNS, ["g", v, "x", "{}", "{}", "time", "fwd", 1, 16, 4096, 64, "bf16",
-                               False, "cuda", "randn", "time_ms", t, "ms", "ok", ""]))
+                               False, "cuda", "randn", "", "time_ms", t, "ms", "ok", ""]))
             for v, t in (("softmax_naive", 9.0), ("window", 1.0), ("linear", 0.5))]
     pd.DataFrame(rows).to_csv(speed / "results.csv", index=False)
     readme = tmp_path / "README.md"

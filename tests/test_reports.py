@@ -395,7 +395,7 @@ def test_report_readme_refuses_runs_that_are_not_committed(tmp_path: Path, capsy
         run = write_run(tmp_path / "repo" / "results" / "runs" / "new", sweep_rows(("fwd",)))
     elif case == "modified":
         with open(run / "results.csv", "a") as f:
-            f.write("r1,x,fmm,{},{},time,fwd,1,2,1024,64,bf16,False,cuda,randn,time_ms,1.0,ms,ok,\n")
+            f.write("r1,x,fmm,{},{},time,fwd,1,2,1024,64,bf16,False,cuda,randn,,time_ms,1.0,ms,ok,\n")
     assert main(["report", str(run), "--readme", str(readme)]) == 2
     err = capsys.readouterr().err
     expected = {"outside": "is outside the repository", "untracked": "is not committed",

@@ -137,12 +137,13 @@ def section(run: Run, length: int | None, figures: list[Path], readme_dir: Path,
     return "\n".join(lines).rstrip() + "\n"
 
 
-def rewrite_readme(readme: Path, text: str) -> None:
-    """Replace the text between the quality markers of `readme` with `text`."""
+def rewrite_readme(readme: Path, text: str, markers: tuple[str, str] = (START, END)) -> None:
+    """Replace the text between the `markers` (default: the quality ones) of `readme`."""
+    first, last = markers
     if not readme.is_file():
         raise ReadmeError(f"no README at {readme}")
     body = readme.read_text()
-    start, end = body.find(START), body.find(END)
+    start, end = body.find(first), body.find(last)
     if start < 0 or end < start:
-        raise ReadmeError(f"{readme} needs the markers {START} and {END}, in that order")
-    readme.write_text(body[: start + len(START)] + "\n" + text + body[end:])
+        raise ReadmeError(f"{readme} needs the markers {first} and {last}, in that order")
+    readme.write_text(body[: start + len(first)] + "\n" + text + body[end:])
