@@ -1,8 +1,8 @@
 """Timing of closures: CUDA-graph replays time the same work as the calls they capture."""
+import time
+
 import pytest
 import torch
-
-import time
 
 from harness.timing import EventClock, graph_replay, time_closure
 
@@ -44,7 +44,7 @@ def test_cuda_graph_timing_measures_the_gpu_work():
     assert 0 < one.median and 3 * one.median < four.median < 5 * one.median
 
 
-@NO_CUDA
+@pytest.mark.cuda
 def test_event_clock_advances_by_the_gpu_time_of_timed_calls_cuda():
     """Read around a timed call, the clock gives that call's CUDA-event time (as do_bench
     measures it), and host time between calls does not move it."""
