@@ -3,7 +3,7 @@ and measurements (its `extra_info`) become tidy rows, its machine info the run's
 from __future__ import annotations
 
 import json
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +19,9 @@ MEASUREMENTS = {
     "peak_mem_mib": "memory",
 }  # fmt: skip
 MACHINE_KEYS = ("gpu", "driver", "cuda", "torch", "triton")
-CASE_FIELDS = {f.name for f in fields(Case)}
+# Case fields a benchmark must record; the others (inputs, seed) take their defaults.
+CASE_DEFAULTS = {f.name: f.default for f in fields(Case) if f.default is not MISSING}
+CASE_FIELDS = {f.name for f in fields(Case)} - set(CASE_DEFAULTS)
 
 
 def load_compared(path: str | Path) -> Run:
@@ -53,7 +55,7 @@ def load_benchmark_json(path: Path) -> Run:
                                "extra_info; compare reads files of benchmarks/test_speed.py")
         for metric, suite in MEASUREMENTS.items():
             if isinstance(info.get(metric), (int, float)):
-                rows.append({**case, "run_id": run_id, "suite": suite, "metric": metric,
+                rows.append({**CASE_DEFAULTS, **case, "run_id": run_id, "suite": suite, "metric": metric,
                              "observed": json.dumps(info.get("observed") or {}, sort_keys=True),
                              "value": float(info[metric]), "unit": metric_unit(metric),
                              "status": "ok", "reason": ""})
