@@ -92,7 +92,7 @@ def _causal(text: str) -> tuple[bool, ...]:
 
 def bench_config(config) -> BenchConfig:
     """The cases' configuration from the `--attn-*` options (built once per session); bad
-    input is a one-line pytest usage error naming the valid choices."""
+    input ends the session with one line naming the valid choices, exit 2."""
     if getattr(config, "_attn_config", None) is None:
         opt = config.getoption
         try:
@@ -117,7 +117,7 @@ def bench_config(config) -> BenchConfig:
             check_explicit_lengths(bench, resolve_configs(bench))
             check_params(bench, resolve_configs(bench))
         except (ConfigError, RegistryError) as exc:
-            raise pytest.UsageError(str(exc)) from None
+            pytest.exit(f"error: {exc}", returncode=2)
         config._attn_config = bench
     return config._attn_config
 

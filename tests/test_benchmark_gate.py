@@ -48,3 +48,14 @@ def test_compare_fail_catches_a_slowed_variant_and_passes_an_unchanged_one(tmp_p
     compare = ["compare", baseline, "--threshold", "50%"]
     assert report_main([*compare[:2], str(tmp_path / "slowed.json"), *compare[2:]]) == 1
     assert report_main([*compare[:2], str(tmp_path / "unchanged.json"), *compare[2:]]) == 0
+
+
+def test_bad_case_options_are_one_line_exit_2(tmp_path):
+    """Bad --attn-* input stops the benchmark session before any case: one line naming the
+    valid choices, exit 2, no traceback."""
+    for option, value, expected in (("--attn-causal", "maybe", "valid: false, true"),
+                                    ("--attn-lengths", "x", "expects an integer")):
+        run = bench(tmp_path, option, value)
+        lines = (run.stdout + run.stderr).strip().splitlines()
+        assert run.returncode == 2 and len(lines) == 1 and expected in lines[0], lines
+        assert "Traceback" not in run.stderr
