@@ -382,9 +382,10 @@ def _linear_bwd_dq_causal_kernel(
 
     Carries S^T, z from the segment's inherited state, as the forward did. Also stores r (the
     normalizer's gradient, `-G . num / den` with the numerator's two parts as the forward formed
-    them: `phi(Q) S` and the masked intra-chunk scores times V) and sums the segment's dS = phi(Q)^T G, dz = phi(Q)^T r for dk, dv.
-    (A single reverse sweep for dq, dk, dv moves fewer bytes but needs twice the carried
-    state; it spilled registers and ran 1.3x slower on an H100.)
+    them: `phi(Q) S` and the masked intra-chunk scores times V) and sums the segment's
+    dS = phi(Q)^T G, dz = phi(Q)^T r for dk, dv.
+    (A single reverse sweep for dq, dk, dv moves fewer bytes but carries twice the state, which
+    spills registers.)
     """
     seg = tl.program_id(1)
     offs_c = tl.arange(0, CHUNK)
