@@ -12,10 +12,14 @@ if [ -f "$run_dir/meta.json" ]; then args=(--resume "$run_dir"); else args=(--ou
 timeout --signal=INT "$seconds" python3 run_bench.py "${args[@]}" >"$out/log.txt" 2>&1
 echo "run_bench exit: $?"
 cp "$run_dir/results.csv" "$run_dir/meta.json" "$out/" 2>/dev/null
+# Learning curves (task suite) and per-head rows travel as one archive.
+extras=$(cd "$run_dir" && ls -d curves heads.csv 2>/dev/null)
+[ -n "$extras" ] && tar -C "$run_dir" -cf "$out/extras.tar" $extras
 grep -v '━' "$out/log.txt" | tail -60
 python3 - "$run_dir" <<'PY'
 import sys, pandas as pd
 df = pd.read_csv(f"{sys.argv[1]}/results.csv", keep_default_na=False)
 print(df.groupby("status").size().to_string())
-print("cases:", len(df.drop_duplicates(["variant", "suite", "mode", "seq_len", "causal"])))
+key = [c for c in ("variant", "suite", "mode", "seq_len", "causal", "inputs", "seed") if c in df]
+print("cases:", len(df.drop_duplicates(key)))
 PY
