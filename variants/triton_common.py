@@ -190,3 +190,27 @@ def phi_grad(x, e, r, which):
     y3 = tl.where(x >= 0, 2.0 * r, 2.0 - 2.0 * r)
     is3 = which == 2
     return tl.where(is3, y3, y12), tl.where(is3, y3 * (2.0 - y3), dy12)
+
+
+@triton.jit
+def softmax_dq_rows(q_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, m0, N,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The query rows of a softmax dq program (pointers already at its head): their offsets,
+    mask and tile offsets, q, dO, delta = rowsum(o * dO) and the log2-domain log-sum-exp.
+
+    delta is also stored for the dK/dV kernel launched after: the dq kernel reads dO anyway, so
+    delta needs no pass of its own.
+    """
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < N
+    qo_offs = offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    # [BLOCK_M, HEAD_DIM]
+    q = tl.load(q_ptr + qo_offs, mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_ptr + qo_offs, mask=row_ok[:, None], other=0.0)
+    o = tl.load(o_ptr + qo_offs, mask=row_ok[:, None], other=0.0)
+    # [BLOCK_M]
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(delta_ptr + offs_m, delta, mask=row_ok)
+    lse2 = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0) * LOG2E_C
+    return offs_m, offs_d, row_ok, qo_offs, q, do, delta, lse2

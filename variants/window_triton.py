@@ -30,6 +30,7 @@ from variants.triton_common import (
     dot,
     empty,
     fastest,
+    softmax_dq_rows,
     unsupported_shape,
 )
 from variants.window import WINDOW_PARAMS, WINDOW_SHORT, check_bandwidth, window_flops
@@ -273,20 +274,8 @@ def _window_bwd_dq_kernel(
     lse_ptr += bh * N
     delta_ptr += bh * N
 
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < N
-    qo_offs = offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    # [BLOCK_M, HEAD_DIM]
-    q = tl.load(q_ptr + qo_offs, mask=row_ok[:, None], other=0.0)
-    do = tl.load(do_ptr + qo_offs, mask=row_ok[:, None], other=0.0)
-    o = tl.load(o_ptr + qo_offs, mask=row_ok[:, None], other=0.0)
-    # delta is computed here rather than in a separate pass: this kernel reads dO anyway, and the
-    # dK/dV kernel, launched after it, reads delta back.
-    # [BLOCK_M]
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(delta_ptr + offs_m, delta, mask=row_ok)
-    lse2 = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0) * LOG2E_C
+    offs_m, offs_d, row_ok, qo_offs, q, do, delta, lse2 = softmax_dq_rows(
+        q_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, m0, N, HEAD_DIM, BLOCK_M)
 
     if CAUSAL:
         right = 0

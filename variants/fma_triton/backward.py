@@ -13,7 +13,7 @@ import triton.language as tl
 from variants.fma_triton.configs import LaunchConfig, fma_config
 from variants.fma_triton.forward import check_inputs, coarse_tile, common, near_range, near_mask
 from variants.fma_triton.plan import fma_plan
-from variants.triton_common import LOG2E, LOG2E_C, dot, empty
+from variants.triton_common import LOG2E, LOG2E_C, dot, empty, softmax_dq_rows
 
 
 @triton.jit
@@ -43,18 +43,8 @@ def _fma_bwd_dq_kernel(
     dck_ptr += bh * TOTAL_ROWS * HEAD_DIM
     dcv_ptr += bh * TOTAL_ROWS * HEAD_DIM
 
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < N
-    qo_offs = offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    # [BLOCK_M, HEAD_DIM]
-    q = tl.load(q_ptr + qo_offs, mask=row_ok[:, None], other=0.0)
-    do = tl.load(do_ptr + qo_offs, mask=row_ok[:, None], other=0.0)
-    o = tl.load(o_ptr + qo_offs, mask=row_ok[:, None], other=0.0)
-    # [BLOCK_M]
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(delta_ptr + offs_m, delta, mask=row_ok)
-    lse2 = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0) * LOG2E_C
+    offs_m, offs_d, row_ok, qo_offs, q, do, delta, lse2 = softmax_dq_rows(
+        q_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, m0, N, HEAD_DIM, BLOCK_M)
     # [BLOCK_M, HEAD_DIM]
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
