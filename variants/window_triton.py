@@ -274,7 +274,7 @@ def _window_bwd_dq_kernel(
     lse_ptr += bh * N
     delta_ptr += bh * N
 
-    offs_m, offs_d, row_ok, qo_offs, q, do, delta, lse2 = softmax_dq_rows(
+    offs_m, _, row_ok, qo_offs, q, do, delta, lse2 = softmax_dq_rows(
         q_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, m0, N, HEAD_DIM, BLOCK_M)
 
     if CAUSAL:
