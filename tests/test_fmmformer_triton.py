@@ -256,8 +256,8 @@ def test_edge_sizes(poisoned, device, causal, n, bandwidth):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_inference_allocates_little_more_than_o(device, causal):
-    """No grad: o plus the (small) states, no log-sum-exp; with grad only the log-sum-exp is
-    added (the backward recovers Near's share from o, so no Near is kept)."""
+    """No grad: o plus the (small) states; with grad the same (the backward recomputes the
+    band's softmax, so no Near and no log-sum-exp are kept; causal keeps every map's states)."""
     allocated: list[tuple[tuple[int, ...], torch.dtype]] = []
 
     def recording_empty(shape, dtype, dev):
@@ -288,7 +288,7 @@ def test_inference_allocates_little_more_than_o(device, causal):
     with allocate_with(recording_empty):
         fmmformer_triton(*leaves, wn, wf, bandwidth=9, kernels=3, causal=causal)
     assert sum(s == tuple(q.shape) for s, _ in allocated) == 1, "o only, no saved Near"
-    assert ((2, n), torch.float32) in allocated, "log-sum-exp"
+    assert all(len(s) in (4, 5) for s, _ in allocated if s != tuple(q.shape)), "states only"
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -22,16 +22,20 @@ chunk's sum of U_l), an in-place suffix scan of those sums, and a key-side walk 
 in their own dtype across the passes. dL/dw_near and dL/dw_far come from per-program partial
 sums.
 
-The band's dq walks the band's keys twice per query tile: first summing, in fp32 from the band
-alone, P's row sums (whose reciprocals rescale P in both band kernels: recomputed scores can
-differ from the forward's in their last bits) and the softmax delta `w_near dO . Near`, then
-adding dS K. (The delta taken as `dO . o - w_far sum_l dO . Far_l` would lose the band's digits
-to cancellation when the far field dominates o.) dL/dw_near is summed from the same P and
-dO V^T, so nothing is divided by w_near.
+The band's dq walks the band's keys twice per query tile: first an online softmax over the
+band's own scores, in fp32 (each row's score max m, l = sum_j exp2((s_ij - m) qk_scale) and
+`dO . Near`), then adding dS K. Nothing of the forward's softmax is reused: its scores can
+differ from the backward's in their last bits (another tile shape, a multiply fused into a
+subtraction), and at large scores a last bit moves P by more than the gradient's precision.
+From one set of scores, a row whose band holds one key has P exactly 1 and dS exactly 0, as in
+the dense math. The key side reads m, 1 / l and `dO . Near` per row. (The delta taken as
+`dO . o - w_far sum_l dO . Far_l` would lose the band's digits to cancellation when the far
+field dominates o.) dL/dw_near is summed from the same P and dO V^T, so nothing is divided by
+w_near.
 
 Memory: forward-only calls allocate `o` plus, causal, one map's chunk states at a time (under
-a fraction of `o`'s bytes or a floor, `FMMConfig`). With grad, the forward also keeps the
-log-sum-exp and, causal, every map's chunk states; the backward takes `O(N)` row statistics
+a fraction of `o`'s bytes or a floor, `FMMConfig`). With grad, the forward also keeps, causal,
+every map's chunk states; the backward takes `O(N)` row statistics
 and, causal, one map's chunk dual sums. Launch configs: `configs.py`.
 """
 from __future__ import annotations
@@ -65,15 +69,15 @@ class _FMMformerFunction(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o, saved = fmmformer_fwd(q, k, v, w_near, w_far, bandwidth, kernels, causal, eps,
                                  save=True, config=config)
-        ctx.save_for_backward(q, k, v, w_near, w_far, saved.lse, saved.states, saved.states_z)
+        ctx.save_for_backward(q, k, v, w_near, w_far, saved.states, saved.states_z)
         ctx.args = (bandwidth, kernels, causal, eps, saved.chunk_rows, config)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, w_near, w_far, lse, states, states_z = ctx.saved_tensors
+        q, k, v, w_near, w_far, states, states_z = ctx.saved_tensors
         bandwidth, kernels, causal, eps, chunk_rows, config = ctx.args
-        saved = Saved(lse, states, states_z, chunk_rows)
+        saved = Saved(states, states_z, chunk_rows)
         dq, dk, dv, dwn, dwf = fmmformer_bwd(
             q, k, v, saved, do, w_near, w_far, bandwidth, kernels, causal, eps, config
         )

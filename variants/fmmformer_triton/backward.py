@@ -64,68 +64,78 @@ def _far_bwd_kv(dk, dv, k, ek, rk, v, UP, UZP, which,
     return dk + dfk * dphi, dv
 
 
+# A row max below every score: rows past N, and rows before their band's first key tile.
+NO_KEY = tl.constexpr(-1.0e30)
+
+
 @triton.jit
-def _near_bwd_scores(q, do, lse, scale, K, V, start, rows, ok, hi, bandwidth, right, qk_scale,
-                     BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One key tile of a query tile's band: P (recomputed from the log2-domain log-sum-exp,
-    times the row's `scale`; `[BLOCK_M, BLOCK_N]`), dO . v_j for those keys and the keys."""
+def _near_bwd_tile(q, do, K, V, start, rows, ok, hi, bandwidth, right,
+                   BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One key tile of a query tile's band: the raw scores q . k_j (-inf outside the band;
+    `[BLOCK_M, BLOCK_N]`), dO . v_j for those keys and the keys."""
     cols = start + tl.arange(0, BLOCK_N)
     # [BLOCK_N, D]
     band = cols[:, None] * D + tl.arange(0, D)[None, :]
     kb = tl.load(K + band, mask=cols[:, None] < hi, other=0.0)
     vb = tl.load(V + band, mask=cols[:, None] < hi, other=0.0)
     # [BLOCK_M, BLOCK_N]
-    sc = dot(q, tl.trans(kb), None, DOT_PREC) * qk_scale
     rel = cols[None, :] - rows[:, None]
     keep = (rel >= -bandwidth) & (rel <= right) & (cols < hi)[None, :] & ok[:, None]
-    p = tl.exp2(tl.where(keep, sc - lse[:, None], float("-inf"))) * scale[:, None]
+    raw = tl.where(keep, dot(q, tl.trans(kb), None, DOT_PREC), float("-inf"))
     dov = dot(do, tl.trans(vb), None, DOT_PREC)
-    return p, dov, kb
+    return raw, dov, kb
 
 
 @triton.jit
-def _near_bwd_q(dq, q, do, lse, K, V, m0, rows, ok, N, bandwidth, right, qk_scale,
-                sm_scale, wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+def _near_bwd_q(dq, q, do, K, V, m0, rows, ok, N, bandwidth, right, qk_scale, sm_scale, wn,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                 DOT_PREC: tl.constexpr):
     """The band's share of dq for one query tile, added to dq, in two walks over the key tiles
-    that meet the band. The first sums, per row in fp32, sum_j P_ij and dO . Near =
-    sum_j P_ij (dO_i . v_j), with P from the forward's log-sum-exp. The row sum's reciprocal
-    rescales P to what these scores give (the forward's scores can differ in their last bits,
-    and at large scores a last bit moves P by more than the gradient's precision; a scale,
-    not a corrected log-sum-exp, whose fp32 spacing at large scores is coarser than the
-    correction), and the softmax delta w_near dO . Near comes from the band alone, never from
-    o minus the far terms (a difference that loses the band's digits when the far field
-    dominates o). The second walk adds dS K with dS = P * (w_near dP - delta). Returns dq,
-    dO . Near (for dL/dw_near), the delta and the rows' P scale (for the key side)."""
-    # [BLOCK_M]: sum_j P_ij and dO . Near, over the band's keys
+    that meet the band.
+
+    The band's softmax is recomputed from these scores alone: the first walk keeps, per row in
+    fp32, the raw score max m, l = sum_j P~_ij and dO . Near = sum_j P~_ij (dO_i . v_j) / l with
+    P~_ij = exp2((s_ij - m) qk_scale), online as in the forward. The forward's log-sum-exp is
+    not used: its scores can differ from these in their last bits (another tile shape, a
+    multiply fused into a subtraction), and a last bit of a large score moves P by more than
+    the gradient's precision. With the max taken from the same values, a row whose band holds
+    one key (or whose other keys underflow) has P exactly 1 and dS exactly 0, as in the dense
+    math. The second walk adds dS K with dS = P (w_near dP - w_near dO . Near), the delta from
+    the band alone, never from o minus the far terms (a difference that loses the band's
+    digits when the far field dominates o). Returns dq, dO . Near (for dL/dw_near and the key
+    side), m and 1 / l."""
+    m = tl.full([BLOCK_M], NO_KEY, dtype=tl.float32)
     psum = tl.zeros([BLOCK_M], dtype=tl.float32)
     dnear = tl.zeros([BLOCK_M], dtype=tl.float32)
     lo = tl.maximum(m0 - bandwidth, 0)
     hi = tl.minimum(m0 + BLOCK_M + right, N)
-    one = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     for start in range(lo, hi, BLOCK_N):
-        p, dov, _ = _near_bwd_scores(q, do, lse, one, K, V, start, rows, ok, hi, bandwidth,
-                                     right, qk_scale, BLOCK_N, D, DOT_PREC)
-        psum += tl.sum(p, 1)
-        dnear += tl.sum(p * dov, 1)
+        raw, dov, _ = _near_bwd_tile(q, do, K, V, start, rows, ok, hi, bandwidth, right,
+                                     BLOCK_N, D, DOT_PREC)
+        m_new = tl.maximum(m, tl.max(raw, 1))
+        alpha = tl.exp2((m - m_new) * qk_scale)
+        p = tl.exp2((raw - m_new[:, None]) * qk_scale)
+        psum = psum * alpha + tl.sum(p, 1)
+        dnear = dnear * alpha + tl.sum(p * dov, 1)
+        m = m_new
     scale = 1.0 / tl.where(psum > 0, psum, 1.0)  # rows past N meet no key
     dnear = dnear * scale
-    delta = wn * dnear
     for start in range(lo, hi, BLOCK_N):
-        p, dov, kb = _near_bwd_scores(q, do, lse, scale, K, V, start, rows, ok, hi, bandwidth,
-                                      right, qk_scale, BLOCK_N, D, DOT_PREC)
-        ds = p * (dov * wn - delta[:, None]) * sm_scale
+        raw, dov, kb = _near_bwd_tile(q, do, K, V, start, rows, ok, hi, bandwidth, right,
+                                      BLOCK_N, D, DOT_PREC)
+        p = tl.exp2((raw - m[:, None]) * qk_scale) * scale[:, None]
+        ds = p * (dov - dnear[:, None]) * (wn * sm_scale)
         dq = dot(ds.to(kb.dtype), kb, dq, DOT_PREC)
-    return dq, dnear, delta, scale
+    return dq, dnear, m, scale
 
 
 @triton.jit
-def _near_bwd_kv(k, v, Q, DO, LSE, PSCALE, DELTA, n0, cols, ok, N, bandwidth, right,
+def _near_bwd_kv(k, v, Q, DO, ROWMAX, PSCALE, DNEAR, n0, cols, ok, N, bandwidth, right,
                  qk_scale, sm_scale, wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  D: tl.constexpr, DOT_PREC: tl.constexpr):
     """The band's dk, dv of one key tile (fp32): the queries i with i - k <= j <= i + right,
-    their P recomputed from the log-sum-exp and the rows' scale (`_near_bwd_q`), and dS from
-    the softmax delta."""
+    their P recomputed from the rows' score max and 1 / l, and dS from their dO . Near (all
+    three from `_near_bwd_q`)."""
     offs_d = tl.arange(0, D)
     dk = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_M, D], dtype=tl.float32)
@@ -137,23 +147,23 @@ def _near_bwd_kv(k, v, Q, DO, LSE, PSCALE, DELTA, n0, cols, ok, N, bandwidth, ri
         # [BLOCK_N, D]
         qb = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=rok[:, None], other=0.0)
         dob = tl.load(DO + rows[:, None] * D + offs_d[None, :], mask=rok[:, None], other=0.0)
-        lse = tl.load(LSE + rows, mask=rok, other=0.0)
+        m = tl.load(ROWMAX + rows, mask=rok, other=0.0)
         pscale = tl.load(PSCALE + rows, mask=rok, other=0.0)
-        delta = tl.load(DELTA + rows, mask=rok, other=0.0)
+        dnear = tl.load(DNEAR + rows, mask=rok, other=0.0)
         # [BLOCK_M (keys), BLOCK_N (queries)]
-        st = dot(k, tl.trans(qb), None, DOT_PREC) * qk_scale
         rel = cols[:, None] - rows[None, :]
         keep = (rel >= -bandwidth) & (rel <= right) & rok[None, :] & ok[:, None]
-        pt = tl.exp2(tl.where(keep, st - lse[None, :], float("-inf"))) * pscale[None, :]
+        st = tl.where(keep, dot(k, tl.trans(qb), None, DOT_PREC), float("-inf"))
+        pt = tl.exp2((st - m[None, :]) * qk_scale) * pscale[None, :]
         dv = dot(pt.to(dob.dtype), dob, dv, DOT_PREC)
-        dpt = dot(v, tl.trans(dob), None, DOT_PREC) * wn
-        dst = pt * (dpt - delta[None, :]) * sm_scale
+        dpt = dot(v, tl.trans(dob), None, DOT_PREC)
+        dst = pt * (dpt - dnear[None, :]) * (wn * sm_scale)
         dk = dot(dst.to(qb.dtype), qb, dk, DOT_PREC)
     return dk, dv * wn  # dNear = w_near dO
 
 
 @triton.jit
-def _bwd_head(Q, K, V, DO, X, Y, LSE, DELTA, DEN, DDEN, WN, WF, bh, N, H,
+def _bwd_head(Q, K, V, DO, X, Y, ROWMAX, DNEAR, DEN, DDEN, WN, WF, bh, N, H,
               R: tl.constexpr, D: tl.constexpr):
     """A backward program's pointers moved to its (batch, head): the `[N, D]` tensors (X, Y are
     the kernel's own: Near and dq, or dk and dv), the per-row statistics and the per-map
@@ -161,8 +171,8 @@ def _bwd_head(Q, K, V, DO, X, Y, LSE, DELTA, DEN, DDEN, WN, WF, bh, N, H,
     off = bh * N * D
     wn = tl.load(WN + bh % H).to(tl.float32)
     wf = tl.load(WF + bh % H).to(tl.float32)
-    return (Q + off, K + off, V + off, DO + off, X + off, Y + off, LSE + bh * N, DELTA + bh * N,
-            DEN + bh * R * N, DDEN + bh * R * N, wn, wf)
+    return (Q + off, K + off, V + off, DO + off, X + off, Y + off, ROWMAX + bh * N,
+            DNEAR + bh * N, DEN + bh * R * N, DDEN + bh * R * N, wn, wf)
 
 
 @triton.jit
@@ -299,18 +309,18 @@ def _fmmformer_far_bwd_kv_kernel(
 
 @triton.jit(do_not_specialize=["N", "bandwidth"])
 def _fmmformer_band_bwd_q_kernel(
-    Q, K, V, DO, LSE, PSCALE, DELTA, DFAR, DQ, DW, WN, WF, N, H, bandwidth, qk_scale, sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
+    Q, K, V, DO, ROWMAX, PSCALE, DNEAR, DFAR, DQ, DW, WN, WF, N, H, bandwidth, qk_scale,
+    sm_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Causal backward map passes, after the far-field maps': the band's share added to dq,
-    one query tile per program. Stores the band's softmax delta (w_near dO . Near, from the
-    band alone) and the rows' P scale (DELTA, PSCALE; see `_near_bwd_q`), and per-program
+    one query tile per program. Stores the rows' band statistics for the key side (ROWMAX,
+    PSCALE, DNEAR: score max, 1 / l and dO . Near; see `_near_bwd_q`), and per-program
     partial sums of dL/dw_near and dL/dw_far (DW `[2, B*H, programs]`; the far field's from
     DFAR, the maps' sum of dO . Far_l)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    Q, K, V, DO, DQ, _, LSE, DELTA, DFAR, _, wn, _ = _bwd_head(
-        Q, K, V, DO, DQ, DQ, LSE, DELTA, DFAR, DFAR, WN, WF, bh, N, H, 1, D)
+    Q, K, V, DO, DQ, _, ROWMAX, DNEAR, DFAR, _, wn, _ = _bwd_head(
+        Q, K, V, DO, DQ, DQ, ROWMAX, DNEAR, DFAR, DFAR, WN, WF, bh, N, H, 1, D)
     m0 = pid * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
     ok = rows < N
@@ -318,12 +328,11 @@ def _fmmformer_band_bwd_q_kernel(
     # [BLOCK_M, D]
     q = tl.load(Q + tile, mask=ok[:, None], other=0.0)
     do = tl.load(DO + tile, mask=ok[:, None], other=0.0)
-    lse = tl.load(LSE + rows, mask=ok, other=0.0)
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    dq, dnear, delta, pscale = _near_bwd_q(dq, q, do, lse, K, V, m0, rows, ok, N, bandwidth,
-                                           0, qk_scale, sm_scale, wn, BLOCK_M, BLOCK_N, D,
-                                           DOT_PREC)
-    tl.store(DELTA + rows, delta, mask=ok)
+    dq, dnear, m, pscale = _near_bwd_q(dq, q, do, K, V, m0, rows, ok, N, bandwidth, 0,
+                                       qk_scale, sm_scale, wn, BLOCK_M, BLOCK_N, D, DOT_PREC)
+    tl.store(ROWMAX + rows, m, mask=ok)
+    tl.store(DNEAR + rows, dnear, mask=ok)
     tl.store(PSCALE + bh * N + rows, pscale, mask=ok)
     dfar = tl.load(DFAR + rows, mask=ok, other=0.0)
     dq += tl.load(DQ + tile, mask=ok[:, None], other=0.0).to(tl.float32)
@@ -335,22 +344,22 @@ def _fmmformer_band_bwd_q_kernel(
 
 @triton.jit(do_not_specialize=["N", "bandwidth"])
 def _fmmformer_band_bwd_kv_kernel(
-    Q, K, V, DO, LSE, PSCALE, DELTA, DK, DV, WN, N, H, bandwidth, qk_scale, sm_scale,
+    Q, K, V, DO, ROWMAX, PSCALE, DNEAR, DK, DV, WN, N, H, bandwidth, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Causal backward map passes, last: the band's dk, dv added to the far field's, one key
     tile per program."""
     n0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
-    Q, K, V, DO, DK, DV, LSE, DELTA, _, _, wn, _ = _bwd_head(
-        Q, K, V, DO, DK, DV, LSE, DELTA, LSE, LSE, WN, WN, bh, N, H, 1, D)
+    Q, K, V, DO, DK, DV, ROWMAX, DNEAR, _, _, wn, _ = _bwd_head(
+        Q, K, V, DO, DK, DV, ROWMAX, DNEAR, DNEAR, DNEAR, WN, WN, bh, N, H, 1, D)
     cols = n0 + tl.arange(0, BLOCK_M)
     ok = cols < N
     tile = cols[:, None] * D + tl.arange(0, D)[None, :]
     # [BLOCK_M, D]
     k = tl.load(K + tile, mask=ok[:, None], other=0.0)
     v = tl.load(V + tile, mask=ok[:, None], other=0.0)
-    dk, dv = _near_bwd_kv(k, v, Q, DO, LSE, PSCALE + bh * N, DELTA, n0, cols, ok, N,
+    dk, dv = _near_bwd_kv(k, v, Q, DO, ROWMAX, PSCALE + bh * N, DNEAR, n0, cols, ok, N,
                           bandwidth, 0, qk_scale, sm_scale, wn, BLOCK_M, BLOCK_N, D, DOT_PREC)
     dk += tl.load(DK + tile, mask=ok[:, None], other=0.0).to(tl.float32)
     dv += tl.load(DV + tile, mask=ok[:, None], other=0.0).to(tl.float32)
@@ -360,7 +369,7 @@ def _fmmformer_band_bwd_kv_kernel(
 
 @triton.jit
 def _fmmformer_bwd_dq_kernel(
-    Q, K, V, DO, LSE, PSCALE, DELTA, DEN, DDEN, DQ, DW, P, PZ, WN, WF,
+    Q, K, V, DO, ROWMAX, PSCALE, DNEAR, DEN, DDEN, DQ, DW, P, PZ, WN, WF,
     N, H, bandwidth, rows_per_program, qk_scale, sm_scale, eps,
     R: tl.constexpr, LOWP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -369,13 +378,14 @@ def _fmmformer_bwd_dq_kernel(
     softmax delta, and per-program partial sums of dL/dw_near and dL/dw_far, from the global
     states (P, PZ: `[B*H, 1, R, D, D]` in the matmul dtype, `[B*H, 1, R, D]` fp32).
 
-    The band's softmax delta w_near dO . Near is summed from the band's P and dO V^T (see
-    `_near_bwd_q`; stored with the rows' P scale in DELTA, PSCALE), as is
-    dL/dw_near = dO . Near: the forward keeps no Near, and nothing is divided by w_near."""
+    The band's softmax delta w_near dO . Near is summed from the band's P and dO V^T, its
+    softmax recomputed from the band's scores alone (see `_near_bwd_q`; the rows' statistics
+    stored in ROWMAX, PSCALE, DNEAR for the key side), as is dL/dw_near = dO . Near: the
+    forward keeps no Near, and nothing is divided by w_near."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    Q, K, V, DO, DQ, _, LSE, DELTA, DEN, DDEN, wn, wf = _bwd_head(
-        Q, K, V, DO, DQ, DQ, LSE, DELTA, DEN, DDEN, WN, WF, bh, N, H, R, D)
+    Q, K, V, DO, DQ, _, ROWMAX, DNEAR, DEN, DDEN, wn, wf = _bwd_head(
+        Q, K, V, DO, DQ, DQ, ROWMAX, DNEAR, DEN, DDEN, WN, WF, bh, N, H, R, D)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
 
@@ -399,11 +409,11 @@ def _fmmformer_bwd_dq_kernel(
             dq, dfar = _far_bwd_q(dq, dfar, q, eq, rq, do, wf, rows, N, sp, zp, eps, DEN, DDEN,
                                   which, LOWP, DOT_PREC)
         dwf += dfar
-        lse = tl.load(LSE + rows, mask=ok, other=0.0)
-        dq, dnear, delta, pscale = _near_bwd_q(dq, q, do, lse, K, V, m0, rows, ok, N,
-                                               bandwidth, bandwidth, qk_scale, sm_scale, wn,
-                                               BLOCK_M, BLOCK_N, D, DOT_PREC)
-        tl.store(DELTA + rows, delta, mask=ok)
+        dq, dnear, m, pscale = _near_bwd_q(dq, q, do, K, V, m0, rows, ok, N, bandwidth,
+                                           bandwidth, qk_scale, sm_scale, wn, BLOCK_M,
+                                           BLOCK_N, D, DOT_PREC)
+        tl.store(ROWMAX + rows, m, mask=ok)
+        tl.store(DNEAR + rows, dnear, mask=ok)
         tl.store(PSCALE + bh * N + rows, pscale, mask=ok)
         dwn += dnear
         tl.store(DQ + tile, dq.to(DQ.dtype.element_ty), mask=ok[:, None])
@@ -415,7 +425,7 @@ def _fmmformer_bwd_dq_kernel(
 
 @triton.jit
 def _fmmformer_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, PSCALE, DELTA, DEN, DDEN, DK, DV, U, UZ, WN, WF,
+    Q, K, V, DO, ROWMAX, PSCALE, DNEAR, DEN, DDEN, DK, DV, U, UZ, WN, WF,
     N, H, bandwidth, rows_per_program, qk_scale, sm_scale,
     R: tl.constexpr, LOWP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -424,8 +434,8 @@ def _fmmformer_bwd_dkdv_kernel(
     from the global dual states (U, UZ, laid out as the dq kernel's P, PZ)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    Q, K, V, DO, DK, DV, LSE, DELTA, DEN, DDEN, wn, _ = _bwd_head(
-        Q, K, V, DO, DK, DV, LSE, DELTA, DEN, DDEN, WN, WF, bh, N, H, R, D)
+    Q, K, V, DO, DK, DV, ROWMAX, DNEAR, DEN, DDEN, wn, _ = _bwd_head(
+        Q, K, V, DO, DK, DV, ROWMAX, DNEAR, DEN, DDEN, WN, WF, bh, N, H, R, D)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
 
@@ -439,7 +449,7 @@ def _fmmformer_bwd_dkdv_kernel(
         # [BLOCK_M, D]
         k = tl.load(K + tile, mask=ok[:, None], other=0.0)
         v = tl.load(V + tile, mask=ok[:, None], other=0.0)
-        dk, dv = _near_bwd_kv(k, v, Q, DO, LSE, PSCALE + bh * N, DELTA, n0, cols, ok, N,
+        dk, dv = _near_bwd_kv(k, v, Q, DO, ROWMAX, PSCALE + bh * N, DNEAR, n0, cols, ok, N,
                               bandwidth, bandwidth,
                               qk_scale, sm_scale, wn, BLOCK_M, BLOCK_N, D, DOT_PREC)
 
@@ -475,8 +485,9 @@ def _causal_bwd_map_passes(
     chunks = triton.cdiv(saved.states.shape[1], stride)
     rows = saved.chunk_rows * stride
     dq, dk, dv = (empty(q.shape, q.dtype, dev) for _ in range(3))
-    # delta and p_scale: the band's softmax delta and its rows' P scale (`_near_bwd_q`)
-    den, dden, dfar, delta, p_scale = (empty((bh, n), torch.float32, dev) for _ in range(5))
+    # The band's row statistics (`_near_bwd_q`): score max, 1 / l and dO . Near.
+    den, dden, dfar, row_max, p_scale, dnear = (
+        empty((bh, n), torch.float32, dev) for _ in range(6))
     u = empty((bh, chunks, 1, d, d), torch.float32, dev)
     uz = empty((bh, chunks, 1, d), torch.float32, dev)
     cfg_q, cfg_k = cfg.far_bwd_q, cfg.far_bwd_kv
@@ -499,12 +510,12 @@ def _causal_bwd_map_passes(
     # Per-program partial sums of dL/dw_near and dL/dw_far, reduced below in one launch.
     dw = empty((2, bh, tiles), torch.float32, dev)
     _fmmformer_band_bwd_q_kernel[(tiles, bh)](
-        q, k, v, do, saved.lse, p_scale, delta, dfar, dq, dw, wn, wf,
+        q, k, v, do, row_max, p_scale, dnear, dfar, dq, dw, wn, wf,
         n, h, bandwidth, qk_scale, sm_scale,
         BLOCK_M=band_q.block_m, BLOCK_N=band_q.block_n, D=d, DOT_PREC=prec, **band_q.launch(),
     )
     _fmmformer_band_bwd_kv_kernel[(triton.cdiv(n, band_kv.block_m), bh)](
-        q, k, v, do, saved.lse, p_scale, delta, dk, dv, wn, n, h, bandwidth, qk_scale, sm_scale,
+        q, k, v, do, row_max, p_scale, dnear, dk, dv, wn, n, h, bandwidth, qk_scale, sm_scale,
         BLOCK_M=band_kv.block_m, BLOCK_N=band_kv.block_n, D=d, DOT_PREC=prec,
         **band_kv.launch(),
     )
@@ -546,15 +557,15 @@ def fmmformer_bwd(
     rows_q = cfg_q.block_m * cfg_q.tiles_per_program
     rows_k = cfg_k.block_m * cfg_k.tiles_per_program
 
-    delta = empty((bh, n), torch.float32, dev)
-    p_scale = empty((bh, n), torch.float32, dev)  # the band's P scale, from the dq kernel
+    # The band's row statistics, from the dq kernel: score max, 1 / l and dO . Near.
+    row_max, p_scale, dnear = (empty((bh, n), torch.float32, dev) for _ in range(3))
     den = empty((bh, r, n), torch.float32, dev)
     dden = empty((bh, r, n), torch.float32, dev)
     grid_q = (triton.cdiv(n, rows_q), bh)
     # Per-program partial sums of dL/dw_near and dL/dw_far, reduced below in one launch.
     dw = empty((2, bh, grid_q[0]), torch.float32, dev)
     _fmmformer_bwd_dq_kernel[grid_q](
-        q, k, v, do, saved.lse, p_scale, delta, den, dden, dq, dw, saved.states,
+        q, k, v, do, row_max, p_scale, dnear, den, dden, dq, dw, saved.states,
         saved.states_z, wn, wf, n, h, bandwidth, rows_q, qk_scale, sm_scale, eps,
         R=r, LOWP=low, BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, D=d,
         DOT_PREC=prec, **cfg_q.launch(),
@@ -567,7 +578,7 @@ def fmmformer_bwd(
     u, uz = state_pass(q, do, r, False, rows, cfg, weights=(den, dden, wf), scratch=dk)
     grid_k = (triton.cdiv(n, rows_k), bh)
     _fmmformer_bwd_dkdv_kernel[grid_k](
-        q, k, v, do, saved.lse, p_scale, delta, den, dden, dk, dv, u, uz, wn, wf,
+        q, k, v, do, row_max, p_scale, dnear, den, dden, dk, dv, u, uz, wn, wf,
         n, h, bandwidth, rows_k, qk_scale, sm_scale,
         R=r, LOWP=low, BLOCK_M=cfg_k.block_m, BLOCK_N=cfg_k.block_n, D=d,
         DOT_PREC=prec, **cfg_k.launch(),

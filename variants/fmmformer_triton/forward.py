@@ -33,12 +33,13 @@ from variants.window_triton import query_tile_keys, window_fwd_inner
 
 
 @triton.jit
-def _near_fwd(q, K, V, m0, rows, ok, N, bandwidth, right, qk_scale, wn, LSE,
-              SAVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_V: tl.constexpr, D: tl.constexpr, DOT_PREC: tl.constexpr):
+def _near_fwd(q, K, V, m0, rows, ok, N, bandwidth, right, qk_scale, wn,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+              D: tl.constexpr, DOT_PREC: tl.constexpr):
     """w_near * Near for one query tile and BLOCK_V value columns (V starts at them):
     window_triton's online softmax over the key tiles that meet the band (masked edge tiles,
-    unmasked interior). SAVE stores the log2-domain log-sum-exp for the backward."""
+    unmasked interior). The backward recomputes the band's softmax from its own scores, so
+    nothing of it is saved."""
     lo, mid_lo, mid_hi, hi = query_tile_keys(m0, N, bandwidth, right, BLOCK_M, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -50,8 +51,6 @@ def _near_fwd(q, K, V, m0, rows, ok, N, bandwidth, right, qk_scale, wn, LSE,
                                       bandwidth, right, qk_scale, D, BLOCK_N, False, DOT_PREC)
     acc, m_i, l_i = window_fwd_inner(acc, m_i, l_i, q, K, V, rows, mid_hi, hi, N, bandwidth,
                                       right, qk_scale, D, BLOCK_N, True, DOT_PREC)
-    if SAVE:
-        tl.store(LSE + rows, m_i + tl.log2(l_i), mask=ok)
     return acc * (wn / l_i)[:, None]
 
 
@@ -66,13 +65,13 @@ def _far_apply(out, q, eq, s, z, wf, eps, L: tl.constexpr,
 
 
 @triton.jit
-def _fwd_head(Q, K, V, O, LSE, WN, WF, bh, v0, N, H, D: tl.constexpr):
+def _fwd_head(Q, K, V, O, WN, WF, bh, v0, N, H, D: tl.constexpr):
     """A forward program's pointers moved to its (batch, head) and value columns from v0, and
     that head's blend weights."""
     off = bh * N * D
     wn = tl.load(WN + bh % H).to(tl.float32)
     wf = tl.load(WF + bh % H).to(tl.float32)
-    return Q + off, K + off, V + off + v0, O + off + v0, LSE + bh * N, wn, wf
+    return Q + off, K + off, V + off + v0, O + off + v0, wn, wf
 
 
 @triton.jit
@@ -89,9 +88,9 @@ def qkv_tile(Q, K, V, m0, N, BLOCK_M: tl.constexpr, D: tl.constexpr):
 
 @triton.jit(do_not_specialize=["N", "bandwidth"])
 def _fmmformer_fwd_kernel(
-    Q, K, V, O, LSE, P, PZ, WN, WF,
+    Q, K, V, O, P, PZ, WN, WF,
     N, H, bandwidth, qk_scale, eps,
-    R: tl.constexpr, SAVE: tl.constexpr, LOWP: tl.constexpr, TILES: tl.constexpr,
+    R: tl.constexpr, LOWP: tl.constexpr, TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, D: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
@@ -102,7 +101,7 @@ def _fmmformer_fwd_kernel(
     pid = tl.program_id(0) // n_vb
     v0 = (tl.program_id(0) % n_vb) * BLOCK_V
     bh = tl.program_id(1).to(tl.int64)
-    Q, K, V, O, LSE, wn, wf = _fwd_head(Q, K, V, O, LSE, WN, WF, bh, v0, N, H, D)
+    Q, K, V, O, wn, wf = _fwd_head(Q, K, V, O, WN, WF, bh, v0, N, H, D)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     offs_v = tl.arange(0, BLOCK_V)
@@ -113,8 +112,8 @@ def _fmmformer_fwd_kernel(
         # [BLOCK_M, D]
         q = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
         tile = rows[:, None] * D + offs_v[None, :]
-        out = _near_fwd(q, K, V, m0, rows, ok, N, bandwidth, bandwidth, qk_scale, wn, LSE,
-                        SAVE, BLOCK_M, BLOCK_N, BLOCK_V, D, DOT_PREC)
+        out = _near_fwd(q, K, V, m0, rows, ok, N, bandwidth, bandwidth, qk_scale, wn,
+                        BLOCK_M, BLOCK_N, BLOCK_V, D, DOT_PREC)
         eq = exp_neg_abs(q)
         # The far states are loaded (L2 hits) after the band: loaded before it, they held
         # registers through it (measured no faster, and slower under a register cap).
@@ -129,20 +128,19 @@ def _fmmformer_fwd_kernel(
 
 @triton.jit(do_not_specialize=["N", "bandwidth"])
 def _fmmformer_band_kernel(
-    Q, K, V, O, LSE, WN, N, H, bandwidth, qk_scale,
-    SAVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    Q, K, V, O, WN, N, H, bandwidth, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """Causal map passes, first pass: o = w_near * Near, one query tile per program (SAVE:
-    and the log-sum-exp)."""
+    """Causal map passes, first pass: o = w_near * Near, one query tile per program."""
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
-    Q, K, V, O, LSE, wn, _ = _fwd_head(Q, K, V, O, LSE, WN, WN, bh, 0, N, H, D)
+    Q, K, V, O, wn, _ = _fwd_head(Q, K, V, O, WN, WN, bh, 0, N, H, D)
     rows = m0 + tl.arange(0, BLOCK_M)
     ok = rows < N
     tile = rows[:, None] * D + tl.arange(0, D)[None, :]
     q = tl.load(Q + tile, mask=ok[:, None], other=0.0)
-    out = _near_fwd(q, K, V, m0, rows, ok, N, bandwidth, 0, qk_scale, wn, LSE, SAVE,
+    out = _near_fwd(q, K, V, m0, rows, ok, N, bandwidth, 0, qk_scale, wn,
                     BLOCK_M, BLOCK_N, D, D, DOT_PREC)
     tl.store(O + tile, out.to(O.dtype.element_ty), mask=ok[:, None])
 
@@ -160,7 +158,7 @@ def _fmmformer_far_causal_kernel(
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     n_chunks = tl.num_programs(0)
-    Q, K, V, O, _, _, wf = _fwd_head(Q, K, V, O, O, WF, WF, bh, 0, N, H, D)
+    Q, K, V, O, _, wf = _fwd_head(Q, K, V, O, WF, WF, bh, 0, N, H, D)
     s, z = load_state(P, PZ, bh, c, n_chunks, 0, 0, 1, D, D)
     row_lo = c * rows_per_chunk
     row_hi = tl.minimum(row_lo + rows_per_chunk, N)
@@ -196,20 +194,20 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bandwidth: i
 
 
 def _causal_map_passes(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
     wn: torch.Tensor, wf: torch.Tensor, bandwidth: int, r: int, eps: float, save: bool,
     cfg: FMMConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, int] | None:
     """Causal forward into o: the band pass, then per far-field map its chunk prefix states
     (chunks for `far_programs_per_sm` programs per SM) and its pass adding w_far Far_l to o.
     Without `save` one map's states live at a time; with it every map's are kept for the
-    backward and returned with their chunk rows (and the band pass stores the log-sum-exp)."""
+    backward and returned with their chunk rows."""
     b, h, n, d = q.shape
     bh, dev = b * h, q.device
     tiles = cfg.band_causal
     _fmmformer_band_kernel[(triton.cdiv(n, tiles.block_m), bh)](
-        q, k, v, o, lse, wn, n, h, bandwidth, d**-0.5 * LOG2E,
-        SAVE=save, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, D=d, DOT_PREC=dot_prec(q.dtype),
+        q, k, v, o, wn, n, h, bandwidth, d**-0.5 * LOG2E,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, D=d, DOT_PREC=dot_prec(q.dtype),
         **tiles.launch(),
     )
     tiles = cfg.far_causal if save else cfg.far_causal_inference
@@ -258,7 +256,7 @@ def fmmformer_fwd(
         q, k, v: `[B, H, N, D]`, contiguous, fp16/bf16/fp32, D in 16/32/64/128.
         w_near, w_far: `[H]` blend weights.
         bandwidth, kernels, causal, eps: as `fmmformer_reference`.
-        save: also return what `fmmformer_bwd` needs (log-sum-exp and the states).
+        save: also return what `fmmformer_bwd` needs (the far-field states).
         out: optional preallocated `[B, H, N, D]` output.
         config: launch config (default `fmm_config(D, q.device)`).
     Returns:
@@ -272,10 +270,9 @@ def fmmformer_fwd(
     wf = w_far.detach().to(torch.float32).contiguous()
 
     o = out if out is not None else empty(q.shape, q.dtype, dev)
-    lse = empty((bh, n), torch.float32, dev) if save else o
     if causal:
-        kept = _causal_map_passes(q, k, v, o, lse, wn, wf, bandwidth, r, eps, save, cfg)
-        return o, (Saved(lse, *kept) if save else None)
+        kept = _causal_map_passes(q, k, v, o, wn, wf, bandwidth, r, eps, save, cfg)
+        return o, (Saved(*kept) if save else None)
     # The chunk partials live in o, which the main kernel writes only afterwards: as many
     # chunks as keep the GPU busy, at no memory beyond o.
     rows = state_chunk_rows(n, bh, r, d, q.numel() * q.element_size(), cfg)
@@ -284,10 +281,10 @@ def fmmformer_fwd(
     per_program, block_v = tiles.tiles_per_program, min(tiles.block_v, d)
     grid = (triton.cdiv(n, tiles.block_m * per_program) * (d // block_v), bh)
     _fmmformer_fwd_kernel[grid](
-        q, k, v, o, lse, states, states_z, wn, wf,
+        q, k, v, o, states, states_z, wn, wf,
         n, h, bandwidth, d**-0.5 * LOG2E, eps,
-        R=r, SAVE=save, LOWP=lowp(q.dtype), TILES=per_program, BLOCK_M=tiles.block_m,
+        R=r, LOWP=lowp(q.dtype), TILES=per_program, BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n, BLOCK_V=block_v, D=d, DOT_PREC=dot_prec(q.dtype),
         **tiles.launch(),
     )
-    return o, (Saved(lse, states, states_z, rows) if save else None)
+    return o, (Saved(states, states_z, rows) if save else None)

@@ -220,7 +220,6 @@ def dot_prec(dtype: torch.dtype) -> str:
 class Saved:
     """Forward results backward needs."""
 
-    lse: torch.Tensor  # [B*H, N] fp32, log2 domain
     # Non-causal: the global states ([B*H, 1, r, D, D] matmul dtype, [B*H, 1, r, D] fp32).
     # Causal: slot c holds the state of every key before chunk c (its exclusive prefix).
     states: torch.Tensor
