@@ -1,8 +1,8 @@
 """A rough estimate of how long a CPU sweep takes, from its cases' FLOP counts.
 
-Each case is costed as the calls its suite makes (time: warm-up plus the larger of the time
-budget and the minimum sample count; memory: two calls; accuracy: a few forwards plus float64
-references) at the rate this CPU reaches on a small exact attention in the run's dtype (which,
+Each case is costed as the calls its suite says it makes (`Suite.cost`: e.g. time, a warm-up
+plus the larger of the time budget and the minimum sample count; memory, two calls) at the rate
+this CPU reaches on a small exact attention in the run's dtype (which,
 unlike a bare matmul, includes the softmax and memory traffic attention spends its time on).
 Triton kernels on the CPU run in the interpreter, costed at a fixed slowdown. Good to a factor
 of a few: enough to warn before a sweep that would take hours.
@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from harness.suite import CaseCost, get_suite
 from harness.trial import MODE_FACTOR
 
 WARN_SECONDS = 600.0
@@ -53,18 +54,17 @@ def prepare_seconds(vc, shape, rate: float) -> float:
     return PREPARE_S + CALL_S + case_flops(vc, shape, "fwd") / rate
 
 
-def case_seconds(config, vc, shape, mode: str, suite: str, rate: float,
+def case_seconds(config, vc, shape, inputs: str, mode: str, suite: str, rate: float,
                  fp64_rate: float) -> float:
-    """Rough seconds one case of `suite` takes: the calls it makes at `rate` FLOP/s, float64
-    references at `fp64_rate`."""
-    call_s = CALL_S + case_flops(vc, shape, mode) / rate
-    if suite == "time":
-        return call_s + max(config.rep_ms / 1e3, config.min_samples * call_s)
-    if suite == "memory":
-        return 2 * call_s
-    # accuracy: forward, float64 reference(s), and the causal check's two forwards
-    fwd_s = CALL_S + case_flops(vc, shape, "fwd") / rate
-    return 3 * fwd_s + 2 * case_flops(vc, shape, "fwd") / fp64_rate
+    """Rough seconds one case of `suite` takes, as the suite costs it (`Suite.cost`) from
+    calls at `rate` FLOP/s and float64 references at `fp64_rate`."""
+    def call_s(call_mode: str) -> float:
+        return CALL_S + case_flops(vc, shape, call_mode) / rate
+
+    def fp64_s(call_mode: str) -> float:
+        return CALL_S + case_flops(vc, shape, call_mode) / fp64_rate
+
+    return get_suite(suite).cost(CaseCost(config, inputs, shape, mode, call_s, fp64_s))
 
 
 def estimate_seconds(sweep) -> float:
@@ -85,7 +85,7 @@ def estimate_seconds(sweep) -> float:
             slow = INTERPRETER_SLOWDOWN if interpret and interpreted(vc) else 1.0
             rate = rates[config.dtype] * 1e9 / slow
             total += prepare_seconds(vc, shape, rate)
-            total += sum(case_seconds(config, vc, shape, case.mode, suite, rate,
+            total += sum(case_seconds(config, vc, shape, name, case.mode, suite, rate,
                                       rates["fp64"] * 1e9) for case, suite in todo)
     return total
 

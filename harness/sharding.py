@@ -127,8 +127,8 @@ def group_costs(sweep) -> dict[Group, float]:
                 if refused:
                     cost = UNSUPPORTED_COST
                 else:
-                    cost = case_seconds(config, vc, shape, case.mode, suite, rate / slow,
-                                        fp64_rate)
+                    cost = case_seconds(config, vc, shape, name, case.mode, suite,
+                                        rate / slow, fp64_rate)
                     if group not in built:  # each group builds the variant once per shape
                         cost += prepare_seconds(vc, shape, rate / slow)
                         built.add(group)

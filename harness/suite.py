@@ -23,6 +23,8 @@ name it. `order` places the suite in listings, in a run and in the summary (buil
 10, memory 20, accuracy 30). `problems` (config -> [(inputs name, Shape)]) gives a suite its
 own problems instead of the sweep's lengths and input sources (it then runs alone), and
 `seeded` makes one case per seed of `--seeds` (the `task` suite trains models this way).
+`cost` (a `CaseCost` -> seconds) says roughly how long one case takes, in calls of the variant:
+the CPU size warning and the sharded sweep's balance read it (default: three calls).
 
 Built-in suites are the modules of the `suites` package (`suites.load_builtin_suites`); a
 `--plugin` file may register more, and families of variants (`harness.registry`).
@@ -74,6 +76,25 @@ class Summary:
 
 
 @dataclass(frozen=True)
+class CaseCost:
+    """What a suite's `cost` function gets about one case: the run's configuration, the case's
+    problem (inputs name, shape) and mode, and the rough seconds of one call of the variant in a
+    mode at the run's rate (`call_s`) and of its float64 reference (`fp64_s`)."""
+
+    config: object
+    inputs: str
+    shape: object
+    mode: str
+    call_s: Callable[[str], float]
+    fp64_s: Callable[[str], float]
+
+
+def few_calls(case: CaseCost) -> float:
+    """The cost of a suite that declares none: three calls of the case's mode."""
+    return 3 * case.call_s(case.mode)
+
+
+@dataclass(frozen=True)
 class Suite:
     """Everything the harness knows about one registered suite."""
 
@@ -94,6 +115,8 @@ class Suite:
     problems: Callable | None = None
     # True: one case per training seed (config.seed, + 1, ... config.seeds of them).
     seeded: bool = False
+    # Rough seconds of one case (see `CaseCost`).
+    cost: Callable[[CaseCost], float] = few_calls
 
     @property
     def primary_metric(self) -> Metric:
@@ -122,7 +145,7 @@ def register_suite(name: str, *, modes: tuple[str, ...], primary: str,
         metrics: every metric the run function may return.
         summary: the end-of-run tables, each of a declared metric.
         **options: `scaling`, `default`, `order`, `select_modes`, `description`, `problems`,
-            `seeded`.
+            `seeded`, `cost`.
     """
     declared = {m.name: m for m in metrics}
     problems = [f"mode '{m}' is not one of {', '.join(MODES)}" for m in modes if m not in MODES]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from harness.registry import EXACT, get_variant
-from harness.suite import MODES, Metric, Summary, register_suite
+from harness.suite import MODES, CaseCost, Metric, Summary, register_suite
 from harness.trial import Trial
 from suites.causality import METRIC as LEAK
 from suites.causality import check_causal
@@ -204,8 +204,16 @@ def accuracy_modes(requested: tuple[str, ...]) -> tuple[str, ...]:
     return ("fwd", *[m for m in ("fwd_bwd", "bwd") if m in requested][:1])
 
 
+def accuracy_cost(case: CaseCost) -> float:
+    """`fwd`: the output, its floor, the causal check's two forwards and the float64
+    reference; gradients: the measured ones, the floor's and the float64 reference's."""
+    if case.mode == "fwd":
+        return 4 * case.call_s("fwd") + case.fp64_s("fwd")
+    return 2 * case.call_s(case.mode) + case.fp64_s(case.mode)
+
+
 @register_suite("accuracy", modes=MODES, primary="floor_ratio", metrics=METRICS,
-                summary=SUMMARY, order=30, select_modes=accuracy_modes)
+                summary=SUMMARY, order=30, select_modes=accuracy_modes, cost=accuracy_cost)
 def run_accuracy(trial: Trial, mode: str) -> dict[str, float]:
     """`fwd`: rel_err_vs_reference, its floor, max_abs_err_vs_reference, rel_err_vs_softmax
     (and for bf16/fp16 rel_err_softmax_floor, exact attention's own error at that precision).

@@ -8,6 +8,7 @@ from harness.trial import Trial
 
 @register_suite(
     "memory", modes=MODES, primary="peak_mem_mib", scaling=True, order=20,
+    cost=lambda case: 2 * case.call_s(case.mode),  # a warm-up call and the measured one
     metrics=(Metric("peak_mem_mib", "MiB", label="peak memory"),),
     summary=(Summary("peak_mem_mib", "peak extra memory (MiB)", "{:.4g}"),),
 )

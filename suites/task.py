@@ -20,7 +20,7 @@ from harness.failures import Failure
 from harness.inputs import TASK_PREFIX
 from harness.memory import cpu_memory_supported, peak_extra_mib
 from harness.registry import Shape
-from harness.suite import Metric, Summary, register_suite
+from harness.suite import CaseCost, Metric, Summary, register_suite
 from harness.trial import Trial
 from suites.tasks.presets import Setting, settings_for
 from suites.tasks.train import Outcome, train
@@ -69,9 +69,21 @@ def write_curve(path: Path, outcome: Outcome) -> None:
         writer.writerows(outcome.curve)
 
 
+def task_cost(case: CaseCost) -> float:
+    """The setting's training steps, each a forward and backward of every layer's attention
+    and about as much again for the rest of the model."""
+    name = case.inputs.removeprefix(INPUTS_PREFIX)
+    setting = next(s for s in settings_for(case.config.preset, case.config.device,
+                                           case.config.tasks)
+                   if s.task == name and s.seq_len == case.shape.seq_len)
+    steps = setting.recipe.steps(setting.seq_len)
+    return steps * setting.recipe.layers * 2 * case.call_s("fwd_bwd")
+
+
 @register_suite(
     "task", modes=("fwd_bwd",), primary="accuracy", default=False, order=40,
     select_modes=lambda requested: ("fwd_bwd",), problems=task_problems, seeded=True,
+    cost=task_cost,
     metrics=(
         Metric("accuracy", "fraction", higher_is_better=True),
         Metric("bpc", "bits/char", label="bits per character"),

@@ -1,13 +1,19 @@
 """The time suite: median, p20, p80 per call, and the roofline figures derived from them."""
 from __future__ import annotations
 
-from harness.suite import MODES, Metric, Summary, register_suite
+from harness.suite import MODES, CaseCost, Metric, Summary, register_suite
 from harness.timing import time_closure
 from harness.trial import Trial
 
 
+def time_cost(case: CaseCost) -> float:
+    """A warm-up call, then the larger of the time budget and the minimum sample count."""
+    call = case.call_s(case.mode)
+    return call + max(case.config.rep_ms / 1e3, case.config.min_samples * call)
+
+
 @register_suite(
-    "time", modes=MODES, primary="time_ms", scaling=True, order=10,
+    "time", modes=MODES, primary="time_ms", scaling=True, order=10, cost=time_cost,
     metrics=(
         Metric("time_ms", "ms", label="time", band=("time_ms_p20", "time_ms_p80")),
         Metric("time_ms_p20", "ms"),

@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -14,8 +15,10 @@ import pytest
 import run_bench
 from harness.config import BenchConfig, ConfigError, RunOptions
 from harness.results import CASE_KEY
-from harness.sharding import Shard, assign, pin_gpu
+from harness import suite as suite_registry
+from harness.sharding import Shard, assign, group_costs, pin_gpu
 from harness.shardrun import ShardedSweep, make_sweep
+from harness.suite import get_suite
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN = REPO / "tests" / "plugins" / "dying_rank.py"
@@ -162,6 +165,20 @@ def test_every_case_runs_once_and_each_group_in_one_process(tmp_path, reference)
                     cases += 1
     assert cases == 18 and len(owners) == 3
     assert all(len(shards) == 1 for shards in owners.values())
+
+
+def test_group_costs_are_the_suites_own(monkeypatch, tmp_path, reference):
+    """The balance prices a case as its suite declares (`Suite.cost`), not by suite name."""
+    sweep = ShardedSweep(stored_config(reference), tmp_path / "run", Shard(0, 2),
+                         options=IN_PROCESS)
+    before = group_costs(sweep)
+    accuracy = get_suite("accuracy")
+    costly = replace(accuracy, cost=lambda case: 1000.0 if case.shape.seq_len == 64 else 0.0)
+    monkeypatch.setitem(suite_registry._SUITES, "accuracy", costly)
+    after = group_costs(sweep)
+    assert max(before.values()) < 100
+    assert set(after) == set(before)
+    assert all(1000 <= after[group] < 1000 + before[group] for group in before)
 
 
 def test_shares_are_balanced_and_cover_every_group_once():
