@@ -14,8 +14,6 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import torch
-
 from harness.failures import Failure
 from harness.inputs import TASK_PREFIX
 from harness.memory import cpu_memory_supported, peak_extra_mib

@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 
 import run_bench
+from harness import suite as suite_registry
 from harness.config import BenchConfig, ConfigError, RunOptions
 from harness.results import CASE_KEY
-from harness import suite as suite_registry
 from harness.sharding import Shard, assign, group_costs, pin_gpu
 from harness.shardrun import ShardedSweep, make_sweep
 from harness.suite import get_suite
