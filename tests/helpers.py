@@ -60,7 +60,8 @@ def nan_empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
 def import_graph(root: Path) -> dict[str, set[str]]:
     """Project module -> the project modules it imports (any depth; not `if TYPE_CHECKING`)."""
     files = {p: ".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
-             for top in ("harness", "suites", "variants", "studies") for p in (root / top).rglob("*.py")}
+             for top in ("harness", "suites", "variants", "studies")
+             for p in (root / top).rglob("*.py")}
     names = set(files.values())
     graph = {}
     for path, name in files.items():

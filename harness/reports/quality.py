@@ -4,6 +4,7 @@ GPU run's time; plus the README section holding them and the studies' sections o
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -102,7 +103,7 @@ def dropin_table(dropin: pd.DataFrame) -> pd.DataFrame:
 
 
 def section(run: Run, length: int | None, figures: list[Path], readme_dir: Path,
-            speed_note: str, studies: list[Section] = ()) -> str:
+            speed_note: str, studies: Sequence[Section] = ()) -> str:
     """The README's quality section (markdown) for `run`, with the `studies`' sections of it
     after its own tables."""
     rel = lambda p: Path(os.path.relpath(p, readme_dir)).as_posix()  # noqa: E731
