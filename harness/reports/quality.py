@@ -133,8 +133,8 @@ def section(run: Run, length: int | None, figures: list[Path], readme_dir: Path,
                   markdown_table(dropin_table(dropin)), ""]
     for part in studies:
         lines += section_lines(part, readme_dir)
-    for png in figures:
-        lines += [f"![{png.stem}]({rel(png)})", ""]
+    for link in figure_links(figures, readme_dir):
+        lines += [link, ""]
     if speed_note:
         lines += [speed_note, ""]
     return "\n".join(lines).rstrip() + "\n"
