@@ -14,10 +14,11 @@
     python run_bench.py --inputs minilm      # q, k, v of a real model's attention
     python run_bench.py --suite task --task mqar,listops,charlm --seeds 3   # trained quality
     python run_bench.py capture --model DIR --text FILE --seq-len N --out QKV.safetensors
-    python run_bench.py dropin | lowrank | quality   # real-attention quality (harness.realcli)
+    python run_bench.py dropin | quality     # real-attention quality (harness.realcli)
+    python run_bench.py lowrank --out RUN_DIR   # the FMMformer study's low-rank claim
     python run_bench.py tasks RUN_DIR        # quality table, claim check, plots of a task run
 
-`python run_bench.py plot|compare|report|targets --help` describes each report command.
+`python run_bench.py plot|compare|report|targets|lowrank --help` describes each report command.
 """
 from __future__ import annotations
 
@@ -46,10 +47,11 @@ from harness.shardrun import ShardedSweep, make_sweep, require_run_dir
 from harness.estimate import size_warning
 from harness.suite import MODES, SuiteError, all_suites, suite_names
 from harness.summary import summary_tables
+from studies import load_studies
 from suites import load_builtin_suites
 from variants import load_builtin_variants
 
-REAL_COMMANDS = ("capture", "dropin", "lowrank", "quality")  # harness.realcli
+REAL_COMMANDS = ("capture", "dropin", "quality")  # harness.realcli
 DEFAULT_ROOT = Path(__file__).resolve().parent / "results" / "runs"
 
 
@@ -292,10 +294,12 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] in REAL_COMMANDS:
             from harness.realcli import main as real_main
 
+            load_studies()  # their sections of the quality report
             return real_main(argv)
         if argv and not argv[0].startswith("-"):  # plot, compare, report, a study's command
             from harness.reports.cli import main as reports_main
 
+            load_studies()
             return reports_main(argv)
         load_builtin_suites()
         args = build_parser().parse_args(argv)

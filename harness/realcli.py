@@ -1,5 +1,6 @@
-"""Entry point for `run_bench.py capture | dropin | lowrank | quality`: argparse here, the work
-in harness.capture, harness.dropin, harness.lowrank and harness.reports.quality."""
+"""Entry point for `run_bench.py capture | dropin | quality`: argparse here, the work in
+harness.capture, harness.dropin and harness.reports.quality (with the registered studies'
+sections of the run, `harness.reports.study`)."""
 from __future__ import annotations
 
 import argparse
@@ -47,15 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help="texts per kind (default: 128 sentences, 40 passages)")
     drop.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     drop.set_defaults(func=_dropin)
-
-    low = sub.add_parser("lowrank", help="rank of A - band_k(A) of captured maps, the verdict "
-                                         "on the low-rank claim, and its figures")
-    low.add_argument("--out", type=Path, required=True, metavar="RUN_DIR")
-    low.add_argument("--inputs", default="minilm", help="minilm, smollm2 or file:PATH")
-    low.add_argument("--seq-len", type=int, help="N (default: the longest the inputs hold)")
-    low.add_argument("--head", help="LAYER,HEAD of the map figure (default: the head of median "
-                                    "residual energy at k=10)")
-    low.set_defaults(func=_lowrank)
 
     qual = sub.add_parser("quality", help="quality tables, quality-vs-speed plots, README part")
     qual.add_argument("run", type=Path, metavar="RUN_DIR")
@@ -151,54 +143,10 @@ def _dropin(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lowrank(args: argparse.Namespace) -> int:
-    from harness.inputs import source
-    from harness.lowrank import CLAIM_K, CLAIM_RANK, attention_maps, rank_summary
-    from harness.lowrank import residual_spectra, verdict
-    from harness.reports.quality import DECAY_FILE, LOWRANK_FILE
-    from harness.reports.realplots import map_band_residual, rank_histogram, singular_decay
-
-    src = source(args.inputs)
-    if not src.captured:
-        raise UsageError("lowrank needs captured inputs; valid: minilm, smollm2, file:PATH")
-    n = args.seq_len or src.dims[2]
-    src.check_length(n)
-    qkv = src.qkv(n)
-    maps = attention_maps(qkv)
-    ranks, decay = residual_spectra(maps)
-    ranks.insert(0, "inputs", src.name)
-    args.out.mkdir(parents=True, exist_ok=True)
-    ranks.to_csv(args.out / LOWRANK_FILE, index=False)
-    decay.to_csv(args.out / DECAY_FILE, index=False)
-    at_k = ranks[ranks["k"] == CLAIM_K]
-    if args.head:
-        try:
-            layer, head = (int(x) for x in args.head.split(","))
-        except ValueError:
-            raise UsageError(f"--head expects LAYER,HEAD, got '{args.head}'") from None
-        if not (0 <= layer < maps.shape[0] and 0 <= head < maps.shape[1]):
-            raise UsageError(f"--head {args.head} is outside {maps.shape[0]} layers x "
-                             f"{maps.shape[1]} heads")
-    else:  # a typical head: the one whose residual energy share at k=10 is the median
-        share = at_k["residual_energy"]
-        pick = at_k.iloc[(share - share.median()).abs().argsort().iloc[0]]
-        layer, head = int(pick["layer"]), int(pick["head"])
-    plots = args.out / "plots"
-    title = (f"{src.name}, layer {layer}, head {head}, N={n}"
-             f"{' (causal)' if qkv.causal else ''}")
-    map_band_residual(maps[layer, head], CLAIM_K, title, plots / "lowrank-map-band-residual")
-    rank_histogram(ranks, CLAIM_K, CLAIM_RANK, plots / "lowrank-rank-histogram")
-    singular_decay(decay, plots / "lowrank-decay")
-    print_table(rank_summary(ranks), f"rank of A - band_k(A), {src.name}, N={n}")
-    print_table(verdict(ranks), f"the claim r <= {CLAIM_RANK} at k = {CLAIM_K}")
-    print(f"wrote {args.out / LOWRANK_FILE} and figures to {plots}")
-    return 0
-
-
 def _quality(args: argparse.Namespace) -> int:
     from harness.reports.data import load_run
     from harness.reports.quality import dropin_rows, dropin_table, failed_cases, quality_table
-    from harness.reports.quality import lowrank_tables, rewrite_readme, section, speed_points
+    from harness.reports.quality import rewrite_readme, section, speed_points, study_sections
     from harness.reports.realplots import quality_vs_speed
 
     run = load_run(args.run)
@@ -213,10 +161,10 @@ def _quality(args: argparse.Namespace) -> int:
     dropin = dropin_rows(run.dir)
     if dropin is not None:
         print_table(dropin_table(dropin), "drop-in quality")
-    low = lowrank_tables(run.dir)
-    if low is not None:
-        print_table(low[0], "rank of A - band_k(A)")
-        print_table(low[1], "low-rank claim")
+    studies = study_sections(run)
+    for part in studies:
+        if part.table is not None:
+            print_table(part.table, part.title)
     figures, note = [], ""
     if args.speed_run:
         speed = load_run(args.speed_run)
@@ -257,6 +205,6 @@ def _quality(args: argparse.Namespace) -> int:
         print(f"wrote {len(figures)} figures to {plots}")
     if args.readme:
         rewrite_readme(args.readme, section(run, args.length, figures,
-                                            args.readme.resolve().parent, note))
+                                            args.readme.resolve().parent, note, studies))
         print(f"rewrote the quality section of {args.readme}")
     return 0

@@ -1,9 +1,11 @@
 """Shared test helpers: dense float64 ground truth built independently of the variants, the
-relative error every accuracy test uses, NaN-filled buffers and the devices a kernel test runs
-on."""
+relative error every accuracy test uses, NaN-filled buffers, the devices a kernel test runs
+on, and the project's import graph."""
 from __future__ import annotations
 
+import ast
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,3 +55,31 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def nan_empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """A NaN-filled buffer: what a kernel leaves unwritten shows up as NaN."""
     return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """Project module -> the project modules it imports (any depth; not `if TYPE_CHECKING`)."""
+    files = {p: ".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+             for top in ("harness", "suites", "variants", "studies")
+             for p in (root / top).rglob("*.py")}
+    names = set(files.values())
+    graph = {}
+    for path, name in files.items():
+        tree = ast.parse(path.read_text())
+        hidden = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                  and getattr(node.test, "id", "") == "TYPE_CHECKING"
+                  for b in node.body for n in ast.walk(b)}
+        found = set()
+        for node in ast.walk(tree):
+            if id(node) in hidden:
+                continue
+            targets = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                       [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+                       if isinstance(node, ast.ImportFrom) and not node.level else [])
+            for target in targets:
+                while target and target not in names:
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    found.add(target)
+        graph[name] = found
+    return graph

@@ -16,10 +16,11 @@ from harness.capture import QKV, CaptureError, capture_qkv, load_model, load_qkv
 from harness.capture import token_ids
 from harness.config import BenchConfig
 from harness.registry import Shape, all_variants
-from harness.lowrank import energy_rank, residual_spectra, verdict
 from harness.results import COLUMNS, ResultsWriter, load_details, load_results
 from harness.runner import Sweep
 from harness.text import heldout_sentences, prose
+from studies import load_studies
+from studies.fmmformer.lowrank import energy_rank, residual_spectra, verdict
 from variants import load_builtin_variants
 
 load_builtin_variants()
@@ -251,6 +252,65 @@ def test_lowrank_and_quality_commands(small_capture, tmp_path, capsys):
     assert "| minilm" not in text and "| False | window | 40 |" in text
     assert "Low-rank claim" in text and "quality-vs-speed.png" in text
     assert (run / "plots" / "quality-vs-speed.png").stat().st_size > 1000
+
+
+def captured_accuracy_run(root: Path) -> Path:
+    """A run directory with one variant's accuracy rows on captured inputs and a lowrank.csv."""
+    rows = [dict(zip(COLUMNS, ["r", "window", "window", "{}", "{}", "accuracy", "fwd", 2, 2, 40,
+                               32, "fp32", False, "cpu", "file:x", "", metric, value, "", "ok",
+                               ""]))
+            for metric, value in (("rel_err_vs_softmax_head_median", 0.25),
+                                  ("rel_err_vs_softmax_head_max", 0.5))]
+    root.mkdir()
+    pd.DataFrame(rows).to_csv(root / "results.csv", index=False)
+    pd.DataFrame({"inputs": "x", "k": 10, "layer": [0, 1], "head": 0, "seq_len": 40,
+                  "rank_90": [2, 3], "rank_99": [4, 9], "residual_energy": [0.5, 0.7]}
+                 ).to_csv(root / "lowrank.csv", index=False)
+    return root
+
+
+def test_quality_report_takes_sections_from_registered_studies(tmp_path, monkeypatch, capsys):
+    from harness import realcli
+    from harness.reports import study
+
+    run = captured_accuracy_run(tmp_path / "run")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- quality:start -->\n<!-- quality:end -->\n")
+    monkeypatch.setattr(study, "_STUDIES", {})
+    assert realcli.main(["quality", str(run), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "| file:x | False | window | 40 | 0.25 | 0.5 |" in text  # the harness's own table
+    assert "Low-rank" not in text and "rank of A" not in capsys.readouterr().out
+
+    figure = run / "plots" / "toy-figure.png"
+    figure.parent.mkdir()
+    figure.write_bytes(b"png")
+    table = pd.DataFrame({"head": [0, 1], "score": [0.125, 0.75]})
+    study.register_study("toy", quality_sections=lambda r: [
+        study.Section("Toy part", table, caption=f"(of {r.dir.name})"),
+        study.Section("Toy continued", table.tail(1), figures=(figure,))])(lambda r: [])
+    assert realcli.main(["quality", str(run), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    part = text[text.index("**Toy part**"):]
+    assert part.startswith("**Toy part** (of run)\n\n| head | score |\n|---|---|\n| 0 | 0.125 |")
+    assert "| 1 | 0.75 |\n\n| head | score |\n|---|---|\n| 1 | 0.75 |\n\n" in part
+    assert "![toy-figure](run/plots/toy-figure.png)\n" in part and "Toy continued" not in text
+    out = capsys.readouterr().out
+    assert "Toy part" in out and "Toy continued" in out
+
+
+def test_lowrank_command_is_the_fmmformer_studys(monkeypatch, capsys):
+    from harness.reports import study
+
+    load_studies()
+    with pytest.raises(SystemExit):
+        run_bench.main(["--help"])
+    assert "run_bench.py lowrank --out RUN_DIR" in capsys.readouterr().out
+    assert run_bench.main(["lowrank", "--help"]) == 0
+    assert "usage: run_bench.py lowrank" in capsys.readouterr().out
+    monkeypatch.setattr(study, "_STUDIES", {})  # without the study there is no such command
+    assert run_bench.main(["lowrank", "--help"]) == 2
+    assert "invalid choice: 'lowrank'" in capsys.readouterr().err
 
 
 def test_attention_free_model_is_an_error(tmp_path, capsys):

@@ -19,6 +19,7 @@ from harness.reports.readme import END, START
 from harness.results import COLUMNS, ResultsError
 from harness.suite import metric_unit
 from studies.fmmformer.claims import claim_check
+from tests.helpers import import_graph
 
 FMM = json.dumps({"bandwidth": 30, "blend": "sigmoid", "kernels": 3})
 META = {"run_id": "r1", "command": "python run_bench.py run", "preset": "fig6", "device": "cuda",
@@ -493,6 +494,17 @@ def test_a_study_plugs_its_tables_and_command_into_the_reports(tmp_path: Path, c
         assert main(["fastest"]) == 0 and "fastest: ok" in capsys.readouterr().out
     finally:
         unregister_study("toy")
+
+
+def test_the_harness_imports_no_study_and_holds_no_low_rank_claim() -> None:
+    repo = Path(__file__).resolve().parent.parent
+    studies = {module: sorted(t for t in targets if t.split(".")[0] == "studies")
+               for module, targets in import_graph(repo).items()
+               if module.split(".")[0] == "harness"}
+    assert {module: found for module, found in studies.items() if found} == {}
+    source = "\n".join(p.read_text() for p in (repo / "harness").rglob("*.py"))
+    for paper in ("CLAIM_K", "CLAIM_RANK", "r <= 5", "band_k", "lowrank"):
+        assert paper not in source, paper
 
 
 def test_best_exact_is_the_fastest_softmax_kernel_that_ran_and_passed_accuracy() -> None:

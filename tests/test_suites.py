@@ -1,6 +1,5 @@
 """Suites plug in: one file registers a suite (and a family) that runs, writes, summarizes and
 compares like the built-ins; registration and run-time errors are one line; no import circles."""
-import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from harness.results import COLUMNS
 from harness.suite import (
     Metric, SuiteError, get_suite, higher_is_better, metric_unit, register_suite, unregister_suite,
 )  # fmt: skip
+from tests.helpers import import_graph
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -120,33 +120,6 @@ def test_registration_errors_are_one_line():
         register_suite("time", modes=("fwd",), primary="m", metrics=(Metric("m", "x"),))(run)
     with pytest.raises(SuiteError, match="unknown suite 'speed'; valid: time, memory, accuracy"):
         get_suite("speed")
-
-
-def import_graph(root: Path) -> dict[str, set[str]]:
-    """Project module -> the project modules it imports (any depth; not `if TYPE_CHECKING`)."""
-    files = {p: ".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
-             for top in ("harness", "suites", "variants", "studies") for p in (root / top).rglob("*.py")}
-    names = set(files.values())
-    graph = {}
-    for path, name in files.items():
-        tree = ast.parse(path.read_text())
-        hidden = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
-                  and getattr(node.test, "id", "") == "TYPE_CHECKING"
-                  for b in node.body for n in ast.walk(b)}
-        found = set()
-        for node in ast.walk(tree):
-            if id(node) in hidden:
-                continue
-            targets = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                       [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
-                       if isinstance(node, ast.ImportFrom) and not node.level else [])
-            for target in targets:
-                while target and target not in names:
-                    target = target.rpartition(".")[0]
-                if target and target != name:
-                    found.add(target)
-        graph[name] = found
-    return graph
 
 
 def test_no_import_circles():

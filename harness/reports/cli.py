@@ -18,7 +18,6 @@ from harness.reports.plots import write_plots
 from harness.reports.readme import marker_span, rewrite, results_section, run_section
 from harness.reports.study import all_studies, print_sections, write_sections
 from harness.reports.tables import console, drop_constant, rich_table
-from studies import load_studies
 from suites import load_builtin_suites
 
 
@@ -32,8 +31,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of the report subcommands, the studies' options and commands included."""
-    load_studies()
+    """The parser of the report subcommands, the registered studies' options and commands
+    included."""
     parser = _Parser(prog="run_bench.py", description="Reports on attnbench results.")
     sub = parser.add_subparsers(dest="command", required=True)
 

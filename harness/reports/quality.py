@@ -1,19 +1,20 @@
 """Tables of real-attention quality from a run directory: per-variant accuracy over heads on
-captured inputs (results.csv), drop-in embedding similarity (dropin.csv), the low-rank verdict
-(lowrank.csv), and quality against a GPU run's time; plus the README section holding them."""
+captured inputs (results.csv), drop-in embedding similarity (dropin.csv), and quality against a
+GPU run's time; plus the README section holding them and the studies' sections of the run."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
-from harness.lowrank import CLAIM_K, CLAIM_RANK, rank_summary, verdict
 from harness.reports.data import Run
 from harness.reports.readme import ReadmeError
+from harness.reports.study import Section, all_studies, figure_links
 from harness.reports.tables import markdown_table
 
-DROPIN_FILE, LOWRANK_FILE, DECAY_FILE = "dropin.csv", "lowrank.csv", "lowrank_decay.csv"
+DROPIN_FILE = "dropin.csv"
 START, END = "<!-- quality:start -->", "<!-- quality:end -->"
 MEANING = (
     "What these numbers mean: how closely each variant, at its registered defaults and without "
@@ -63,13 +64,24 @@ def speed_points(quality: pd.DataFrame, speed: pd.DataFrame, x: str, n: int,
     return joined.dropna().reset_index()
 
 
-def lowrank_tables(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, int] | None:
-    """(rank summary per k, verdict, N) from the run's lowrank.csv, or None without one."""
-    path = Path(run_dir) / LOWRANK_FILE
-    if not path.is_file():
-        return None
-    ranks = pd.read_csv(path)
-    return rank_summary(ranks), verdict(ranks), int(ranks["seq_len"].max())
+def study_sections(run: Run) -> list[Section]:
+    """The sections the registered studies add to the quality report of `run`."""
+    return [s for study in all_studies() if study.quality_sections
+            for s in study.quality_sections(run)]
+
+
+def section_lines(part: Section, readme_dir: Path) -> list[str]:
+    """A study's section as README lines: its title in bold before its caption (a section
+    without a caption continues the one before it and shows no title), its table, its
+    markdown, its figures."""
+    lines = [f"**{part.title}** {part.caption}", ""] if part.caption else []
+    if part.table is not None:
+        lines += [markdown_table(part.table), ""]
+    if part.markdown.strip():
+        lines += [part.markdown.strip(), ""]
+    for link in figure_links(part.figures, readme_dir):
+        lines += [link, ""]
+    return lines
 
 
 def dropin_rows(run_dir: Path) -> pd.DataFrame | None:
@@ -91,8 +103,9 @@ def dropin_table(dropin: pd.DataFrame) -> pd.DataFrame:
 
 
 def section(run: Run, length: int | None, figures: list[Path], readme_dir: Path,
-            speed_note: str) -> str:
-    """The README's quality section (markdown) for `run`."""
+            speed_note: str, studies: Sequence[Section] = ()) -> str:
+    """The README's quality section (markdown) for `run`, with the `studies`' sections of it
+    after its own tables."""
     rel = lambda p: Path(os.path.relpath(p, readme_dir)).as_posix()  # noqa: E731
     meta = run.meta
     lines = ["## Quality on real attention", "",
@@ -118,20 +131,10 @@ def section(run: Run, length: int | None, figures: list[Path], readme_dir: Path,
                   "own; held-out sentences and passages of Python's documentation; a blank cell: "
                   "not run on that kind of text).", "",
                   markdown_table(dropin_table(dropin)), ""]
-    low = lowrank_tables(run.dir)
-    if low is not None:
-        summary, verdicts, n_maps = low
-        lines += [f"**Low-rank claim** (\"r <= {CLAIM_RANK} at k = {CLAIM_K}\"): rank of "
-                  "A - band_k(A) for 90% and 99% of its energy over the heads' maps at "
-                  f"N={n_maps}; "
-                  "`residual_energy_median`: the residual's share of the map's energy.", "",
-                  markdown_table(verdicts), "", markdown_table(summary), ""]
-        for name in ("lowrank-map-band-residual", "lowrank-rank-histogram"):
-            png = run.dir / "plots" / f"{name}.png"
-            if png.is_file():
-                lines += [f"![{name}]({rel(png)})", ""]
-    for png in figures:
-        lines += [f"![{png.stem}]({rel(png)})", ""]
+    for part in studies:
+        lines += section_lines(part, readme_dir)
+    for link in figure_links(figures, readme_dir):
+        lines += [link, ""]
     if speed_note:
         lines += [speed_note, ""]
     return "\n".join(lines).rstrip() + "\n"

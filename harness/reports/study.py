@@ -2,8 +2,8 @@
 
 The harness's own reports are generic (slopes, crossovers, compare, figures). A study asks a
 question of a run, e.g. whether a paper's claims hold, and answers with tables. It is one
-module (or package) of the top-level `studies` package, found by the report command, that
-registers its sections function::
+module (or package) of the top-level `studies` package, which `run_bench.py` imports before a
+report or quality command, that registers its sections function::
 
     @register_study("fmmformer")
     def sections(run: Run) -> list[Section]:
@@ -11,12 +11,15 @@ registers its sections function::
 
 `report` prints each section of each study for each run and writes them to `<study>.md` in the
 run's directory; with `--readme` the run's README part links to that file. A study may also
-add options to `report` (`report_options(parser)`, then `before_report(runs, args)` runs first)
-and its own subcommands (`commands(subparsers)`, each setting `func`).
+add options to `report` (`report_options(parser)`, then `before_report(runs, args)` runs first),
+its own subcommands (`commands(subparsers)`, each setting `func`), and sections of its own to
+the quality report of a run on real inputs (`quality_sections(run)`, printed and written into
+that report's README part).
 """
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,17 +32,26 @@ from harness.reports.tables import drop_constant, markdown_table, rich_table
 
 @dataclass(frozen=True)
 class Section:
-    """One part of a study's answer: a table with a title and a caption, or markdown text."""
+    """One part of a study's answer: a table with a title and a caption, markdown text, and
+    figures (image files)."""
 
     title: str
     table: pd.DataFrame | None = None
     caption: str = ""
     markdown: str = ""
+    figures: tuple[Path, ...] = ()
 
-    def as_markdown(self) -> str:
+    def as_markdown(self, base: Path) -> str:
+        """The section under a `###` heading; figures linked relative to the directory `base`."""
         body = markdown_table(drop_constant(self.table, CONFIG)) if self.table is not None else ""
-        parts = [f"### {self.title}", self.caption, body, self.markdown.strip()]
+        parts = [f"### {self.title}", self.caption, body, self.markdown.strip(),
+                 *figure_links(self.figures, base)]
         return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def figure_links(figures: tuple[Path, ...], base: Path) -> list[str]:
+    """Markdown images of `figures`, each named by its file stem and linked relative to `base`."""
+    return [f"![{p.stem}]({Path(os.path.relpath(p, base)).as_posix()})" for p in figures]
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,7 @@ class Study:
     report_options: Callable[[argparse.ArgumentParser], None] | None = None
     before_report: Callable[[list[Run], argparse.Namespace], None] | None = None
     commands: Callable[[argparse._SubParsersAction], None] | None = None
+    quality_sections: Callable[[Run], list[Section]] | None = None
 
     def file(self, run: Run) -> Path:
         """Where `report` writes this study's sections for `run`."""
@@ -63,7 +76,8 @@ _STUDIES: dict[str, Study] = {}
 def register_study(name: str, **hooks) -> Callable:
     """Decorator registering a study's sections function under `name` (one per study).
 
-    `hooks`: `report_options`, `before_report`, `commands` (see the module docstring).
+    `hooks`: `report_options`, `before_report`, `commands`, `quality_sections` (see the module
+    docstring).
     """
     def decorator(sections: Callable[[Run], list[Section]]) -> Callable:
         if name in _STUDIES:
@@ -95,6 +109,7 @@ def print_sections(out, sections: list[Section]) -> None:
 def write_sections(study: Study, run: Run, sections: list[Section]) -> Path:
     """Write a study's sections for `run` to its markdown file; returns the path."""
     path = study.file(run)
-    text = f"## {study.name}: {run.name}\n\n" + "\n".join(s.as_markdown() for s in sections)
+    text = f"## {study.name}: {run.name}\n\n" + "\n".join(s.as_markdown(path.parent)
+                                                          for s in sections)
     path.write_text(text)
     return path

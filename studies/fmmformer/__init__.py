@@ -1,9 +1,11 @@
-"""The FMMformer study: the paper's Figure 6 claims (`claims`) and the performance targets of
-the FMMformer and FMA Triton kernels (`targets`), evaluated on measured runs.
+"""The FMMformer study: the paper's Figure 6 claims (`claims`), the performance targets of
+the FMMformer and FMA Triton kernels (`targets`), evaluated on measured runs, and the paper's
+low-rank claim on captured attention maps (`lowrank`, `lowrank_plots`, `lowrank_report`).
 
 It adds to the report command: the claim check of each run (in `fmmformer.md` beside the run
 and linked from its README part), `report --targets-with RUN... --target-lengths N...`, and
-the `targets` command, which writes `targets.md` into the first run's directory.
+the `targets` command, which writes `targets.md` into the first run's directory; the `lowrank`
+command; and the low-rank verdict to the quality report of a run with lowrank.csv.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pandas as pd
 from harness.reports.data import Run, load_run
 from harness.reports.study import Section, register_study
 from harness.reports.tables import console, markdown_table, rich_table
+from studies.fmmformer import lowrank_report
 from studies.fmmformer.claims import CLAIM_RULE, claim_check
 from studies.fmmformer.targets import N_TARGET, accuracy_side_by_side, evaluate_targets
 
@@ -65,6 +68,7 @@ def commands(sub: argparse._SubParsersAction) -> None:
     targets.add_argument("--length", type=int, nargs="+", default=[N_TARGET],
                          help="N the targets are read at (several: one table each)")
     targets.set_defaults(func=_targets)
+    lowrank_report.add_command(sub)
 
 
 def _targets(args: argparse.Namespace) -> int:
@@ -74,7 +78,7 @@ def _targets(args: argparse.Namespace) -> int:
 
 
 @register_study("fmmformer", report_options=report_options, before_report=before_report,
-                commands=commands)
+                commands=commands, quality_sections=lowrank_report.quality_sections)
 def sections(run: Run) -> list[Section]:
     """The claim check of `run`, and its kernel targets when `targets.md` is beside it."""
     out = [Section("Claim check (FMMformer paper, Figure 6: rank 3 + band 30 vs softmax)",

@@ -1,5 +1,5 @@
-"""The low-rank claim on captured attention maps (FMMformer, seed 001): after removing the band
-of width k, the residual A - band_k(A) has very low numerical rank ("r <= 5 at k = 10").
+"""The FMMformer paper's low-rank claim on captured attention maps: after removing the band of
+width k, the residual A - band_k(A) has very low numerical rank ("r <= 5 at k = 10").
 
 A = softmax(q k^T / sqrt(D)) of each layer and head (causal maps when the capture is causal);
 band_k(A) keeps the entries with |i - j| <= k. The rank for a fraction f of the energy is the
@@ -16,6 +16,7 @@ BANDS = (0, 5, 10, 30)
 ENERGIES = (0.9, 0.99)
 CLAIM_K, CLAIM_RANK = 10, 5
 KEEP_SINGULAR = 64  # normalised singular values kept per map for the decay plot
+LOWRANK_FILE, DECAY_FILE = "lowrank.csv", "lowrank_decay.csv"  # in the run directory
 
 
 def attention_maps(qkv: QKV) -> torch.Tensor:
