@@ -1,7 +1,8 @@
 """Triton FMMformer against the float64 PyTorch reference: output and every gradient
 (q, k, v, w_near, w_far), odd N, causal and not, fp32, bf16 and fp16, with every kernel output
 buffer poisoned with NaN first. CPU runs use the Triton interpreter; `pytest -m cuda` runs the
-GPU cases. Timing: `benchmarks/fmmformer_triton.py`.
+GPU cases. Timing: `benchmarks/fmmformer_parts.py` (the kernels in parts) and
+`benchmarks/variant_times.py`.
 """
 from __future__ import annotations
 

@@ -196,6 +196,16 @@ def test_compare_improvement_and_higher_is_better_metric(tmp_path: Path) -> None
     assert compare_pair(tmp_path / "c", new, old, "--metric", "tflops") == 0
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_compare_metric_without_a_band_is_judged_on_its_values(tmp_path: Path, capsys) -> None:
+    """Memory has no p20/p80: a 20% larger peak is a regression, with no noise verdict and
+    no warning about the missing band."""
+    old = [row("fmmformer", "fmm", 1024, 100.0, suite="memory", metric="peak_mem_mib")]
+    new = [row("fmmformer", "fmm", 1024, 120.0, suite="memory", metric="peak_mem_mib")]
+    assert compare_pair(tmp_path, old, new, "--metric", "peak_mem_mib") == 1
+    assert "1 regressions" in capsys.readouterr().out
+
+
 def test_compare_newly_failing_case_and_one_sided_cases(tmp_path: Path, capsys) -> None:
     old = timed("fmmformer", "fmm", 1024, 10.0) + timed("window", "window", 1024, 1.0)
     new = [row("fmmformer", "fmm", 1024, status="error", reason="boom")]

@@ -1,7 +1,7 @@
 """Triton sliding-window attention against the PyTorch reference: output, logsumexp, gradients.
 
 CPU runs use the Triton interpreter; `pytest -m cuda` runs the GPU cases. Timing:
-`benchmarks/window_triton.py`.
+`benchmarks/variant_times.py window_triton`.
 """
 from __future__ import annotations
 

@@ -125,9 +125,10 @@ def compare_runs(
                                   bands["lo_new"] / bands["hi_old"])
         better_at_least = np.where(higher, bands["lo_new"] / bands["hi_old"],
                                    bands["lo_old"] / bands["hi_new"])
-    limit = 1 + threshold
-    slower = (worse > limit) & (~known | (worse_at_least > limit))
-    faster = (worse < 1 / limit) & (~known | (better_at_least > limit))
+        # Without bands (NaN) the comparisons are False and unused: ~known decides.
+        limit = 1 + threshold
+        slower = (worse > limit) & (~known | (worse_at_least > limit))
+        faster = (worse < 1 / limit) & (~known | (better_at_least > limit))
     table["noise"] = np.where(~known, "n/a", np.where(slower | faster, "beyond", "within"))
     table["change"] = np.select(
         [slower, faster, (worse > limit) | (worse < 1 / limit)],
