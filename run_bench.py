@@ -290,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == "tasks":
             from harness.reports.tasks import main as tasks_main
 
+            load_studies()  # their sections of the task report
             return tasks_main(argv[1:])
         if argv and argv[0] in REAL_COMMANDS:
             from harness.realcli import main as real_main

@@ -146,8 +146,9 @@ def _dropin(args: argparse.Namespace) -> int:
 def _quality(args: argparse.Namespace) -> int:
     from harness.reports.data import load_run
     from harness.reports.quality import dropin_rows, dropin_table, failed_cases, quality_table
-    from harness.reports.quality import rewrite_readme, section, speed_points, study_sections
+    from harness.reports.quality import rewrite_readme, section, speed_points
     from harness.reports.realplots import quality_vs_speed
+    from harness.reports.study import study_sections
 
     run = load_run(args.run)
     table = quality_table(run.df, args.length)
@@ -161,7 +162,7 @@ def _quality(args: argparse.Namespace) -> int:
     dropin = dropin_rows(run.dir)
     if dropin is not None:
         print_table(dropin_table(dropin), "drop-in quality")
-    studies = study_sections(run)
+    studies = study_sections(run, "quality_sections")
     for part in studies:
         if part.table is not None:
             print_table(part.table, part.title)

@@ -12,7 +12,10 @@ import torch
 
 import run_bench
 from harness.registry import unregister_variant
-from harness.reports.tasks import claim_check, quality_table, task_rows, write_report
+from harness.results import COLUMNS, RESULTS_FILE
+from harness.reports.tasks import quality_table, task_rows, write_report
+from studies import load_studies
+from studies.fmmformer.task_claims import claim_check
 from suites.tasks import charlm, listops, mqar
 from suites.tasks.catalog import make_task
 from suites.tasks.train import Recipe, train
@@ -188,6 +191,39 @@ def test_claim_check_reads_orderings_both_ways():
         "bpc softmax <= fmmformer <= linear", "verdict"] == "does not hold"
     table = quality_table(df).set_index("variant")
     assert table.loc["softmax", "charlm N=64 bpc"] == "1.100 ± 0.141"
+
+
+def write_task_run(root: Path, values: dict[tuple[str, str], list[float]]) -> Path:
+    """A run directory whose results.csv holds the task rows of `rows(values)`."""
+    fill = dict(run_id="t", params="{}", observed="{}", mode="fwd_bwd", batch=1, heads=1,
+                head_dim=16, dtype="fp32", causal=False, device="cpu", unit="", reason="")
+    root.mkdir()
+    rows(values).assign(**fill)[list(COLUMNS)].to_csv(root / RESULTS_FILE, index=False)
+    return root
+
+
+def test_the_claim_check_is_a_studys_section_of_the_task_report(tmp_path, monkeypatch, capsys):
+    from harness.reports import study
+
+    run = write_task_run(tmp_path / "run", {("softmax", "mqar"): [0.9, 0.7],
+                                            ("linear", "mqar"): [0.3]})
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- tasks:start -->\n<!-- tasks:end -->\n")
+    load_studies()
+    monkeypatch.setattr(study, "_STUDIES", {})
+    assert run_bench.main(["tasks", str(run), "--readme", str(readme)]) == 0
+    out = capsys.readouterr().out
+    assert "| linear | 0.300 |" in out and "| softmax | 0.800 ± 0.141 |" in out
+    assert "claim" not in (out + readme.read_text() + (run / "tasks.md").read_text()).lower()
+
+    done = subprocess.run([sys.executable, "run_bench.py", "tasks", str(run), "--readme",
+                           str(readme)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    verdict = ("| accuracy softmax >= linear | mqar N=64 | Zoology: attention solves MQAR, linear "
+               "attention does not | softmax 0.800 ± 0.141; linear 0.300 | holds |")
+    for text in (done.stdout, readme.read_text(), (run / "tasks.md").read_text()):
+        assert "| linear | 0.300 |" in text and "**Claim check** (means over seeds" in text
+        assert verdict in text
 
 
 SHORT_ONLY = """

@@ -11,7 +11,7 @@ import pandas as pd
 
 from harness.reports.data import Run
 from harness.reports.readme import ReadmeError
-from harness.reports.study import Section, all_studies, figure_links
+from harness.reports.study import Section, figure_links, section_lines
 from harness.reports.tables import markdown_table
 
 DROPIN_FILE = "dropin.csv"
@@ -62,26 +62,6 @@ def speed_points(quality: pd.DataFrame, speed: pd.DataFrame, x: str, n: int,
     times = times.groupby("variant")["value"].last().rename("time_ms")
     joined = quality.set_index("variant")[[x]].rename(columns={x: "x"}).join(times, how="inner")
     return joined.dropna().reset_index()
-
-
-def study_sections(run: Run) -> list[Section]:
-    """The sections the registered studies add to the quality report of `run`."""
-    return [s for study in all_studies() if study.quality_sections
-            for s in study.quality_sections(run)]
-
-
-def section_lines(part: Section, readme_dir: Path) -> list[str]:
-    """A study's section as README lines: its title in bold before its caption (a section
-    without a caption continues the one before it and shows no title), its table, its
-    markdown, its figures."""
-    lines = [f"**{part.title}** {part.caption}", ""] if part.caption else []
-    if part.table is not None:
-        lines += [markdown_table(part.table), ""]
-    if part.markdown.strip():
-        lines += [part.markdown.strip(), ""]
-    for link in figure_links(part.figures, readme_dir):
-        lines += [link, ""]
-    return lines
 
 
 def dropin_rows(run_dir: Path) -> pd.DataFrame | None:

@@ -13,8 +13,9 @@ report or quality command, that registers its sections function::
 run's directory; with `--readme` the run's README part links to that file. A study may also
 add options to `report` (`report_options(parser)`, then `before_report(runs, args)` runs first),
 its own subcommands (`commands(subparsers)`, each setting `func`), and sections of its own to
-the quality report of a run on real inputs (`quality_sections(run)`, printed and written into
-that report's README part).
+the quality report of a run on real inputs (`quality_sections(run)`) and to the report of a
+trained-task run (`task_sections(run)`), each printed and written into that report's README
+part after the report's own tables.
 """
 from __future__ import annotations
 
@@ -64,6 +65,7 @@ class Study:
     before_report: Callable[[list[Run], argparse.Namespace], None] | None = None
     commands: Callable[[argparse._SubParsersAction], None] | None = None
     quality_sections: Callable[[Run], list[Section]] | None = None
+    task_sections: Callable[[Run], list[Section]] | None = None
 
     def file(self, run: Run) -> Path:
         """Where `report` writes this study's sections for `run`."""
@@ -76,8 +78,8 @@ _STUDIES: dict[str, Study] = {}
 def register_study(name: str, **hooks) -> Callable:
     """Decorator registering a study's sections function under `name` (one per study).
 
-    `hooks`: `report_options`, `before_report`, `commands`, `quality_sections` (see the module
-    docstring).
+    `hooks`: `report_options`, `before_report`, `commands`, `quality_sections`,
+    `task_sections` (see the module docstring).
     """
     def decorator(sections: Callable[[Run], list[Section]]) -> Callable:
         if name in _STUDIES:
@@ -96,6 +98,27 @@ def unregister_study(name: str) -> None:
 def all_studies() -> list[Study]:
     """Every registered study, by name."""
     return [_STUDIES[name] for name in sorted(_STUDIES)]
+
+
+def study_sections(run: Run, hook: str) -> list[Section]:
+    """The sections the registered studies' `hook` (`quality_sections` or `task_sections`)
+    gives for `run`, study by study; studies without that hook give none."""
+    return [section for study in all_studies() if (sections := getattr(study, hook))
+            for section in sections(run)]
+
+
+def section_lines(part: Section, readme_dir: Path) -> list[str]:
+    """A study's section as README lines: its title in bold before its caption (a section
+    without a caption continues the one before it and shows no title), its table, its
+    markdown, its figures."""
+    lines = [f"**{part.title}** {part.caption}", ""] if part.caption else []
+    if part.table is not None:
+        lines += [markdown_table(part.table), ""]
+    if part.markdown.strip():
+        lines += [part.markdown.strip(), ""]
+    for link in figure_links(part.figures, readme_dir):
+        lines += [link, ""]
+    return lines
 
 
 def print_sections(out, sections: list[Section]) -> None:

@@ -1,6 +1,6 @@
 """Reports of the task suite: the quality table (variant x task, mean +- std over seeds), the
-claim check (the FMMformer and FMA papers' claims restated as orderings on these tasks), the
-quality-vs-speed plot and the learning curves, from one run directory.
+quality-vs-speed plot and the learning curves of one run directory, with the sections the
+registered studies add to it (`task_sections`, `harness.reports.study`).
 
     python run_bench.py tasks RUN_DIR [--readme README.md]
 
@@ -10,8 +10,8 @@ text replaces README's section between the `tasks` markers.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -22,30 +22,12 @@ from harness.reports.data import Run, load_run
 from harness.reports.quality import rewrite_readme
 from harness.reports.readme import ReadmeError
 from harness.reports.realplots import save
+from harness.reports.study import Section, figure_links, section_lines, study_sections
 from harness.reports.tables import markdown_table
 from harness.results import ResultsError
 
 MARKERS = ("<!-- tasks:start -->", "<!-- tasks:end -->")
 HIGHER_IS_BETTER = {"accuracy": True, "bpc": False}
-NOT_REPRODUCIBLE = (
-    "The papers' absolute numbers (Long Range Arena accuracies, WikiText-103 perplexity, enwik8 "
-    "bits per character) are not reproducible here: these are small models trained for a few "
-    "million tokens on generated data and the Python standard library, so only the direction "
-    "of each claim is tested."
-)
-# (claim, source, metric, task, ordering of families from best to worst)
-CLAIMS = (
-    ("bpc softmax <= fmmformer <= linear", "FMMformer: WikiText-103 perplexity 34.29 <= 36.11 "
-     "<= 38.40", "bpc", "charlm", ("softmax", "fmm", "linear")),
-    ("accuracy fmmformer >= linear", "FMMformer: LRA average above linear attention's", "accuracy",
-     "listops", ("fmm", "linear")),
-    ("accuracy fmmformer >= softmax", "FMMformer: LRA average 60.74 vs softmax 58.70",
-     "accuracy", "listops", ("fmm", "softmax")),
-    ("bpc fma <= fmmformer, linear, window", "FMA: beats other efficient methods on enwik8",
-     "bpc", "charlm", ("multipole", ("fmm", "linear", "window"))),
-    ("accuracy softmax >= linear", "Zoology: attention solves MQAR, linear attention does not",
-     "accuracy", "mqar", ("softmax", "linear")),
-)
 
 
 def task_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -93,47 +75,6 @@ def quality_table(rows: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame([{"variant": v, **{c: table[v].get(c, "") for c in columns.values()}}
                         for v in sorted(table)])
     return out
-
-
-def family_score(s: pd.DataFrame, setting: str, family: str, higher: bool):
-    """(variant, mean, std) of the family's best variant in `setting`, or None."""
-    rows = s[(s["setting"] == setting) & (s["family"] == family)]
-    if rows.empty:
-        return None
-    best = rows.loc[rows["mean"].idxmax() if higher else rows["mean"].idxmin()]
-    return best["variant"], best["mean"], best["std"]
-
-
-def claim_check(rows: pd.DataFrame) -> pd.DataFrame:
-    """Each claim at each setting of its task: the measured values and holds / does not hold
-    (on the means over seeds; a family's best variant stands for it)."""
-    s = scores(rows)
-    out = []
-    for claim, source, metric, task, order in CLAIMS:
-        higher = HIGHER_IS_BETTER[metric]
-        settings = sorted(s[s["task"] == task]["setting"].unique())
-        if not settings:
-            out.append({"claim": claim, "setting": task, "source": source,
-                        "measured": "not measured (task not in this run)", "verdict": "n/a"})
-        for setting in settings:
-            groups = [g if isinstance(g, tuple) else (g,) for g in order]
-            found = [[family_score(s, setting, f, higher) for f in g] for g in groups]
-            found = [[x for x in g if x] for g in found]
-            if any(not g for g in found):
-                out.append({"claim": claim, "setting": setting, "source": source,
-                            "measured": "not measured (a family is missing)", "verdict": "n/a"})
-                continue
-            holds = all(_better_or_equal(a[1], b[1], higher)
-                        for first, second in zip(found, found[1:]) for a in first for b in second)
-            measured = "; ".join(f"{v} {m:.3f}" + (f" ± {sd:.3f}" if sd == sd else "")
-                                 for g in found for v, m, sd in g)
-            out.append({"claim": claim, "setting": setting, "source": source,
-                        "measured": measured, "verdict": "holds" if holds else "does not hold"})
-    return pd.DataFrame(out, columns=["claim", "setting", "source", "measured", "verdict"])
-
-
-def _better_or_equal(a: float, b: float, higher: bool) -> bool:
-    return a >= b if higher else a <= b
 
 
 def plot_quality_vs_speed(rows: pd.DataFrame, path: Path) -> list[Path]:
@@ -187,8 +128,10 @@ def plot_curves(run_dir: Path, rows: pd.DataFrame, path: Path) -> list[Path]:
     return save(fig, path)
 
 
-def report_text(run: Run, rows: pd.DataFrame, figures: list[Path], base: Path) -> str:
-    """Markdown: what ran, the quality table, the claim check, the figures."""
+def report_text(run: Run, rows: pd.DataFrame, studies: Sequence[Section], figures: list[Path],
+                base: Path) -> str:
+    """Markdown: what ran, the quality table, the `studies`' sections, the figures (linked
+    relative to the directory `base`)."""
     meta = run.meta
     where = meta.get("gpu") or meta.get("device") or "unknown device"
     seeds = rows["seed"].nunique()
@@ -196,12 +139,11 @@ def report_text(run: Run, rows: pd.DataFrame, figures: list[Path], base: Path) -
              + (f", git `{str(meta['git_sha'])[:10]}`" if meta.get("git_sha") else "") + ".",
              "", f"Measured with `{meta.get('command', '?')}`.", "",
              "**Quality** (held-out; mean ± std over seeds; `accuracy` higher is better, `bpc` "
-             "bits per character lower is better):", "", markdown_table(quality_table(rows)), "",
-             "**Claim check** (means over seeds; a family's best variant stands for it). "
-             + NOT_REPRODUCIBLE, "", markdown_table(claim_check(rows)), ""]
-    for png in figures:
-        rel = Path(os.path.relpath(png, base)).as_posix()
-        lines += [f"![{png.stem}]({rel})", ""]
+             "bits per character lower is better):", "", markdown_table(quality_table(rows)), ""]
+    for part in studies:
+        lines += section_lines(part, base)
+    for link in figure_links(tuple(figures), base):
+        lines += [link, ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -215,10 +157,12 @@ def write_report(run_dir: Path, readme: Path | None = None) -> str:
     figures = [p for p in (plot_quality_vs_speed(rows, plots / "tasks-quality-vs-speed")
                            + plot_curves(run_dir, rows, plots / "tasks-curves"))
                if p.suffix == ".png"]
-    (Path(run_dir) / "tasks.md").write_text(report_text(run, rows, figures, Path(run_dir)))
+    studies = study_sections(run, "task_sections")
+    text = report_text(run, rows, studies, figures, Path(run_dir))
+    (Path(run_dir) / "tasks.md").write_text(text)
     if readme is not None:
-        rewrite_readme(readme, report_text(run, rows, figures, readme.parent), MARKERS)
-    return report_text(run, rows, figures, Path(run_dir))
+        rewrite_readme(readme, report_text(run, rows, studies, figures, readme.parent), MARKERS)
+    return text
 
 
 class _OneLine(argparse.ArgumentParser):

@@ -1,11 +1,14 @@
 """The FMMformer study: the paper's Figure 6 claims (`claims`), the performance targets of
-the FMMformer and FMA Triton kernels (`targets`), evaluated on measured runs, and the paper's
-low-rank claim on captured attention maps (`lowrank`, `lowrank_plots`, `lowrank_report`).
+the FMMformer and FMA Triton kernels (`targets`), evaluated on measured runs, the paper's
+low-rank claim on captured attention maps (`lowrank`, `lowrank_plots`, `lowrank_report`), and
+the FMMformer, FMA and Zoology quality claims restated as orderings on the trained tasks
+(`task_claims`).
 
 It adds to the report command: the claim check of each run (in `fmmformer.md` beside the run
 and linked from its README part), `report --targets-with RUN... --target-lengths N...`, and
 the `targets` command, which writes `targets.md` into the first run's directory; the `lowrank`
-command; and the low-rank verdict to the quality report of a run with lowrank.csv.
+command; the low-rank verdict to the quality report of a run with lowrank.csv; and the trained
+tasks' claim check to the `tasks` report.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import pandas as pd
 from harness.reports.data import Run, load_run
 from harness.reports.study import Section, register_study
 from harness.reports.tables import console, markdown_table, rich_table
-from studies.fmmformer import lowrank_report
+from studies.fmmformer import lowrank_report, task_claims
 from studies.fmmformer.claims import CLAIM_RULE, claim_check
 from studies.fmmformer.targets import N_TARGET, accuracy_side_by_side, evaluate_targets
 
@@ -78,7 +81,8 @@ def _targets(args: argparse.Namespace) -> int:
 
 
 @register_study("fmmformer", report_options=report_options, before_report=before_report,
-                commands=commands, quality_sections=lowrank_report.quality_sections)
+                commands=commands, quality_sections=lowrank_report.quality_sections,
+                task_sections=task_claims.task_sections)
 def sections(run: Run) -> list[Section]:
     """The claim check of `run`, and its kernel targets when `targets.md` is beside it."""
     out = [Section("Claim check (FMMformer paper, Figure 6: rank 3 + band 30 vs softmax)",
