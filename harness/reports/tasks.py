@@ -25,9 +25,10 @@ from harness.reports.realplots import save
 from harness.reports.study import Section, figure_links, section_lines, study_sections
 from harness.reports.tables import markdown_table
 from harness.results import ResultsError
+from harness.suite import get_suite, higher_is_better
+from suites import load_builtin_suites
 
 MARKERS = ("<!-- tasks:start -->", "<!-- tasks:end -->")
-HIGHER_IS_BETTER = {"accuracy": True, "bpc": False}
 
 
 def task_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -38,11 +39,16 @@ def task_rows(df: pd.DataFrame) -> pd.DataFrame:
     return rows
 
 
+def quality_metrics() -> list[str]:
+    """The task suite's held-out scores: the metrics of its summary (accuracy, bpc)."""
+    return [s.metric for s in get_suite("task").summary]
+
+
 def scores(rows: pd.DataFrame) -> pd.DataFrame:
     """Per (setting, variant): the task metric's mean, std and seed count over ok rows, and
     the mean attention time and training throughput."""
     ok = rows[rows["status"] == "ok"]
-    quality = ok[ok["metric"].isin(list(HIGHER_IS_BETTER))]
+    quality = ok[ok["metric"].isin(quality_metrics())]
     out = quality.groupby(["task", "setting", "seq_len", "variant", "family", "metric"])[
         "value"].agg(["mean", "std", "count"]).reset_index()
     for metric in ("attn_fwd_bwd_ms", "train_tokens_per_s"):
@@ -96,8 +102,8 @@ def plot_quality_vs_speed(rows: pd.DataFrame, path: Path) -> list[Path]:
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("attention fwd+bwd at the task's shape (ms)")
-        ax.set_ylabel(part["metric"].iloc[0] + (" (higher is better)" if HIGHER_IS_BETTER[
-            part["metric"].iloc[0]] else " (lower is better)"))
+        metric = part["metric"].iloc[0]
+        ax.set_ylabel(f"{metric} ({'higher' if higher_is_better(metric) else 'lower'} is better)")
         ax.set_title(setting, fontsize=10)
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
@@ -176,6 +182,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("run", type=Path, metavar="RUN_DIR")
     parser.add_argument("--readme", type=Path, help="rewrite this file's tasks section")
     args = parser.parse_args(argv)
+    load_builtin_suites()  # the task suite's metrics and their directions
     try:
         print(write_report(args.run, args.readme))
     except (ResultsError, ReadmeError) as exc:

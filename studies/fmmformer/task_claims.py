@@ -10,7 +10,8 @@ import pandas as pd
 
 from harness.reports.data import Run
 from harness.reports.study import Section
-from harness.reports.tasks import HIGHER_IS_BETTER, scores, task_rows
+from harness.reports.tasks import scores, task_rows
+from harness.suite import higher_is_better
 
 NOT_REPRODUCIBLE = (
     "The papers' absolute numbers (Long Range Arena accuracies, WikiText-103 perplexity, enwik8 "
@@ -66,7 +67,7 @@ def claim_check(rows: pd.DataFrame) -> pd.DataFrame:
     s = scores(rows)
     out = []
     for claim in CLAIMS:
-        higher = HIGHER_IS_BETTER[claim.metric]
+        higher = higher_is_better(claim.metric)
         entry = {"claim": claim.text, "source": claim.source}
         settings = sorted(s[s["task"] == claim.task]["setting"].unique())
         if not settings:
