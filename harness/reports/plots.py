@@ -300,13 +300,15 @@ def roofline_figure(df: pd.DataFrame, title: str, style: dict | None = None) -> 
     return fig
 
 
-def save(fig: Figure, stem: Path) -> list[Path]:
-    """Write `stem.png` and `stem.svg`; the SVG without a date or random ids (stable diffs)."""
+def save(fig: Figure, stem: Path, tight: bool = False) -> list[Path]:
+    """Write `stem.png` and `stem.svg`; the SVG without a date or random ids (stable diffs).
+    `tight`: cropped to the drawn area (labels placed outside the axes stay in)."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     png, svg = stem.parent / f"{stem.name}.png", stem.parent / f"{stem.name}.svg"
+    bbox = "tight" if tight else None
     with mpl.rc_context({"svg.hashsalt": "attnbench"}):
-        fig.savefig(png, dpi=120)
-        fig.savefig(svg, metadata={"Date": None})
+        fig.savefig(png, dpi=120, bbox_inches=bbox)
+        fig.savefig(svg, metadata={"Date": None}, bbox_inches=bbox)
     return [png, svg]
 
 

@@ -7,14 +7,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-
-def save(fig: Figure, path: Path) -> list[Path]:
-    """Write `path`.png and `path`.svg; returns both paths."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    out = [path.with_suffix(".png"), path.with_suffix(".svg")]
-    fig.savefig(out[0], dpi=130, bbox_inches="tight")
-    fig.savefig(out[1], bbox_inches="tight")
-    return out
+from harness.reports.plots import save
 
 
 def quality_vs_speed(points: pd.DataFrame, xlabel: str, title: str, path: Path) -> list[Path]:
@@ -31,4 +24,4 @@ def quality_vs_speed(points: pd.DataFrame, xlabel: str, title: str, path: Path) 
     ax.set_ylabel("time (ms)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
-    return save(fig, path)
+    return save(fig, path, tight=True)

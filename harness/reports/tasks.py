@@ -19,9 +19,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
 from harness.reports.data import Run, load_run
+from harness.reports.plots import save
 from harness.reports.quality import rewrite_readme
 from harness.reports.readme import ReadmeError
-from harness.reports.realplots import save
 from harness.reports.study import Section, figure_links, section_lines, study_sections
 from harness.reports.tables import markdown_table
 from harness.results import ResultsError
@@ -107,7 +107,7 @@ def plot_quality_vs_speed(rows: pd.DataFrame, path: Path) -> list[Path]:
         ax.set_title(setting, fontsize=10)
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    return save(fig, path)
+    return save(fig, path, tight=True)
 
 
 def plot_curves(run_dir: Path, rows: pd.DataFrame, path: Path) -> list[Path]:
@@ -131,7 +131,7 @@ def plot_curves(run_dir: Path, rows: pd.DataFrame, path: Path) -> list[Path]:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    return save(fig, path)
+    return save(fig, path, tight=True)
 
 
 def report_text(run: Run, rows: pd.DataFrame, studies: Sequence[Section], figures: list[Path],

@@ -11,7 +11,7 @@ import torch
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from harness.reports.realplots import save
+from harness.reports.plots import save
 from studies.fmmformer.lowrank import band_mask
 
 
@@ -32,7 +32,7 @@ def map_band_residual(a: torch.Tensor, k: int, title: str, path: Path) -> list[P
     axes[0].set_ylabel("query i")
     fig.colorbar(image, ax=axes, shrink=0.8, label="attention weight")
     fig.suptitle(title)
-    return save(fig, path)
+    return save(fig, path, tight=True)
 
 
 def rank_histogram(ranks: pd.DataFrame, k: int, claim: int, path: Path) -> list[Path]:
@@ -52,7 +52,7 @@ def rank_histogram(ranks: pd.DataFrame, k: int, claim: int, path: Path) -> list[
     n = int(at_k["seq_len"].iloc[0]) if len(at_k) else 0
     ax.set_title(f"Residual rank over {len(at_k)} heads, k={k}, N={n}")
     ax.legend()
-    return save(fig, path)
+    return save(fig, path, tight=True)
 
 
 def singular_decay(decay: pd.DataFrame, path: Path) -> list[Path]:
@@ -69,4 +69,4 @@ def singular_decay(decay: pd.DataFrame, path: Path) -> list[Path]:
     ax.set_ylabel("sigma_i / sigma_1 (median, 10-90%)")
     ax.set_title("Singular-value decay of A - band_k(A)")
     ax.legend()
-    return save(fig, path)
+    return save(fig, path, tight=True)
