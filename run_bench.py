@@ -32,34 +32,45 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from harness.config import DTYPES, PRESETS, BenchConfig, ConfigError, RunOptions
-from harness.config import default_device, flag, preset_config, validate, validate_options
-from harness.config import with_overrides
-from harness.plugins import load_plugins, plugin_path
+from harness.config import (
+    DTYPES,
+    PRESETS,
+    BenchConfig,
+    ConfigError,
+    RunOptions,
+    default_device,
+    flag,
+    preset_config,
+    validate,
+    validate_options,
+    with_overrides,
+)
+from harness.estimate import size_warning
 from harness.inputs import CHOICES as INPUT_CHOICES
 from harness.inputs import default_lengths
+from harness.plugins import load_plugins, plugin_path
 from harness.registry import RegistryError, all_variants
-from harness.results import META_FILE, RESULTS_FILE, ResultsError, load_existing, load_results
-from harness.results import finished_case_keys, read_meta
+from harness.results import (
+    META_FILE,
+    RESULTS_FILE,
+    ResultsError,
+    finished_case_keys,
+    load_existing,
+    load_results,
+    read_meta,
+)
 from harness.runner import new_run_dir
 from harness.sharding import current_shard, parse_shard, pin_gpu, stop_on_sigterm
 from harness.shardrun import ShardedSweep, make_sweep, require_run_dir
-from harness.estimate import size_warning
 from harness.suite import MODES, SuiteError, all_suites, suite_names
 from harness.summary import summary_tables
+from harness.usage import OneLineParser, UsageError, usage_error
 from studies import load_studies
 from suites import load_builtin_suites
 from variants import load_builtin_variants
 
 REAL_COMMANDS = ("capture", "dropin", "quality")  # harness.realcli
 DEFAULT_ROOT = Path(__file__).resolve().parent / "results" / "runs"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports bad input on one line and exits 2 (no usage dump)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def csv_list(kind):
@@ -319,9 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:
             load_plugins(config.plugins)
         sweep = make_sweep(config, run_dir, options, shard, resume=args.resume is not None)
-    except (RegistryError, ConfigError, ResultsError, SuiteError) as exc:
-        print(f"run_bench.py: error: {exc}", file=sys.stderr)
-        return 2
+    except (RegistryError, ConfigError, ResultsError, SuiteError, UsageError) as exc:
+        return usage_error(exc)
     except KeyboardInterrupt:
         print("interrupted before the sweep started", file=sys.stderr)
         return 130
@@ -331,8 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             print(warning, file=sys.stderr)
         sweep.run(["run_bench.py", *argv])
     except (RegistryError, ConfigError, ResultsError) as exc:
-        print(f"run_bench.py: error: {exc}", file=sys.stderr)
-        return 2
+        return usage_error(exc)
     except KeyboardInterrupt:
         print(interrupted_line(run_dir, sweep.rows_dir), file=sys.stderr)
         return 130

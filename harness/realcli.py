@@ -4,21 +4,12 @@ sections of the run, `harness.reports.study`)."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import pandas as pd
 
 from harness.reports.tables import console, rich_table
-
-
-class UsageError(ValueError):
-    """Bad command-line input (argparse's complaint, as one line)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse would print usage and exit(2)
-        raise UsageError(f"{self.prog}: {message}")
+from harness.usage import OneLineParser, UsageError, usage_error
 
 
 def print_table(df: pd.DataFrame, title: str) -> None:
@@ -26,7 +17,7 @@ def print_table(df: pd.DataFrame, title: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="run_bench.py", description="Quality on real attention.")
+    parser = OneLineParser(prog="run_bench.py", description="Quality on real attention.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     cap = sub.add_parser("capture", help="capture q, k, v of every attention layer of a model")
@@ -73,9 +64,7 @@ def main(argv: list[str]) -> int:
         return exc.code if isinstance(exc.code, int) else 0
     except (CaptureError, ConfigError, RegistryError, ResultsError, UsageError, ValueError,
             OSError) as exc:
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"run_bench.py: error: {message}", file=sys.stderr)
-        return 2
+        return usage_error(exc)
 
 
 def _capture(args: argparse.Namespace) -> int:
@@ -145,8 +134,15 @@ def _dropin(args: argparse.Namespace) -> int:
 
 def _quality(args: argparse.Namespace) -> int:
     from harness.reports.data import load_run
-    from harness.reports.quality import dropin_rows, dropin_table, failed_cases, quality_table
-    from harness.reports.quality import rewrite_readme, section, speed_points
+    from harness.reports.quality import (
+        dropin_rows,
+        dropin_table,
+        failed_cases,
+        quality_table,
+        rewrite_readme,
+        section,
+        speed_points,
+    )
     from harness.reports.realplots import quality_vs_speed
     from harness.reports.study import study_sections
 

@@ -105,6 +105,25 @@ def test_every_bad_input_is_one_line_exit_2(files, capsys):
     assert not (files / "x").exists() and not list(files.glob("**/results.csv"))
 
 
+# (arguments, the whole message after the prefix) of each kind of command
+COMMAND_BAD = [
+    (["--seq-lens", "12x"], "argument --seq-lens: expected a comma list of int, got '12x'"),
+    (["compare", "only_one"], "compare: the following arguments are required: NEW"),
+    (["plot", "/nonexistent/run"], "no results file at /nonexistent/run"),
+    (["quality"], "quality: the following arguments are required: RUN_DIR"),
+    (["tasks"], "tasks: the following arguments are required: RUN_DIR"),
+    (["lowrank", "--head", "1,1"], "lowrank: the following arguments are required: --out"),
+]
+
+
+def test_every_command_says_bad_input_the_same_way(capsys):
+    """The sweep, the report commands, the quality and task reports and a study's command:
+    one line, `run_bench.py: error:` then the subcommand's name (if any) and the message."""
+    for args, expected in COMMAND_BAD:
+        code, out, err = main(capsys, *args)
+        assert (code, out, err) == (2, "", f"run_bench.py: error: {expected}\n"), args
+
+
 def test_one_line_error_from_a_real_process(files):
     result = run_cli("--plugin", str(files / "raises.py"), "--device", "cpu")
     assert result.returncode == 2

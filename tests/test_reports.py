@@ -254,7 +254,7 @@ def test_compare_malformed_or_mismatched_exits_2(tmp_path: Path, capsys, case: s
             new = tmp_path / "absent.csv"
     assert main(["compare", str(old), str(new), *args]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error:") and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("run_bench.py: error:") and err.count("\n") == 1 and "Traceback" not in err
 
 
 @pytest.mark.parametrize("column, cell, problem", [

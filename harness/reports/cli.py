@@ -15,25 +15,17 @@ from harness.reports.committed import uncommitted_reason
 from harness.reports.compare import compare_runs, parse_threshold, print_comparison
 from harness.reports.data import BEST, CONFIG, Run, load_run, ok_values
 from harness.reports.plots import write_plots
-from harness.reports.readme import marker_span, rewrite, results_section, run_section
+from harness.reports.readme import marker_span, results_section, rewrite, run_section
 from harness.reports.study import all_studies, print_sections, write_sections
 from harness.reports.tables import console, drop_constant, rich_table
+from harness.usage import OneLineParser, UsageError, usage_error
 from suites import load_builtin_suites
-
-
-class UsageError(ValueError):
-    """Bad command-line input (argparse's complaint, as one line)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse would print usage and exit(2)
-        raise UsageError(f"{self.prog}: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the report subcommands, the registered studies' options and commands
     included."""
-    parser = _Parser(prog="run_bench.py", description="Reports on attnbench results.")
+    parser = OneLineParser(prog="run_bench.py", description="Reports on attnbench results.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     plot = sub.add_parser("plot", help="write a run's figures into RUN_DIR/plots")
@@ -85,9 +77,7 @@ def main(argv: list[str]) -> int:
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
     except (ValueError, OSError) as exc:  # ResultsError, ReadmeError, UsageError are ValueErrors
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        return usage_error(exc)
 
 
 def _check_plot_args(runs: list[Run], args: argparse.Namespace) -> None:

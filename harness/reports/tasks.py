@@ -9,8 +9,6 @@ text replaces README's section between the `tasks` markers.
 """
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from harness.reports.study import Section, figure_links, section_lines, study_se
 from harness.reports.tables import markdown_table
 from harness.results import ResultsError
 from harness.suite import get_suite, higher_is_better
+from harness.usage import OneLineParser, UsageError, usage_error
 from suites import load_builtin_suites
 
 MARKERS = ("<!-- tasks:start -->", "<!-- tasks:end -->")
@@ -171,21 +170,18 @@ def write_report(run_dir: Path, readme: Path | None = None) -> str:
     return text
 
 
-class _OneLine(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def main(argv: list[str]) -> int:
     """`run_bench.py tasks RUN_DIR [--readme FILE]`; 2 with one line on bad input."""
-    parser = _OneLine(prog="run_bench.py tasks", description="Reports of a task suite run.")
+    parser = OneLineParser(prog="run_bench.py tasks",
+                           description="Reports of a task suite run.")
     parser.add_argument("run", type=Path, metavar="RUN_DIR")
     parser.add_argument("--readme", type=Path, help="rewrite this file's tasks section")
-    args = parser.parse_args(argv)
     load_builtin_suites()  # the task suite's metrics and their directions
     try:
+        args = parser.parse_args(argv)
         print(write_report(args.run, args.readme))
-    except (ResultsError, ReadmeError) as exc:
-        print(f"run_bench.py tasks: error: {exc}", file=sys.stderr)
-        return 2
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
+    except (ResultsError, ReadmeError, UsageError) as exc:
+        return usage_error(exc)
     return 0

@@ -14,12 +14,20 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.reports.cli import UsageError
 from harness.reports.data import Run
 from harness.reports.study import Section
 from harness.reports.tables import console, rich_table
-from studies.fmmformer.lowrank import CLAIM_K, CLAIM_RANK, DECAY_FILE, LOWRANK_FILE
-from studies.fmmformer.lowrank import attention_maps, rank_summary, residual_spectra, verdict
+from harness.usage import UsageError
+from studies.fmmformer.lowrank import (
+    CLAIM_K,
+    CLAIM_RANK,
+    DECAY_FILE,
+    LOWRANK_FILE,
+    attention_maps,
+    rank_summary,
+    residual_spectra,
+    verdict,
+)
 from studies.fmmformer.lowrank_plots import map_band_residual, rank_histogram, singular_decay
 
 MAP_FIGURE, HISTOGRAM_FIGURE, DECAY_FIGURE = (
