@@ -151,14 +151,14 @@ def _quality(args: argparse.Namespace) -> int:
     if table.empty:
         raise UsageError(f"run {args.run} has no accuracy rows on captured inputs "
                          "(run it with --inputs minilm --suite accuracy)")
+    dropin = dropin_rows(run.dir)  # side tables read (and checked) before anything prints
+    studies = study_sections(run, "quality_sections")
     print_table(table, "rel_err_vs_softmax over (layer, head)")
     failed = failed_cases(run.df)
     if not failed.empty:
         print_table(failed, "cases that did not run")
-    dropin = dropin_rows(run.dir)
     if dropin is not None:
         print_table(dropin_table(dropin), "drop-in quality")
-    studies = study_sections(run, "quality_sections")
     for part in studies:
         if part.table is not None:
             print_table(part.table, part.title)

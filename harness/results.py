@@ -177,6 +177,28 @@ def load_results(path: str | Path) -> pd.DataFrame:
     return typed_results(df, path)
 
 
+def read_table(path: Path, columns: tuple[str, ...], numeric: tuple[str, ...] = ()
+               ) -> pd.DataFrame:
+    """A side table of a run (e.g. dropin.csv): read, with `columns` present and the
+    `numeric` ones numbers (empty cells allowed), else `ResultsError` in one line naming the
+    file (and the line and column of a bad cell)."""
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ResultsError(f"{path} is not a readable CSV: {str(exc).splitlines()[0]}") from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ResultsError(f"{path} lacks the column(s) {', '.join(missing)}")
+    for col in numeric:
+        bad = ~df[col].map(_is_float_or_empty)
+        if bad.any():
+            i = int(bad.to_numpy().argmax())
+            raise ResultsError(f"{path}:{i + 2}: column '{col}': {df[col].iloc[i]!r} is not a "
+                               "number")
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    return df
+
+
 def typed_results(df: pd.DataFrame, path: str | Path) -> pd.DataFrame:
     """Results read as text (`dtype=str, keep_default_na=False`), checked and typed as
     `load_results` returns them; `path` names the source in errors."""

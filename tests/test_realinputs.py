@@ -377,6 +377,25 @@ def test_bad_input_is_one_line_exit_2(tmp_path, small_capture, capsys):
         assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("name, edit, expected", [
+    ("dropin.csv", lambda text: text.replace("mean_cosine,", "", 1),
+     "dropin.csv lacks the column(s) mean_cosine"),
+    ("lowrank.csv", lambda text: text.replace("\nminilm,0,", "\nminilm,zero,", 1),
+     "lowrank.csv:2: column 'k': 'zero' is not a number"),
+], ids=["dropin-column", "lowrank-cell"])
+def test_malformed_side_table_is_one_line_before_any_table(tmp_path, capsys, name, edit,
+                                                           expected):
+    """A quality report whose drop-in or low-rank table is malformed prints nothing but one
+    error line, exit 2."""
+    run = tmp_path / "run"
+    shutil.copytree(REPO / "results" / "cpu_minilm", run)
+    (run / name).write_text(edit((run / name).read_text()))
+    load_studies()
+    assert run_bench.main(["quality", str(run)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and expected in err, err
+
+
 def test_packaged_model_missing_is_one_line_exit_2(monkeypatch, capsys):
     """A packaged model whose package is absent: one line naming the install command."""
     from harness import packaged

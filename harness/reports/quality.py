@@ -13,6 +13,7 @@ from harness.reports.data import Run
 from harness.reports.readme import ReadmeError
 from harness.reports.study import Section, figure_links, section_lines
 from harness.reports.tables import markdown_table
+from harness.results import read_table
 
 DROPIN_FILE = "dropin.csv"
 START, END = "<!-- quality:start -->", "<!-- quality:end -->"
@@ -64,18 +65,22 @@ def speed_points(quality: pd.DataFrame, speed: pd.DataFrame, x: str, n: int,
     return joined.dropna().reset_index()
 
 
+DROPIN_NUMBERS = ("mean_cosine", "min_cosine", "retrieval_at_1")
+
+
 def dropin_rows(run_dir: Path) -> pd.DataFrame | None:
+    """The run's drop-in rows (None without dropin.csv); `ResultsError` if it is malformed."""
     path = Path(run_dir) / DROPIN_FILE
-    return pd.read_csv(path, keep_default_na=False) if path.is_file() else None
+    if not path.is_file():
+        return None
+    return read_table(path, ("variant", "status", "texts", *DROPIN_NUMBERS), DROPIN_NUMBERS)
 
 
 def dropin_table(dropin: pd.DataFrame) -> pd.DataFrame:
     """Wide drop-in table: one row per variant, mean cosine and retrieval@1 per text kind."""
-    ok = dropin[dropin["status"] == "ok"].copy()
-    for col in ("mean_cosine", "min_cosine", "retrieval_at_1"):
-        ok[col] = pd.to_numeric(ok[col], errors="coerce")
-    wide = ok.pivot_table(index="variant", columns="texts",
-                          values=["mean_cosine", "min_cosine", "retrieval_at_1"], aggfunc="last")
+    ok = dropin[dropin["status"] == "ok"]
+    wide = ok.pivot_table(index="variant", columns="texts", values=list(DROPIN_NUMBERS),
+                          aggfunc="last")
     wide.columns = [f"{kind} {metric.replace('_', ' ')}" for metric, kind in wide.columns]
     order = sorted(wide.columns, key=lambda c: (c.split()[0] != "sentences", c))
     first = next((c for c in order if "mean cosine" in c), order[0])

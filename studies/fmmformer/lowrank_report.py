@@ -17,6 +17,7 @@ import pandas as pd
 from harness.reports.data import Run
 from harness.reports.study import Section
 from harness.reports.tables import console, rich_table
+from harness.results import read_table
 from harness.usage import UsageError
 from studies.fmmformer.lowrank import (
     CLAIM_K,
@@ -30,6 +31,8 @@ from studies.fmmformer.lowrank import (
 )
 from studies.fmmformer.lowrank_plots import map_band_residual, rank_histogram, singular_decay
 
+# The columns of lowrank.csv that the quality report reads, all numbers.
+RANK_NUMBERS = ("k", "seq_len", "rank_90", "rank_99", "residual_energy")
 MAP_FIGURE, HISTOGRAM_FIGURE, DECAY_FIGURE = (
     "lowrank-map-band-residual", "lowrank-rank-histogram", "lowrank-decay")
 
@@ -101,7 +104,7 @@ def quality_sections(run: Run) -> list[Section]:
     path = run.dir / LOWRANK_FILE
     if not path.is_file():
         return []
-    ranks = pd.read_csv(path)
+    ranks = read_table(path, RANK_NUMBERS, RANK_NUMBERS)
     figures = tuple(p for name in (MAP_FIGURE, HISTOGRAM_FIGURE)
                     if (p := run.dir / "plots" / f"{name}.png").is_file())
     caption = (f"(\"r <= {CLAIM_RANK} at k = {CLAIM_K}\"): rank of A - band_k(A) for 90% and "
