@@ -15,7 +15,7 @@ from harness.reports.analysis import crossover, crossovers, fit_slope, slopes
 from harness.reports.cli import main
 from harness.reports.data import load_run, tidy
 from harness.reports.plots import accuracy_figure, scaling_figure
-from harness.reports.readme import END, START
+from harness.reports.readme import END, START, marker_span
 from harness.results import COLUMNS, ResultsError
 from harness.suite import metric_unit
 from studies.fmmformer.claims import claim_check
@@ -392,6 +392,26 @@ def test_report_rewrites_readme_between_markers(tmp_path: Path, capsys) -> None:
     again = readme.read_text()
     assert main(["report", str(run), "--readme", str(readme)]) == 0
     assert readme.read_text() == again  # regenerating is idempotent
+
+
+def test_report_refuses_a_readme_whose_results_markers_enclose_another_section(
+        tmp_path: Path, capsys) -> None:
+    run, readme = committed_repo(tmp_path)
+    tasks = "<!-- tasks:start -->\n<!-- tasks:end -->\n"
+    readme.write_text(f"# top\n\n{START}\n## Trained tasks\n{tasks}{END}\n")
+    before = readme.read_text()
+    assert main(["report", str(run), "--readme", str(readme)]) == 2
+    err = capsys.readouterr().err
+    assert "<!-- tasks:start --> lies between" in err and err.count("\n") == 1
+    assert readme.read_text() == before
+
+
+def test_the_readme_generated_sections_do_not_nest() -> None:
+    """Each generated part of this repository's README can be rewritten without deleting
+    another (the results, quality and tasks markers)."""
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    for name in ("results", "quality", "tasks"):
+        marker_span(readme, (f"<!-- {name}:start -->", f"<!-- {name}:end -->"))
 
 
 @pytest.mark.parametrize("case", ["outside", "untracked", "modified", "ignored_plots"])

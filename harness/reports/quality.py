@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from harness.reports.data import Run
-from harness.reports.readme import ReadmeError
+from harness.reports.readme import rewrite
 from harness.reports.study import Section, figure_links, section_lines
 from harness.reports.tables import markdown_table
 from harness.results import read_table
@@ -127,11 +127,4 @@ def section(run: Run, length: int | None, figures: list[Path], readme_dir: Path,
 
 def rewrite_readme(readme: Path, text: str, markers: tuple[str, str] = (START, END)) -> None:
     """Replace the text between the `markers` (default: the quality ones) of `readme`."""
-    first, last = markers
-    if not readme.is_file():
-        raise ReadmeError(f"no README at {readme}")
-    body = readme.read_text()
-    start, end = body.find(first), body.find(last)
-    if start < 0 or end < start:
-        raise ReadmeError(f"{readme} needs the markers {first} and {last}, in that order")
-    readme.write_text(body[: start + len(first)] + "\n" + text + body[end:])
+    rewrite(readme, text, markers)

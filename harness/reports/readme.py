@@ -4,6 +4,7 @@ studies' answers."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -96,21 +97,29 @@ def results_section(sections: list[str], command: str) -> str:
                       "", *sections]).rstrip() + "\n"
 
 
-def marker_span(readme: Path) -> tuple[str, int, int]:
-    """The README's text and the offsets of its two markers (checked before any work is done).
+def marker_span(readme: Path, markers: tuple[str, str] = (START, END)) -> tuple[str, int, int]:
+    """The README's text and the offsets of its two `markers` (default: the results ones),
+    checked before any work is done.
 
-    Raises `ReadmeError` when the file is missing, or lacks a marker, or has them out of order.
+    Raises `ReadmeError` when the file is missing, lacks a marker, has them out of order, or
+    holds another generated section's marker between them (a rewrite would delete it).
     """
+    first, last = markers
     if not readme.is_file():
         raise ReadmeError(f"no README at {readme}")
     text = readme.read_text()
-    start, end = text.find(START), text.find(END)
+    start, end = text.find(first), text.find(last)
     if start < 0 or end < start:
-        raise ReadmeError(f"{readme} needs the markers {START} and {END}, in that order")
+        raise ReadmeError(f"{readme} needs the markers {first} and {last}, in that order")
+    inside = re.search(r"<!-- [\w-]+:(start|end) -->", text[start + len(first):end])
+    if inside:
+        raise ReadmeError(f"{readme}: {inside.group(0)} lies between {first} and {last}; "
+                          "rewriting that part would delete it (move its section out)")
     return text, start, end
 
 
-def rewrite(readme: Path, section: str) -> None:
-    """Replace the text between the results markers in `readme` with `section`."""
-    text, start, end = marker_span(readme)
-    readme.write_text(text[: start + len(START)] + "\n" + section + text[end:])
+def rewrite(readme: Path, section: str, markers: tuple[str, str] = (START, END)) -> None:
+    """Replace the text between `markers` (default: the results ones) in `readme` with
+    `section`."""
+    text, start, end = marker_span(readme, markers)
+    readme.write_text(text[: start + len(markers[0])] + "\n" + section + text[end:])
