@@ -2,10 +2,10 @@
 
 Each case is costed as the calls its suite says it makes (`Suite.cost`: e.g. time, a warm-up
 plus the larger of the time budget and the minimum sample count; memory, two calls) at the rate
-this CPU reaches on a small exact attention in the run's dtype (which,
-unlike a bare matmul, includes the softmax and memory traffic attention spends its time on).
-Triton kernels on the CPU run in the interpreter, costed at a fixed slowdown. Good to a factor
-of a few: enough to warn before a sweep that would take hours.
+this CPU reaches on a small exact attention in the run's dtype (which, unlike a bare matmul,
+includes the softmax and memory traffic attention spends its time on). Triton kernels on the
+CPU run in the interpreter, costed at a fixed slowdown. Good to a factor of a few: enough to
+warn before a sweep that would take hours.
 """
 from __future__ import annotations
 
