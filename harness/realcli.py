@@ -135,14 +135,15 @@ def _dropin(args: argparse.Namespace) -> int:
 def _quality(args: argparse.Namespace) -> int:
     from harness.reports.data import load_run
     from harness.reports.quality import (
+        MARKERS,
         dropin_rows,
         dropin_table,
         failed_cases,
         quality_table,
-        rewrite_readme,
         section,
         speed_points,
     )
+    from harness.reports.readme import rewrite
     from harness.reports.realplots import quality_vs_speed
     from harness.reports.study import study_sections
 
@@ -201,7 +202,7 @@ def _quality(args: argparse.Namespace) -> int:
                 "are the stricter test.")
         print(f"wrote {len(figures)} figures to {plots}")
     if args.readme:
-        rewrite_readme(args.readme, section(run, args.length, figures,
-                                            args.readme.resolve().parent, note, studies))
+        rewrite(args.readme, section(run, args.length, figures, args.readme.resolve().parent,
+                                     note, studies), MARKERS)
         print(f"rewrote the quality section of {args.readme}")
     return 0

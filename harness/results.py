@@ -169,12 +169,16 @@ def load_results(path: str | Path) -> pd.DataFrame:
         path = path / RESULTS_FILE
     if not path.is_file():
         raise ResultsError(f"no results file at {path}")
+    return typed_results(read_text_csv(path), path)
+
+
+def read_text_csv(path: Path) -> pd.DataFrame:
+    """Every cell as text (`keep_default_na=False`: the status "nan" is a word here, not a
+    missing value); `ResultsError` in one line when it is no readable CSV."""
     try:
-        # keep_default_na=False: the status "nan" is a word here, not a missing value.
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise ResultsError(f"{path} is not a readable CSV: {str(exc).splitlines()[0]}") from None
-    return typed_results(df, path)
 
 
 def read_table(path: Path, columns: tuple[str, ...], numeric: tuple[str, ...] = ()
@@ -182,19 +186,13 @@ def read_table(path: Path, columns: tuple[str, ...], numeric: tuple[str, ...] = 
     """A side table of a run (e.g. dropin.csv): read, with `columns` present and the
     `numeric` ones numbers (empty cells allowed), else `ResultsError` in one line naming the
     file (and the line and column of a bad cell)."""
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ResultsError(f"{path} is not a readable CSV: {str(exc).splitlines()[0]}") from None
+    df = read_text_csv(path)
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise ResultsError(f"{path} lacks the column(s) {', '.join(missing)}")
+    check_column_cells(df, path, {col: (_is_float_or_empty, "is not a number")
+                                  for col in numeric})
     for col in numeric:
-        bad = ~df[col].map(_is_float_or_empty)
-        if bad.any():
-            i = int(bad.to_numpy().argmax())
-            raise ResultsError(f"{path}:{i + 2}: column '{col}': {df[col].iloc[i]!r} is not a "
-                               "number")
         df[col] = pd.to_numeric(df[col], errors="coerce")
     return df
 
@@ -219,12 +217,17 @@ def typed_results(df: pd.DataFrame, path: str | Path) -> pd.DataFrame:
 def check_cells(df: pd.DataFrame, path: Path) -> None:
     """Raise `ResultsError` at the first cell of value, status, causal or a size column that
     does not parse: `file:line: column 'value': 'abc' is not a number`."""
-    checks = {
+    check_column_cells(df, path, {
         "value": (_is_float_or_empty, "is not a number"),
         "status": (lambda c: c in STATUSES, f"is not a status ({', '.join(STATUSES)})"),
         "causal": (lambda c: c.strip().lower() in BOOL_CELLS, "is not True or False"),
         **{col: (_is_positive_int, "is not a positive integer") for col in INT_CELLS},
-    }
+    })
+
+
+def check_column_cells(df: pd.DataFrame, path: Path, checks: dict) -> None:
+    """`checks`: {column: (cell -> ok, what a bad cell is)}; `ResultsError` at the first bad
+    cell, naming the file, its line and the column."""
     for col, (ok, problem) in checks.items():
         bad = ~df[col].map(ok)
         if bad.any():

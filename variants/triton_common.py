@@ -193,6 +193,30 @@ def phi_grad(x, e, r, which):
 
 
 @triton.jit
+def softmax_bwd_head(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, y_ptr, lse_ptr, delta_ptr, bh, N,
+                     HEAD_DIM: tl.constexpr):
+    """A softmax backward program's pointers moved to head `bh`: q, k, v, dO, the kernel's own
+    two `[N, HEAD_DIM]` tensors x, y, and the per-row lse and delta."""
+    head = bh * N * HEAD_DIM
+    return (q_ptr + head, k_ptr + head, v_ptr + head, do_ptr + head, x_ptr + head,
+            y_ptr + head, lse_ptr + bh * N, delta_ptr + bh * N)
+
+
+@triton.jit
+def softmax_kv_cols(k_ptr, v_ptr, n0, N, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key tile of a softmax dK/dV program (pointers already at its head): its offsets,
+    mask and tile offsets, k and v."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < N
+    kv_offs = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    # [BLOCK_N, HEAD_DIM]
+    kt = tl.load(k_ptr + kv_offs, mask=col_ok[:, None], other=0.0)
+    vt = tl.load(v_ptr + kv_offs, mask=col_ok[:, None], other=0.0)
+    return offs_n, offs_d, col_ok, kv_offs, kt, vt
+
+
+@triton.jit
 def softmax_dq_rows(q_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, m0, N,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """The query rows of a softmax dq program (pointers already at its head): their offsets,

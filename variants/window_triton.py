@@ -30,7 +30,9 @@ from variants.triton_common import (
     dot,
     empty,
     fastest,
+    softmax_bwd_head,
     softmax_dq_rows,
+    softmax_kv_cols,
     unsupported_shape,
 )
 from variants.window import WINDOW_PARAMS, WINDOW_SHORT, check_bandwidth, window_flops
@@ -264,15 +266,8 @@ def _window_bwd_dq_kernel(
 ):
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
-    head = bh * N * HEAD_DIM
-    q_ptr += head
-    k_ptr += head
-    v_ptr += head
-    o_ptr += head
-    do_ptr += head
-    dq_ptr += head
-    lse_ptr += bh * N
-    delta_ptr += bh * N
+    q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, dq_ptr, lse_ptr, delta_ptr = softmax_bwd_head(
+        q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, dq_ptr, lse_ptr, delta_ptr, bh, N, HEAD_DIM)
 
     offs_m, _, row_ok, qo_offs, q, do, delta, lse2 = softmax_dq_rows(
         q_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, m0, N, HEAD_DIM, BLOCK_M)
@@ -344,23 +339,9 @@ def _window_bwd_dkdv_kernel(
 ):
     n0 = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1).to(tl.int64)
-    head = bh * N * HEAD_DIM
-    q_ptr += head
-    k_ptr += head
-    v_ptr += head
-    do_ptr += head
-    dk_ptr += head
-    dv_ptr += head
-    lse_ptr += bh * N
-    delta_ptr += bh * N
-
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    col_ok = offs_n < N
-    kv_offs = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    # [BLOCK_N, HEAD_DIM]
-    kt = tl.load(k_ptr + kv_offs, mask=col_ok[:, None], other=0.0)
-    vt = tl.load(v_ptr + kv_offs, mask=col_ok[:, None], other=0.0)
+    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr = softmax_bwd_head(
+        q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, bh, N, HEAD_DIM)
+    offs_n, _, col_ok, kv_offs, kt, vt = softmax_kv_cols(k_ptr, v_ptr, n0, N, HEAD_DIM, BLOCK_N)
 
     if CAUSAL:
         right = 0

@@ -10,13 +10,12 @@ from pathlib import Path
 import pandas as pd
 
 from harness.reports.data import Run
-from harness.reports.readme import rewrite
 from harness.reports.study import Section, figure_links, section_lines
 from harness.reports.tables import markdown_table
 from harness.results import read_table
 
 DROPIN_FILE = "dropin.csv"
-START, END = "<!-- quality:start -->", "<!-- quality:end -->"
+MARKERS = ("<!-- quality:start -->", "<!-- quality:end -->")
 MEANING = (
     "What these numbers mean: how closely each variant, at its registered defaults and without "
     "training (FMMformer's blend weights at their initial 0.5 and 0.5, FMA's average pooling), "
@@ -123,8 +122,3 @@ def section(run: Run, length: int | None, figures: list[Path], readme_dir: Path,
     if speed_note:
         lines += [speed_note, ""]
     return "\n".join(lines).rstrip() + "\n"
-
-
-def rewrite_readme(readme: Path, text: str, markers: tuple[str, str] = (START, END)) -> None:
-    """Replace the text between the `markers` (default: the quality ones) of `readme`."""
-    rewrite(readme, text, markers)

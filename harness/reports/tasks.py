@@ -18,8 +18,7 @@ from matplotlib.ticker import NullFormatter
 
 from harness.reports.data import Run, load_run
 from harness.reports.plots import save
-from harness.reports.quality import rewrite_readme
-from harness.reports.readme import ReadmeError
+from harness.reports.readme import ReadmeError, rewrite
 from harness.reports.study import Section, figure_links, section_lines, study_sections
 from harness.reports.tables import markdown_table
 from harness.results import ResultsError
@@ -166,7 +165,7 @@ def write_report(run_dir: Path, readme: Path | None = None) -> str:
     text = report_text(run, rows, studies, figures, Path(run_dir))
     (Path(run_dir) / "tasks.md").write_text(text)
     if readme is not None:
-        rewrite_readme(readme, report_text(run, rows, studies, figures, readme.parent), MARKERS)
+        rewrite(readme, report_text(run, rows, studies, figures, readme.parent), MARKERS)
     return text
 
 

@@ -11,19 +11,17 @@ import triton
 import triton.language as tl
 
 from variants.fma_triton.configs import LaunchConfig, fma_config
-from variants.fma_triton.forward import check_inputs, coarse_tile, common, near_range, near_mask
+from variants.fma_triton.forward import check_inputs, coarse_tile, common, near_mask, near_range
 from variants.fma_triton.plan import fma_plan
-from variants.triton_common import LOG2E, LOG2E_C, dot, empty, softmax_dq_rows
-
-
-@triton.jit
-def _bwd_head(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, y_ptr, lse_ptr, delta_ptr, bh, N,
-              HEAD_DIM: tl.constexpr):
-    """A backward program's pointers moved to head `bh`: q, k, v, dO, the kernel's own two
-    `[N, HEAD_DIM]` tensors x, y, and the per-row lse and delta."""
-    head = bh * N * HEAD_DIM
-    return (q_ptr + head, k_ptr + head, v_ptr + head, do_ptr + head, x_ptr + head,
-            y_ptr + head, lse_ptr + bh * N, delta_ptr + bh * N)
+from variants.triton_common import (
+    LOG2E,
+    LOG2E_C,
+    dot,
+    empty,
+    softmax_bwd_head,
+    softmax_dq_rows,
+    softmax_kv_cols,
+)
 
 
 @triton.jit(do_not_specialize=["N", "N_SLOTS"])
@@ -36,7 +34,7 @@ def _fma_bwd_dq_kernel(
 ):
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
-    q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, dq_ptr, lse_ptr, delta_ptr = _bwd_head(
+    q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, dq_ptr, lse_ptr, delta_ptr = softmax_bwd_head(
         q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, dq_ptr, lse_ptr, delta_ptr, bh, N, HEAD_DIM)
     ck_ptr += bh * TOTAL_ROWS * HEAD_DIM
     cv_ptr += bh * TOTAL_ROWS * HEAD_DIM
@@ -123,16 +121,10 @@ def _fma_bwd_dkdv_kernel(
 ):
     n0 = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1).to(tl.int64)
-    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr = _bwd_head(
+    q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr = softmax_bwd_head(
         q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, bh, N, HEAD_DIM)
-
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    col_ok = offs_n < N
-    kv_offs = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    # [BLOCK_N, HEAD_DIM]
-    kt = tl.load(k_ptr + kv_offs, mask=col_ok[:, None], other=0.0)
-    vt = tl.load(v_ptr + kv_offs, mask=col_ok[:, None], other=0.0)
+    offs_n, offs_d, col_ok, kv_offs, kt, vt = softmax_kv_cols(k_ptr, v_ptr, n0, N, HEAD_DIM,
+                                                              BLOCK_N)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
