@@ -22,24 +22,44 @@ from harness.reports.study import Section, register_study
 from harness.reports.tables import console, markdown_table, rich_table
 from studies.fmmformer import lowrank_report, task_claims
 from studies.fmmformer.claims import CLAIM_RULE, claim_check
-from studies.fmmformer.targets import N_TARGET, accuracy_side_by_side, evaluate_targets
+from studies.fmmformer.targets import (
+    N_TARGET,
+    TargetsError,
+    accuracy_side_by_side,
+    evaluate_targets,
+)
 
 TARGETS_FILE = "targets.md"
 
 
+def roofline_run(runs: list[Run]) -> Run:
+    """The run whose roofline the targets use: the first that measured one (else the first).
+    `TargetsError` when the runs name different GPUs: their rows and rooflines do not pool."""
+    gpus = sorted({str(r.meta["gpu"]) for r in runs if r.meta.get("gpu")})
+    if len(gpus) > 1:
+        raise TargetsError(f"runs {', '.join(r.name for r in runs)} were measured on different "
+                           f"GPUs ({', '.join(gpus)}); targets pool runs of one GPU")
+    return next((r for r in runs if r.meta.get("roofline")), runs[0])
+
+
 def write_targets(runs: list[Run], lengths: list[int], show: bool = True) -> Path:
-    """Evaluate the kernel targets on the pooled rows of `runs`, one table per length, and
-    write them with FMA vs FMMformer accuracy to targets.md in the first run's directory."""
+    """Evaluate the kernel targets on the pooled rows of `runs` (one configuration and one GPU,
+    else `TargetsError`; a case measured in several runs takes the last one's row), one table
+    per length, and write them with FMA vs FMMformer accuracy to targets.md in the first run's
+    directory."""
     rows = pd.concat([r.df for r in runs], ignore_index=True)
     names = ", ".join(r.name for r in runs)
+    roofline = roofline_run(runs)
+    tables = [(n, evaluate_targets(rows, roofline.meta, n), accuracy_side_by_side(rows, n))
+              for n in lengths]  # every length checked before anything is shown or written
     parts = []
-    for n in lengths:
-        table = evaluate_targets(rows, runs[0].meta, n)
-        accuracy = accuracy_side_by_side(rows, n)
+    for n, table, accuracy in tables:
         if show:
             console().print(rich_table(table, title=f"Kernel targets at N={n}"))
             console().print(rich_table(accuracy, title=f"FMA vs FMMformer accuracy at N={n}"))
-        parts.append(f"### Kernel targets at N={n} (runs: {names})\n\n{markdown_table(table)}"
+        parts.append(f"### Kernel targets at N={n} (runs: {names}; roofline of {roofline.name}; "
+                     "column runs: where each target's values come from)\n\n"
+                     f"{markdown_table(table)}"
                      f"\n\n### FMA vs FMMformer accuracy at N={n}\n\n"
                      f"{markdown_table(accuracy)}\n")
     path = runs[0].dir / TARGETS_FILE

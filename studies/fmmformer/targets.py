@@ -1,35 +1,61 @@
 """Performance targets of the FMMformer and FMA Triton kernels, evaluated from a run's rows.
 
-Every target is read off the results CSV of one run (bf16, B=1, H=16, D=64, N=65536 by
-default) and the roofline in its meta.json; nothing here is hard-coded but the targets
-themselves.
+Every target is read off the rows of one configuration (device, dtype, batch, heads, head_dim
+and inputs; bf16, B=1, H=16, D=64 at N=65536 by default) and the roofline of the run's
+meta.json; rows of several configurations at the target length are refused (`TargetsError`),
+so a target's halves never come from different problems. Nothing here is hard-coded but the
+targets themselves.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 N_TARGET = 65536
 MIB = 2**20
+CONFIGURATION = ("device", "dtype", "batch", "heads", "head_dim", "inputs")
+
+
+class TargetsError(ValueError):
+    """Rows that do not make one configuration to read the targets on (one-line message)."""
+
+
+def one_configuration(df: pd.DataFrame, n: int) -> pd.DataFrame:
+    """The rows (at every length) of the one configuration measured at length `n`;
+    `TargetsError` naming the configurations when the rows at `n` hold several."""
+    key = pd.Series([" ".join(map(str, row))
+                     for row in df[list(CONFIGURATION)].itertuples(index=False)], index=df.index)
+    found = key[df.seq_len == n].unique()
+    if len(found) > 1:
+        raise TargetsError(f"the rows at N={n} hold {len(found)} configurations "
+                           f"({'; '.join(sorted(found))}; columns {' '.join(CONFIGURATION)}): "
+                           "targets are read on one; pool runs of one configuration")
+    return df[key.isin(found)]
 
 
 @dataclass(frozen=True)
 class Lookup:
-    """Reads single measured values out of one run's tidy rows."""
+    """Reads single measured values out of tidy rows of one configuration (`one_configuration`);
+    a case measured in several pooled runs takes the last one's row. `sources` collects the
+    run ids of the rows read."""
 
     df: pd.DataFrame
     meta: dict
     n: int = N_TARGET
+    sources: set[str] = field(default_factory=set)
 
     def value(self, variant: str, metric: str, mode: str = "fwd", causal: bool = False,
               n: int | None = None) -> float | None:
         rows = self.df[(self.df.variant == variant) & (self.df.metric == metric)
                        & (self.df["mode"] == mode) & (self.df.causal == causal)
                        & (self.df.seq_len == (n or self.n)) & (self.df.status == "ok")]
-        return float(rows.value.iloc[-1]) if len(rows) else None
+        if rows.empty:
+            return None
+        self.sources.add(str(rows.run_id.iloc[-1]))
+        return float(rows.value.iloc[-1])
 
     def time(self, variant: str, mode: str = "fwd", causal: bool = False, n: int | None = None):
         return self.value(variant, "time_ms", mode, causal, n)
@@ -53,6 +79,7 @@ class Lookup:
                        & (self.df.status == "ok") & self.df.seq_len.between(lo, self.n)]
         if not {lo, self.n} <= set(rows.seq_len):  # a slope needs both ends measured
             return None
+        self.sources.update(rows.run_id.astype(str))
         return float(np.polyfit(np.log2(rows.seq_len), np.log2(rows.value), 1)[0])
 
 
@@ -154,13 +181,21 @@ TARGETS: list[Target] = [
 
 
 def evaluate_targets(df: pd.DataFrame, meta: dict, n: int = N_TARGET) -> pd.DataFrame:
-    """One row per target: group, target, measured, required, verdict."""
-    look = Lookup(df, meta, n)
-    return pd.DataFrame([t.evaluate(look) for t in TARGETS])
+    """One row per target: group, target, measured, required, verdict, and the runs its
+    measured values come from; the rows are those of the one configuration at length `n`
+    (`TargetsError` if several), the roofline is `meta`'s."""
+    rows = one_configuration(df, n)
+    out = []
+    for target in TARGETS:
+        look = Lookup(rows, meta, n)
+        out.append({**target.evaluate(look), "runs": ", ".join(sorted(look.sources))})
+    return pd.DataFrame(out)
 
 
 def accuracy_side_by_side(df: pd.DataFrame, n: int = N_TARGET) -> pd.DataFrame:
-    """rel_err_vs_softmax of the FMA and FMMformer variants at length n, side by side."""
+    """rel_err_vs_softmax of the FMA and FMMformer variants at length n (rows of its one
+    configuration), side by side."""
+    df = one_configuration(df, n)
     rows = df[(df.metric.isin(["rel_err_vs_softmax", "rel_err_softmax_floor"]))
               & (df.family.isin(["fmm", "multipole"])) & (df.seq_len == n) & (df.status == "ok")]
     table = rows.pivot_table(index=["variant", "causal"], columns="metric", values="value",
