@@ -6,6 +6,12 @@ normalised, as sentence-transformers configures this model) are compared with th
 model's. Sentences run one length-bucket at a time (all sentences of one token count in one
 batch), so no padding mask is needed: the variants take none. Variants run non-causal: the
 model is a bidirectional encoder.
+
+Every variant call is also checked against exact attention of the same q, k, v by the accuracy
+suite's rule (`suites.accuracy.verdict`: error against float64 exact attention at most
+FLOOR_FACTOR times exact attention's own error in the variant's dtype), so a row says on how
+many of its texts the variant computed exact attention in every layer: there its embedding
+measures nothing of its approximation.
 """
 from __future__ import annotations
 
@@ -16,9 +22,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from harness.registry import Shape, VariantConfig
+from harness.registry import EXACT, Shape, VariantConfig, get_variant
+from suites.accuracy import FLOOR_FACTOR, relative_error, verdict
 
 ATTN_IMPL = "attnbench_variant"
+COLUMNS = ("variant", "family", "dtype", "count", "tokens_min", "tokens_max", "mean_cosine",
+           "min_cosine", "retrieval_at_1", "exact_texts", "status", "reason")
 _ACTIVE: list = []  # the attention callable of the model being run (one at a time)
 
 
@@ -41,11 +50,29 @@ def _variant_attention(module, query, key, value, attention_mask, **kwargs):
     return out.transpose(1, 2).contiguous(), None
 
 
+def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Non-causal exact softmax attention in the dtype of `q`: the registry's exact variant's
+    math, as the accuracy suite computes it."""
+    rows = torch.arange(q.shape[-2], device=q.device)
+    return get_variant(EXACT).rows_reference(q, k, v, rows, False)
+
+
+def floor_ratio(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> float:
+    """Error of `out` against exact attention of `q, k, v` in float64, over exact attention's
+    own error in the dtype of `q` (the accuracy suite's floor ratio)."""
+    exact = exact_attention(q.double(), k.double(), v.double())
+    low = exact_attention(q, k, v)
+    return verdict({"o": relative_error(out, exact)}, {"o": relative_error(low, exact)})[0]
+
+
 class VariantAttention:
-    """A variant built once per problem shape, with the runner's seeding of learnable weights."""
+    """A variant built once per problem shape, with the runner's seeding of learnable weights;
+    `inexact_lengths` collects the lengths N at which a call's output was not exact attention
+    (floor ratio above FLOOR_FACTOR)."""
 
     def __init__(self, vc: VariantConfig, dtype: torch.dtype, seed: int = 0):
         self.vc, self.dtype, self.seed = vc, dtype, seed
+        self.inexact_lengths: set[int] = set()
 
     @functools.cache
     def build(self, batch: int, heads: int, n: int, head_dim: int, device: torch.device):
@@ -59,13 +86,23 @@ class VariantAttention:
 
     def __call__(self, q, k, v):
         fn = self.build(*q.shape, q.device)
+        given = q.dtype
+        q, k, v = (t.to(self.dtype) for t in (q, k, v))
         with torch.no_grad():
-            return fn(q.to(self.dtype), k.to(self.dtype), v.to(self.dtype)).to(q.dtype)
+            out = fn(q, k, v)
+            if floor_ratio(out, q, k, v) > FLOOR_FACTOR:
+                self.inexact_lengths.add(q.shape[-2])
+        return out.to(given)
+
+
+def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each text's token ids as the model reads it (special tokens included, at most 512)."""
+    return [tokenizer(s, truncation=True, max_length=512)["input_ids"] for s in texts]
 
 
 def embed(model, tokenizer, sentences: list[str], attention=None) -> torch.Tensor:
     """`[S, hidden]` normalised mean-pooled embeddings; `attention` None runs the exact model."""
-    ids = [tokenizer(s, truncation=True, max_length=512)["input_ids"] for s in sentences]
+    ids = token_ids(tokenizer, sentences)
     buckets: dict[int, list[int]] = defaultdict(list)
     for i, tokens in enumerate(ids):
         buckets[len(tokens)].append(i)
@@ -99,22 +136,26 @@ def compare(exact: torch.Tensor, approx: torch.Tensor) -> dict[str, float]:
 
 def dropin_table(model, tokenizer, configs: list[VariantConfig], sentences: list[str],
                  dtype: torch.dtype = torch.float32, device: str = "cpu") -> pd.DataFrame:
-    """One row per variant: the number of texts, mean and min cosine to the exact model's
-    embeddings, retrieval@1, status. A variant that cannot run is a row with its reason."""
+    """One row per variant: the number of texts and their token lengths (least, most), mean
+    and min cosine to the exact model's embeddings, retrieval@1, `exact_texts` (the texts at
+    whose length the variant computed exact attention in every layer), status. A variant that
+    cannot run is a row with its reason."""
     exact = embed(model, tokenizer, sentences)
+    lengths = [len(ids) for ids in token_ids(tokenizer, sentences)]
     rows = []
     for vc in configs:
         row = {"variant": vc.label, "family": vc.spec.family, "dtype": str(dtype).split(".")[-1],
-               "count": len(sentences)}
+               "count": len(sentences), "tokens_min": min(lengths), "tokens_max": max(lengths)}
         reason = vc.spec.unavailable_reason(torch.device(device))
         if reason is None:
             try:
-                row.update(compare(exact, embed(model, tokenizer, sentences,
-                                                VariantAttention(vc, dtype))))
+                attention = VariantAttention(vc, dtype)
+                row.update(compare(exact, embed(model, tokenizer, sentences, attention)))
+                row["exact_texts"] = sum(n not in attention.inexact_lengths for n in lengths)
                 row["status"] = "ok"
             except Exception as exc:  # noqa: BLE001 - a failing variant is a row, not a crash
                 reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
         if reason is not None:
             row.update(status="skipped", reason=reason)
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=list(COLUMNS))

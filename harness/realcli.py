@@ -102,7 +102,7 @@ def _dropin(args: argparse.Namespace) -> int:
 
     from harness import minilm
     from harness.dropin import dropin_table
-    from harness.reports.quality import DROPIN_FILE
+    from harness.reports.quality import DROPIN_COUNTS, DROPIN_FILE, dropin_rows
     from harness.text import HELDOUT
 
     kinds = [k for k in args.texts.split(",") if k]
@@ -110,6 +110,7 @@ def _dropin(args: argparse.Namespace) -> int:
     if bad or not kinds:
         raise UsageError(f"unknown --texts '{','.join(bad)}'; valid: {', '.join(HELDOUT)}")
     configs = _variant_configs(args.variant, args.param)
+    old = dropin_rows(args.out)  # checked before the model runs
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model, tokenizer = minilm.load()
     defaults = {"sentences": 128, "passages": 40}
@@ -122,11 +123,11 @@ def _dropin(args: argparse.Namespace) -> int:
     new = pd.concat(tables, ignore_index=True)
     path = args.out / DROPIN_FILE
     args.out.mkdir(parents=True, exist_ok=True)
-    if path.is_file():  # rows of other variants or text kinds stay
-        old = pd.read_csv(path, keep_default_na=False)
+    if old is not None:  # rows of other variants or text kinds stay
         keep = ~old.set_index(["variant", "texts"]).index.isin(
             new.set_index(["variant", "texts"]).index)
         new = pd.concat([old[keep], new], ignore_index=True)
+    new = new.astype({col: "Int64" for col in DROPIN_COUNTS})  # whole numbers, blank if none
     new.to_csv(path, index=False)
     print(f"wrote {path}")
     return 0
@@ -138,6 +139,7 @@ def _quality(args: argparse.Namespace) -> int:
         MARKERS,
         dropin_rows,
         dropin_table,
+        exact_variants,
         failed_cases,
         quality_table,
         section,
@@ -159,11 +161,11 @@ def _quality(args: argparse.Namespace) -> int:
     if not failed.empty:
         print_table(failed, "cases that did not run")
     if dropin is not None:
-        print_table(dropin_table(dropin), "drop-in quality")
+        print_table(dropin_table(dropin, mark_exact=True), "drop-in quality")
     for part in studies:
         if part.table is not None:
             print_table(part.table, part.title)
-    figures, note = [], ""
+    figures, notes = [], []
     if args.speed_run:
         speed = load_run(args.speed_run)
         n = args.speed_length
@@ -178,29 +180,34 @@ def _quality(args: argparse.Namespace) -> int:
         figures.append(quality_vs_speed(
             points, f"median rel_err_vs_softmax over {table['inputs'].iloc[0]} heads, "
                     f"N={n_acc}, non-causal",
-            f"quality vs speed: time at N={n}, fwd, non-causal, bf16 ({where})",
+            f"quality vs speed: time at N={n}, fwd, non-causal, "
+            f"{', '.join(sorted(speed.df.loc[speed.df['seq_len'] == n, 'dtype'].unique()))} "
+            f"({where})",
             plots / "quality-vs-speed")[0])
         if dropin is not None and (dropin["status"] == "ok").any():
             wide = dropin_table(dropin)
             cols = [c for c in wide.columns if c.endswith("mean cosine")]
             # the kind most variants ran on; passages (the longer texts) on a tie
             col = max(cols, key=lambda c: (wide[c].notna().sum(), c.startswith("passages")))
+            kind = col.split()[0]
             wide = wide.assign(loss=1.0 - wide[col]).rename(columns={"loss": "one_minus"})
             points = speed_points(wide, speed.df, "one_minus", n)
             points["x"] = points["x"].clip(lower=1e-7)  # exact variants sit at the left edge
             if not points.empty:
                 figures.append(quality_vs_speed(
                     points, f"1 - mean cosine to the exact model, drop-in, held-out "
-                            f"{col.split()[0]} (clipped at 1e-7)",
+                            f"{kind} (clipped at 1e-7)",
                     f"drop-in quality vs speed: time at N={n}, fwd, non-causal ({where})",
                     plots / "dropin-vs-speed")[0])
-        note = (f"Speed: `time_ms` of the fwd, non-causal rows at N={n} of "
-                f"`{Path(args.speed_run).as_posix()}` ({where}); quality from this CPU run. "
-                "Variants missing from either run have no point. Held-out sentences are short "
-                "(tens of tokens): a variant that is exact below some length (FMA below 2m, "
-                "a window wider than the text) scores as exact on them; passages, where run, "
-                "are the stricter test.")
+                exact = ", ".join(exact_variants(dropin, kind)) or "none"
+                notes.append(f"In the drop-in figure, variants exact at every length of the "
+                             f"held-out {kind} (their points measure no approximation): "
+                             f"{exact}.")
+        notes.insert(0, f"Speed: `time_ms` of the fwd, non-causal rows at N={n} of "
+                        f"`{Path(args.speed_run).as_posix()}` ({where}); quality from this CPU "
+                        "run. Variants missing from either run have no point.")
         print(f"wrote {len(figures)} figures to {plots}")
+    note = " ".join(notes)
     if args.readme:
         rewrite(args.readme, section(run, args.length, figures, args.readme.resolve().parent,
                                      note, studies), MARKERS)

@@ -211,6 +211,25 @@ def test_dropin_embeddings(bert):
         assert scores[approx]["min_cosine"] <= scores[approx]["mean_cosine"]
 
 
+def test_dropin_table_measures_where_a_variant_is_exact(bert):
+    """Each row records its texts' token lengths and on how many texts the variant computed
+    exact attention in every layer: all for exact forms, none for approximations."""
+    from harness.dropin import dropin_table
+    from harness.registry import expand_configs, parse_param_overrides
+
+    model, tokenizer = bert
+    sentences = heldout_sentences(3, min_words=20)
+    lengths = [len(tokenizer(s)["input_ids"]) for s in sentences]
+    configs = expand_configs(["softmax_naive", "window", "fma"], parse_param_overrides(
+        ["window.bandwidth=3,512", "fma.m=4,64"]))
+    table = dropin_table(model, tokenizer, configs, sentences).set_index("variant")
+    assert set(table.tokens_min) == {min(lengths)} and set(table.tokens_max) == {max(lengths)}
+    assert min(lengths) > 2 * 4 + 3  # fma[m=4] and window[k=3] approximate at every length
+    exact = table.exact_texts.to_dict()
+    assert exact == {"softmax_naive": 3, "window[k=3]": 0, "window[k=512]": 3, "fma[m=4]": 0,
+                     "fma": 3}, exact
+
+
 def test_energy_rank_and_sink_residual_is_rank_one():
     assert energy_rank(torch.tensor([[4.0, 1.0, 0.1], [3.0, 1.0, 0.1]]), 0.9).tolist() == [1, 2]
     assert energy_rank(torch.tensor([[1.0, 1.0, 1.0]]), 0.9).tolist() == [3]
@@ -297,6 +316,97 @@ def test_quality_report_takes_sections_from_registered_studies(tmp_path, monkeyp
     assert "![toy-figure](run/plots/toy-figure.png)\n" in part and "Toy continued" not in text
     out = capsys.readouterr().out
     assert "Toy part" in out and "Toy continued" in out
+
+
+def accuracy_rows_run(root: Path, inputs: str, shape: tuple[int, int, int, int],
+                      masks: tuple[bool, ...], dtype: str) -> Path:
+    """A run directory with window's captured-input accuracy rows: shape is (layers, heads,
+    N, head_dim), one row per causal mask."""
+    layers, heads, n, head_dim = shape
+    rows = [dict(zip(COLUMNS, ["r", "window", "window", "{}", "{}", "accuracy", "fwd", layers,
+                               heads, n, head_dim, dtype, causal, "cpu", inputs, "",
+                               "rel_err_vs_softmax_head_median", 0.25, "", "ok", ""]))
+            for causal in masks]
+    root.mkdir()
+    pd.DataFrame(rows).to_csv(root / "results.csv", index=False)
+    return root
+
+
+def test_quality_section_describes_the_runs_own_inputs(tmp_path, monkeypatch):
+    """The section names each source's model, layers x heads, N, dtype and masks from the
+    run's rows (a q, k, v file's own metadata, a packaged model's declaration), never
+    another model's."""
+    from harness.reports import study
+    from harness.reports.data import load_run
+    from harness.reports.quality import section
+
+    monkeypatch.setattr(study, "_STUDIES", {})
+    lost = accuracy_rows_run(tmp_path / "lost", "file:/nonexistent/smol.safetensors",
+                             (30, 9, 2048, 64), (True,), "fp32")
+    text = section(load_run(lost), None, [], tmp_path, "")
+    assert ("`file:/nonexistent/smol.safetensors`: a model not named here (its q, k, v file is "
+            "not present), 30 layers x 9 heads, head dim 64, N = 2048, fp32; causal rows. "
+            "Whether the model masks its attention causally is not recorded.") in text
+    assert "longer context than N = 2048" in text
+    for other in ("MiniLM", "6 x 12", "512", "bf16", "bidirectional", "end to end"):
+        assert other not in text, other
+
+    qkv = QKV(*(torch.randn(2, 3, 16, 8) for _ in range(3)), causal=True,
+              meta={"model": "tiny-llama"})
+    save_qkv(qkv, tmp_path / "tiny.safetensors")
+    tiny = accuracy_rows_run(tmp_path / "tiny", f"file:{tmp_path / 'tiny.safetensors'}",
+                             (2, 3, 16, 8), (False, True), "bf16")
+    text = section(load_run(tiny), None, [], tmp_path, "")
+    assert ("tiny-llama, 2 layers x 3 heads, head dim 8, N = 16, bf16; non-causal and causal "
+            "rows. The model is causal: its non-causal rows") in text
+
+    mini = accuracy_rows_run(tmp_path / "mini", "minilm", (6, 12, 128, 32), (False, True),
+                             "bf16")
+    text = section(load_run(mini), None, [], tmp_path, "")
+    assert ("`minilm`: all-MiniLM-L6-v2, 6 layers x 12 heads, head dim 32, N = 128, bf16; "
+            "non-causal and causal rows. The model is bidirectional: its causal rows apply a "
+            "causal mask") in text
+
+
+def test_dropin_section_states_token_lengths_and_marks_exact_cells(tmp_path, monkeypatch):
+    """Drop-in cells of a variant exact at every length of a text kind read `exact`; each kind
+    is given with its token lengths, and variants exact on part of a kind are named."""
+    from harness.reports import study
+    from harness.reports.data import load_run
+    from harness.reports.quality import section
+
+    monkeypatch.setattr(study, "_STUDIES", {})
+    run = accuracy_rows_run(tmp_path / "run", "minilm", (6, 12, 128, 32), (False,), "bf16")
+    rows = [("softmax_naive", "sentences", 128, 1.0, 1.0, 1.0, 128),
+            ("fma", "sentences", 128, 1.0, 1.0, 1.0, 128),
+            ("window", "sentences", 128, 0.987, 0.907, 1.0, 82),
+            ("fma", "passages", 40, 0.992, 0.953, 1.0, 0),
+            ("linear", "passages", 40, 0.457, 0.279, 0.925, 0)]
+    lengths = {"sentences": (9, 71), "passages": (80, 250)}
+    columns = ("variant", "texts", "count", "mean_cosine", "min_cosine", "retrieval_at_1",
+               "exact_texts", "tokens_min", "tokens_max", "dtype", "status")
+    pd.DataFrame([(*r, *lengths[r[1]], "float32", "ok") for r in rows], columns=columns).to_csv(
+        run / "dropin.csv", index=False)
+    text = section(load_run(run), None, [], tmp_path, "")
+    assert "128 held-out sentences (9-71 tokens) and 40 held-out passages (80-250 tokens)" in text
+    assert "| fma | exact | exact | exact | 0.992 | 0.953 | 1 |" in text
+    assert "| softmax_naive | exact | exact | exact |  |  |  |" in text
+    assert "| window | 0.987 | 0.907 | 1 |  |  |  |" in text
+    assert "exact at some lengths only: window on 82 of 128 sentences)" in text
+    assert "per head and end to end" in text
+
+
+def test_dropin_refuses_a_table_without_lengths_before_running(tmp_path, capsys):
+    """A dropin.csv written without token lengths and exactness is one error line, exit 2,
+    before any model runs (its rows would otherwise be kept beside new ones)."""
+    (tmp_path / "dropin.csv").write_text(
+        "variant,family,dtype,count,mean_cosine,min_cosine,retrieval_at_1,status,texts\n"
+        "window,window,float32,128,0.98,0.9,1.0,ok,sentences\n")
+    code = run_bench.main(["dropin", "--out", str(tmp_path), "--variant", "window", "--count",
+                           "1"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert "dropin.csv lacks the column(s) tokens_min, tokens_max, exact_texts" in err
 
 
 def test_lowrank_command_is_the_fmmformer_studys(monkeypatch, capsys):
