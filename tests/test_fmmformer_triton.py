@@ -26,8 +26,8 @@ from variants.triton_common import allocate_with
 NO_CPU = pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1")
 CPU_CONFIG = fmm_config(16, torch.device("cpu"))
 # fp32: exact fp32 dots (interpreter, and "ieee" on GPU). bf16: bf16 P, dS and far-field
-# operands (the interpreter also truncates instead of rounding to bf16). fp16: fp16 P and dS,
-# far-field operands fp32 (tf32 on GPU).
+# operands (the interpreter rounds to bf16 and multiplies bf16 as the GPU does:
+# `variants.interpreter`). fp16: fp16 P and dS, far-field operands fp32 (tf32 on GPU).
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
@@ -200,8 +200,9 @@ def test_causal_backward_walks_forward_chunks_in_groups(poisoned, device, sms, b
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_tiny_and_zero_near_weight(poisoned, device, causal):
-    """The backward recovers the band's softmax delta from o (no saved Near): with w_near at 0
-    and at 1e-6 next to w_far = 1, dL/dw_near and every other gradient still match."""
+    """The backward recomputes the band's softmax, and its delta dO . Near, from the band's own
+    scores (the forward saves no Near, and nothing is divided by w_near): with w_near at 0 and
+    at 1e-6 next to w_far = 1, dL/dw_near and every other gradient still match."""
     q, k, v, do, _, _ = inputs(1, 2, 70, 16, torch.float32, device, seed=11 + causal)
     wn = torch.tensor([0.0, 1e-6], device=device)
     wf = torch.ones(2, device=device)
