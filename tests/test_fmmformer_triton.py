@@ -241,9 +241,11 @@ def test_module_blend_gradients(poisoned, device, blend):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("n,bandwidth", [(1, 0), (1, 5), (40, 0), (40, 39), (40, 10**9)])
+@pytest.mark.parametrize("n,bandwidth", [(1, 0), (1, 5), (40, 0), (40, 39), (40, 10**9),
+                                         (40, 2**31 - 1)])
 def test_edge_sizes(poisoned, device, causal, n, bandwidth):
-    """N = 1, k = 0 and bands wider than the sequence (absurdly wide too)."""
+    """N = 1, k = 0 and bands wider than the sequence (absurdly wide too: the largest int32
+    would overflow the kernels' index arithmetic unclamped)."""
     q, k, v, do, wn, wf = inputs(1, 2, n, 16, torch.float32, device, seed=n + bandwidth % 97)
     ref = reference(q, k, v, do, wn, wf, bandwidth, 3, causal)
     got = run_triton(q, k, v, do, wn, wf, bandwidth, 3, causal)
@@ -324,6 +326,12 @@ def test_bad_inputs_raise():
         fmmformer_fwd(q, q, q, w, w, 2, 4, False)
     with pytest.raises(ValueError, match="share one dtype"):
         fmmformer_fwd(q, q.half(), q, w, w, 2, 3, False)
+    q = torch.randn(1, 4, 8, 16)
+    for bad in (torch.ones(1), torch.ones(3), torch.ones(4, 1)):
+        with pytest.raises(ValueError, match=r"w_near must have shape \(4,\)"):
+            fmmformer_fwd(q, q, q, bad, torch.ones(4), 2, 3, False)
+        with pytest.raises(ValueError, match=r"w_far must have shape \(4,\)"):
+            fmmformer_fwd(q, q, q, torch.ones(4), bad, 2, 3, False)
 
 
 def test_registration():

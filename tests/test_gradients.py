@@ -216,3 +216,43 @@ def test_sweep_flags_gradients_above_floor(tmp_path, wrong_backward):
         assert ratio.loc[("softmax_sdpa", "fwd_bwd", causal), "status"] == "ok"
     grads = df[df.metric.str.startswith("rel_err_d")]
     assert {"rel_err_dq_vs_reference", "rel_err_dq_floor", "rel_err_dv_floor"} <= set(grads.metric)
+
+
+class _BandOfOne(torch.autograd.Function):
+    """A band of width 0 (each row attends to its own key: o = v, dq = dk = 0) whose backward
+    leaves seeded noise of size `noise` in dq, as summation order does in a real kernel."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, noise):
+        ctx.noise = noise
+        return v.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        gen = torch.Generator().manual_seed(0)
+        dq = torch.randn(grad.shape, generator=gen).to(grad) * ctx.noise
+        return dq, torch.zeros_like(grad), grad, None
+
+
+@pytest.fixture
+def band_of_one():
+    @register_variant("band_of_one", family="window", reference="window",
+                      params={"bandwidth": 0, "noise": 0.0})
+    def make(shape, bandwidth, noise):
+        return lambda q, k, v: _BandOfOne.apply(q, k, v, noise)
+
+    yield "band_of_one"
+    unregister_variant("band_of_one")
+
+
+def test_a_zero_gradient_is_judged_against_the_size_of_the_gradients(band_of_one):
+    """Where the true dq is exactly 0, fp32 noise of 3e-7 an element is `ok` at any size (it was
+    judged as an absolute norm, which grows with the element count), and noise of 1e-3 an
+    element is still flagged."""
+    quiet = trial_for(band_of_one, 1024, 32, torch.float32, False, noise=3e-7)
+    metrics = assert_within_floor(quiet)
+    assert metrics["rel_err_dq_floor"] == 0.0
+    assert metrics["rel_err_dq_vs_reference"] < 1e-6
+    loud = trial_for(band_of_one, 1024, 32, torch.float32, False, noise=1e-3)
+    metrics, reason = gradient_metrics(loud, rows=None)
+    assert metrics["floor_ratio"] > 10 * FLOOR_FACTOR and "dq error" in reason
