@@ -211,7 +211,7 @@ def section(run: Run, length: int | None, figures: list[Path], readme_dir: Path,
     lines += [meaning(run.df, has_dropin), ""]
     table = quality_table(run.df, length)
     if not table.empty:
-        floor = (" floor: exact softmax's own error in that dtype (low precision only);"
+        floor = (" floor: exact softmax's own error in the dtype named below;"
                  if "floor median" in table else "")
         lines += ["**Per-variant accuracy on captured attention** (relative error against exact "
                   "softmax of each (layer, head) output; median, p90 and max over heads;"
