@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="regression threshold, e.g. 5%% or 0.05 (default 5%%)")
     cmp.add_argument("--metric", default="time_ms", help="metric to compare (default time_ms)")
     cmp.add_argument("--markdown", action="store_true", help="print markdown for PR text")
+    cmp.add_argument("--allow-missing", action="store_true",
+                     help="cases of OLD that NEW lacks are listed but do not fail (default: "
+                          "each is a regression)")
     cmp.set_defaults(func=_compare)
     for study in all_studies():
         if study.report_options:
@@ -101,7 +104,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     comp = compare_runs(load_compared(args.old), load_compared(args.new), args.metric,
-                        args.threshold)
+                        args.threshold, allow_missing=args.allow_missing)
     print_comparison(comp, markdown=args.markdown)
     return 1 if comp.regressions else 0
 
