@@ -29,7 +29,8 @@ def skipped_variants(df: pd.DataFrame) -> dict[str, str]:
 
 def summary_tables(df: pd.DataFrame) -> list[Table]:
     """One table per summary column that the suites present declare (`Suite.summary`): rows
-    variant x mode x causal, columns sequence length.
+    variant x inputs x mode x causal (an `inputs` column when the suite's rows come from more
+    than one input source), columns sequence length.
 
     Variants that never ran get one line each in a last table instead of rows of SKIPPED.
     """
@@ -42,15 +43,18 @@ def summary_tables(df: pd.DataFrame) -> list[Table]:
         if part.empty:
             continue
         lengths = sorted(part.seq_len.unique())
+        several = part.inputs.nunique() > 1
         table = Table(title=title, title_justify="left")
-        for col in ("variant", "mode", "causal"):
+        for col in ("variant", *(["inputs"] if several else []), "mode", "causal"):
             table.add_column(col)
         for n in lengths:
             table.add_column(f"N={n}", justify="right")
         part = part[part["mode"].isin(part.loc[part.metric == metric, "mode"].unique())]
-        for (variant, mode, causal), group in part.groupby(["variant", "mode", "causal"], sort=True):
+        groups = part.groupby(["variant", "inputs", "mode", "causal"], sort=True)
+        for (variant, inputs, mode, causal), group in groups:
             cells = [_cell(group[group.seq_len == n], metric, fmt) for n in lengths]
-            table.add_row(escape(variant), mode, str(causal), *cells)  # w[k=3] is no markup
+            source = [escape(inputs)] if several else []
+            table.add_row(escape(variant), *source, mode, str(causal), *cells)  # w[k=3] is no markup
         tables.append(table)
     if skipped:
         table = Table(title="skipped variants", title_justify="left")

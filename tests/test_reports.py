@@ -604,3 +604,31 @@ def test_compare_case_missing_from_the_new_run_fails_unless_allowed(tmp_path: Pa
     assert "1 missing from the new run" in capsys.readouterr().out
     assert compare_pair(tmp_path / "b", old, new, "--allow-missing") == 0
     assert "1 missing from the new run (allowed)" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- input sources kept apart
+
+
+def two_sources() -> pd.DataFrame:
+    """The same case on randn (time ~ N) and minilm (time ~ N^2) inputs."""
+    rows = [row("fmmformer", "fmm", n, 1e-3 * n, inputs="randn") for n in (1024, 2048, 4096)]
+    rows += [row("fmmformer", "fmm", n, 1e-6 * n**2, inputs="minilm") for n in (1024, 2048, 4096)]
+    return tidy(pd.DataFrame(rows, columns=list(COLUMNS)))
+
+
+def test_slopes_and_figures_keep_input_sources_apart(tmp_path: Path) -> None:
+    fits = slopes(two_sources()).set_index("inputs")["slope"]
+    assert fits.to_dict() == pytest.approx({"randn": 1.0, "minilm": 2.0})
+    run = write_run(tmp_path / "run", two_sources().to_dict("records"))
+    assert main(["plot", str(run)]) == 0
+    names = {p.name for p in (run / "plots").glob("scaling-*.png")}
+    assert names == {"scaling-cuda-bf16-b1-h2-d64.png", "scaling-cuda-bf16-b1-h2-d64-minilm.png"}
+
+
+def test_summary_has_a_row_per_input_source() -> None:
+    from harness.summary import summary_tables
+
+    tables = summary_tables(two_sources())
+    assert [c.header for c in tables[0].columns][:2] == ["variant", "inputs"]
+    assert list(tables[0].columns[1].cells) == ["minilm", "randn"]
+    assert list(tables[0].columns[-1].cells) == ["16.8", "4.1"]  # N=4096
