@@ -47,7 +47,7 @@ from harness.config import (
 )
 from harness.estimate import size_warning
 from harness.inputs import CHOICES as INPUT_CHOICES
-from harness.inputs import default_lengths
+from harness.inputs import absolute_spec, changed_input_file, default_lengths
 from harness.plugins import load_plugins, plugin_path
 from harness.registry import RegistryError, all_variants
 from harness.results import (
@@ -191,14 +191,16 @@ def print_listing(console: Console, device: str) -> None:
 
 
 def requested(args) -> dict:
-    """The config fields the command line set explicitly (plugin paths made absolute)."""
+    """The config fields the command line set explicitly (plugin and `file:` input paths made
+    absolute)."""
     out = {}
     for arg, field_name in CONFIG_FLAGS.items():
         value = getattr(args, arg)
         if value is None:
             continue
-        if arg in ("param", "plugin"):
-            value = tuple(plugin_path(v) for v in value) if arg == "plugin" else tuple(value)
+        if arg in ("param", "plugin", "inputs"):
+            absolute = {"plugin": plugin_path, "inputs": absolute_spec}.get(arg, str)
+            value = tuple(absolute(v) for v in value)
         out[field_name] = value
     return out
 
@@ -215,6 +217,9 @@ def resumed_config(run_dir: Path, args) -> BenchConfig:
         validate(config)  # e.g. a CUDA run cannot be resumed on a CPU-only machine
     except (ConfigError, TypeError, ValueError) as exc:
         raise ConfigError(f"cannot resume {run_dir}: {exc}") from None
+    input_change = changed_input_file(meta.get("input_files") or {})
+    if input_change:
+        raise ConfigError(f"cannot resume {run_dir}: {input_change}")
     asked = requested(args)
     changed = [f"{flag(arg)} ({_show(getattr(config, name))} in the run)"
                for arg, name in CONFIG_FLAGS.items()

@@ -25,7 +25,7 @@ from rich.progress import (
 from harness.config import DTYPES, BenchConfig, ConfigError, RunOptions, run_suites
 from harness.environment import fingerprint
 from harness.executor import CaseRunner
-from harness.inputs import sources
+from harness.inputs import input_files, sources
 from harness.failures import Failure, classify  # noqa: F401 - re-exported for callers
 from harness.registry import RegistryError, Shape, VariantConfig, expand_configs, all_variants
 from harness.registry import get_variant, parse_param_overrides
@@ -197,12 +197,14 @@ class Sweep:
         write_meta(self.run_dir, self.new_meta(command))
 
     def new_meta(self, command: list[str]) -> dict:
-        """The meta.json of a new run: command, configuration, environment, roofline."""
+        """The meta.json of a new run: command, configuration, the size and SHA-256 of each
+        `file:PATH` input, environment, roofline."""
         return {
             "run_id": self.run_dir.name,
             "command": shlex.join(command),
             "preset": self.config.preset,
             "config": self.config.as_dict(),
+            "input_files": input_files(self.config.inputs),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **fingerprint(self.device),
             "roofline": self.roofline.as_dict() if self.roofline else None,

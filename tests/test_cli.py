@@ -77,3 +77,37 @@ def test_plugin_variant_joins_a_run_and_run_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     again = pd.read_csv(out / "results.csv")
     assert len(again) == len(df) and again.drop(columns="value").equals(df.drop(columns="value"))
+
+
+def tiny_capture(path: Path, seed: int) -> None:
+    """A q, k, v file of 1 layer, 1 head, N=16, D=8 (random: only its identity matters)."""
+    import torch
+
+    from harness.capture import QKV, save_qkv
+
+    gen = torch.Generator().manual_seed(seed)
+    save_qkv(QKV(*(torch.randn(1, 1, 16, 8, generator=gen) for _ in range(3)), causal=False),
+             path)
+
+
+def test_file_inputs_are_stored_absolute_and_a_changed_file_refuses_resume(tmp_path, monkeypatch,
+                                                                          capsys):
+    import run_bench
+
+    tiny_capture(tmp_path / "qkv.safetensors", seed=0)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    assert run_bench.main(["--inputs", "file:qkv.safetensors", "--variant", "softmax_naive",
+                           "--suite", "accuracy", "--mode", "fwd", "--non-causal", "--device",
+                           "cpu", "--in-process", "--out", str(out)]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    spec = f"file:{tmp_path / 'qkv.safetensors'}"
+    assert meta["config"]["inputs"] == [spec]
+    assert set(pd.read_csv(out / "results.csv").inputs) == {spec}
+    assert meta["input_files"][spec]["size"] == (tmp_path / "qkv.safetensors").stat().st_size
+    capsys.readouterr()
+    tiny_capture(tmp_path / "qkv.safetensors", seed=1)  # same size, other values
+    monkeypatch.chdir(REPO)
+    assert run_bench.main(["--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the file changed since the run started" in err
