@@ -74,9 +74,10 @@ DEFAULT_ROOT = Path(__file__).resolve().parent / "results" / "runs"
 
 
 def csv_list(kind):
+    """argparse type: a comma list of `kind`, a repeated value kept once (first place)."""
     def parse(text: str):
         try:
-            return tuple(kind(item) for item in text.split(",") if item)
+            return tuple(dict.fromkeys(kind(item) for item in text.split(",") if item))
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a comma list of {kind.__name__}, got '{text}'")
 

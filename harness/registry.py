@@ -223,7 +223,8 @@ def parse_param_overrides(items: Iterable[str]) -> dict[str, dict[str, list[Any]
     """Parse `variant.param=value[,value...]` strings into {variant: {param: [values]}}.
 
     Values are converted to the type of the parameter's default, so `bandwidth=20` is an int.
-    A comma list sweeps the parameter: each value becomes its own labelled row.
+    A comma list sweeps the parameter: each value becomes its own labelled row (a repeated
+    value counts once).
     """
     overrides: dict[str, dict[str, list[Any]]] = {}
     for item in items:
@@ -237,6 +238,7 @@ def parse_param_overrides(items: Iterable[str]) -> dict[str, dict[str, list[Any]
             raise RegistryError(f"unknown parameter {variant}.{param}; valid: {valid}")
         default = spec.params[param]
         values = [_coerce(v.strip(), default, f"{variant}.{param}") for v in raw.split(",")]
+        values = list(dict.fromkeys(values))
         overrides.setdefault(variant, {})[param] = values
     return overrides
 

@@ -111,3 +111,17 @@ def test_file_inputs_are_stored_absolute_and_a_changed_file_refuses_resume(tmp_p
     assert run_bench.main(["--resume", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the file changed since the run started" in err
+
+
+def test_a_repeated_comma_list_value_counts_once():
+    import run_bench
+    from harness.registry import parse_param_overrides
+    from variants import load_builtin_variants
+
+    load_builtin_variants()
+    args = run_bench.build_parser().parse_args(
+        ["--variant", "linear,window,linear", "--seq-lens", "64,32,64", "--suite", "time,time",
+         "--mode", "fwd,fwd"])
+    assert (args.variant, args.seq_lens, args.suite, args.mode) == (
+        ("linear", "window"), (64, 32), ("time",), ("fwd",))
+    assert parse_param_overrides(["window.bandwidth=20,10,20"]) == {"window": {"bandwidth": [20, 10]}}
