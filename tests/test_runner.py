@@ -185,3 +185,22 @@ def test_cpu_size_estimate_warns_on_a_large_sweep(tmp_path, monkeypatch):
     assert line is not None and line.startswith("warning: 24 cases, roughly ")
     assert "--seq-lens" in line and line.count("\n") == 0
     assert size_warning(_Sweep(tiny(), tmp_path / "small")) is None
+
+
+def test_an_output_unlike_q_is_an_error_row(tmp_path):
+    """A variant returning the wrong shape or dtype is not measured: an `error` row naming
+    what it returned and what q is."""
+    register_variant("narrow_out", family="softmax")(lambda shape: lambda q, k, v: q[..., :1])
+    register_variant("double_out", family="softmax")(lambda shape: lambda q, k, v: v.double())
+    try:
+        config = tiny(variants=("narrow_out", "double_out"), seq_lens=(32,), suites=("time",),
+                      modes=("fwd",), causal=(False,))
+        df = load_results(Sweep(config, tmp_path / "run").run(["test"])).set_index("variant")
+    finally:
+        unregister_variant("narrow_out")
+        unregister_variant("double_out")
+    assert set(df.status) == {"error"}
+    assert df.loc["narrow_out", "reason"] == (
+        "output has shape (1, 2, 32, 1) dtype torch.float32 device cpu; expected q's shape "
+        "(1, 2, 32, 16) dtype torch.float32 device cpu")
+    assert "dtype torch.float64" in df.loc["double_out", "reason"]
