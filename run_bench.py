@@ -207,7 +207,8 @@ def requested(args) -> dict:
 
 
 def resumed_config(run_dir: Path, args) -> BenchConfig:
-    """The stored configuration of `run_dir`; flags that would change it are refused."""
+    """The stored configuration of `run_dir` (its plugins loaded); flags that would change it
+    are refused."""
     if not run_dir.is_dir():
         raise ConfigError(f"cannot resume {run_dir}: not a run directory")
     meta = read_meta(run_dir)
@@ -215,6 +216,7 @@ def resumed_config(run_dir: Path, args) -> BenchConfig:
         raise ConfigError(f"cannot resume {run_dir}: no {META_FILE} with a config")
     try:
         config = BenchConfig.from_dict(meta["config"])
+        load_plugins(config.plugins)  # their variants and suites are the run's
         validate(config)  # e.g. a CUDA run cannot be resumed on a CPU-only machine
     except (ConfigError, TypeError, ValueError) as exc:
         raise ConfigError(f"cannot resume {run_dir}: {exc}") from None
@@ -333,8 +335,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         options = run_options(args)
         config, run_dir = config_from_args(args, sharded=shard is not None)
-        if args.resume:
-            load_plugins(config.plugins)
         sweep = make_sweep(config, run_dir, options, shard, resume=args.resume is not None)
     except (RegistryError, ConfigError, ResultsError, SuiteError, UsageError) as exc:
         return usage_error(exc)

@@ -125,3 +125,31 @@ def test_a_repeated_comma_list_value_counts_once():
     assert (args.variant, args.seq_lens, args.suite, args.mode) == (
         ("linear", "window"), (64, 32), ("time",), ("fwd",))
     assert parse_param_overrides(["window.bandwidth=20,10,20"]) == {"window": {"bandwidth": [20, 10]}}
+
+
+SUITE_PLUGIN = '''
+from harness.suite import Metric, register_suite
+
+
+@register_suite("resume_probe", modes=("fwd",), primary="probe", default=False,
+                metrics=(Metric("probe", "units"),))
+def run_probe(trial, mode):
+    """A constant (only its registration matters)."""
+    return {"probe": 1.0}
+'''
+
+
+def test_resume_loads_the_runs_plugins_before_checking_its_suites(tmp_path):
+    import run_bench
+    from harness.config import BenchConfig
+    from harness.suite import unregister_suite
+
+    plugin = tmp_path / "probe_suite.py"
+    plugin.write_text(SUITE_PLUGIN)
+    config = BenchConfig(suites=("resume_probe",), plugins=(str(plugin),), device="cpu")
+    (tmp_path / "meta.json").write_text(json.dumps({"config": config.as_dict()}))
+    args = run_bench.build_parser().parse_args(["--resume", str(tmp_path)])
+    try:
+        assert run_bench.resumed_config(tmp_path, args) == config
+    finally:
+        unregister_suite("resume_probe")
