@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -244,11 +245,24 @@ def check_new_run_dir(out: Path, joining: bool = False) -> None:
     the processes of a sharded run may join: `harness.shardrun` checks it is theirs)."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; expected a directory for the run")
+    check_writable(out)
     if joining:
         return
     if (out / META_FILE).exists() or (out / RESULTS_FILE).exists():
         raise ConfigError(f"--out {out} already holds a run; finish it with --resume {out}, "
                           f"or choose a new --out directory")
+
+
+def check_writable(out: Path) -> None:
+    """`out` is a directory this process can write, or can be made one: its nearest existing
+    folder is a directory that it may write in."""
+    there = out.absolute()
+    while not there.exists():
+        there = there.parent
+    if not there.is_dir():
+        raise ConfigError(f"cannot create --out {out}: {there} is a file, not a directory")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create --out {out}: {there} is not writable")
 
 
 def config_from_args(args, sharded: bool = False) -> tuple[BenchConfig, Path]:

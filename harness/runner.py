@@ -221,7 +221,11 @@ class Sweep:
 
     def run(self, command: list[str] | None = None) -> Path:
         """Run every unfinished case; returns the run directory."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the run directory {self.run_dir}: "
+                              f"{exc.strerror or exc}") from None
         stored = read_meta(self.run_dir).get("roofline")
         if stored:  # a resumed run keeps the ceilings its first part was measured against
             self.roofline = Roofline(**stored)

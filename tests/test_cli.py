@@ -5,6 +5,9 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
+
+from harness.config import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -153,3 +156,23 @@ def test_resume_loads_the_runs_plugins_before_checking_its_suites(tmp_path):
         assert run_bench.resumed_config(tmp_path, args) == config
     finally:
         unregister_suite("resume_probe")
+
+
+def test_an_out_that_cannot_be_made_is_one_line_exit_2(tmp_path, capsys):
+    import os
+
+    import run_bench
+    from harness.config import BenchConfig
+    from harness.runner import Sweep
+
+    (tmp_path / "file").write_text("")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    outs = [tmp_path / "file" / "run"] + ([locked / "run"] if os.geteuid() != 0 else [])
+    for out in outs:
+        assert run_bench.main(["--variant", "softmax_naive", "--device", "cpu", "--out",
+                               str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"cannot create --out {out}" in err
+    with pytest.raises(ConfigError, match="cannot create the run directory"):
+        Sweep(BenchConfig(variants=("softmax_naive",), device="cpu"), outs[0]).run(["test"])
