@@ -30,7 +30,7 @@ from harness.failures import Failure, classify  # noqa: F401 - re-exported for c
 from harness.registry import RegistryError, Shape, VariantConfig, expand_configs, all_variants
 from harness.registry import get_variant, parse_param_overrides
 from harness.results import Case, ResultsWriter, Row, finished_case_keys, load_existing, read_meta
-from harness.results import DetailsWriter, write_meta
+from harness.results import RESULTS_FILE, DetailsWriter, cut_unfinished_case, write_meta
 from harness.roofline import Roofline, measure_roofline
 from harness.suite import get_suite
 
@@ -149,7 +149,14 @@ class Sweep:
         self.stopped_at: Row | None = None
 
     def existing_rows(self):
-        """The rows already written in the run directory (a DataFrame)."""
+        """The rows already written in the run directory (a DataFrame), less the case whose last
+        line a killed run left unfinished (dropped from the file, with a note: it runs again)."""
+        path = self.run_dir / RESULTS_FILE
+        dropped = cut_unfinished_case(path)
+        if dropped:
+            self.console.print(f"{path}: dropped an unfinished last line and the rows of its "
+                               f"case ({dropped} rows), left by a killed run; the case runs "
+                               "again", highlight=False, markup=False)
         return load_existing(self.run_dir)
 
     def problems(self) -> Iterator[tuple[str, Shape]]:

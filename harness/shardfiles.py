@@ -28,6 +28,7 @@ import pandas as pd
 from harness.calibration import calibration_summary
 from harness.results import CASE_KEY, COLUMNS, DETAIL_COLUMNS, DETAILS_FILE, META_FILE
 from harness.results import OPTIONAL_COLUMNS, RESULTS_FILE, read_meta, typed_results
+from harness.results import cut_partial_line  # noqa: F401 - the sharded run's processes use it
 
 SHARDS_DIR = "shards"
 RANK_FILE = "rank.json"
@@ -64,17 +65,6 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def cut_partial_line(path: Path) -> None:
-    """Drop a last line left unfinished by a killed process, so that appending stays valid."""
-    if not path.is_file():
-        return
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(end)
 
 
 def read_rows(path: Path, columns: tuple[str, ...]) -> list[dict]:

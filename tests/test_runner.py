@@ -204,3 +204,23 @@ def test_an_output_unlike_q_is_an_error_row(tmp_path):
         "output has shape (1, 2, 32, 1) dtype torch.float32 device cpu; expected q's shape "
         "(1, 2, 32, 16) dtype torch.float32 device cpu")
     assert "dtype torch.float64" in df.loc["double_out", "reason"]
+
+
+def test_resume_drops_a_case_whose_last_line_a_kill_cut(tmp_path):
+    from io import StringIO
+
+    from rich.console import Console
+
+    config = tiny(seq_lens=(32,), variants=("softmax_naive",), suites=("time",),
+                  causal=(False,))
+    run_dir = Sweep(config, tmp_path / "run").run(["test"])
+    first = load_results(run_dir)
+    in_last = (first["mode"] == first["mode"].iloc[-1]).sum()  # rows of the last case
+    text = (run_dir / "results.csv").read_text()
+    (run_dir / "results.csv").write_text(text[:-25])  # its last row half written
+    log = StringIO()
+    Sweep(config, run_dir, console=Console(file=log, width=300)).run(["test"])
+    assert f"dropped an unfinished last line and the rows of its case ({in_last} rows)" in log.getvalue()
+    resumed = load_results(run_dir)
+    assert len(resumed) == len(first) and set(resumed.metric) == set(first.metric)
+    assert not resumed.duplicated(["mode", "metric"]).any()
