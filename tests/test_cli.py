@@ -176,3 +176,13 @@ def test_an_out_that_cannot_be_made_is_one_line_exit_2(tmp_path, capsys):
         assert err.count("\n") == 1 and f"cannot create --out {out}" in err
     with pytest.raises(ConfigError, match="cannot create the run directory"):
         Sweep(BenchConfig(variants=("softmax_naive",), device="cpu"), outs[0]).run(["test"])
+
+
+def test_a_param_given_twice_is_refused():
+    from harness.registry import RegistryError, parse_param_overrides
+    from variants import load_builtin_variants
+
+    load_builtin_variants()
+    with pytest.raises(RegistryError, match=r"^--param window.bandwidth is given twice; sweep "
+                       r"several values with one comma list: --param window.bandwidth=A,B$"):
+        parse_param_overrides(["window.bandwidth=20", "window.bandwidth=10"])
