@@ -186,3 +186,12 @@ def test_a_param_given_twice_is_refused():
     with pytest.raises(RegistryError, match=r"^--param window.bandwidth is given twice; sweep "
                        r"several values with one comma list: --param window.bandwidth=A,B$"):
         parse_param_overrides(["window.bandwidth=20", "window.bandwidth=10"])
+
+
+def test_a_plugin_that_exits_on_import_is_a_one_line_error(tmp_path):
+    from harness.plugins import load_plugins
+
+    plugin = tmp_path / "exits.py"
+    plugin.write_text("import sys\nsys.exit(3)\n")
+    with pytest.raises(ConfigError, match=rf"^plugin {plugin} called sys.exit\(3\) on import$"):
+        load_plugins([plugin])
