@@ -71,6 +71,13 @@ from suites import load_builtin_suites
 from variants import load_builtin_variants
 
 REAL_COMMANDS = ("capture", "dropin", "quality")  # harness.realcli
+# Commands handled outside harness.reports.cli, named in its list of commands.
+OTHER_COMMANDS = {
+    "tasks": "quality table, claim check and plots of a task run",
+    "capture": "capture q, k, v of every attention layer of a model",
+    "dropin": "MiniLM with each variant as its attention",
+    "quality": "quality tables and plots on real attention",
+}
 DEFAULT_ROOT = Path(__file__).resolve().parent / "results" / "runs"
 
 
@@ -172,6 +179,8 @@ CONFIG_FLAGS = {
 def print_listing(console: Console, device: str) -> None:
     import torch
 
+    absent = ("CUDA is not available on this machine"
+              if device == "cuda" and not torch.cuda.is_available() else None)
     table = Table(title=f"variants (availability on {device})", title_justify="left")
     for col in ("name", "family", "causal", "params (defaults)", "on " + device):
         table.add_column(col)
@@ -180,7 +189,7 @@ def print_listing(console: Console, device: str) -> None:
     for spec in all_variants():
         forms = "/".join("causal" if c else "non-causal" for c in spec.causal)
         params = ", ".join(f"{k}={v}" for k, v in spec.params.items()) or "-"
-        reason = spec.unavailable_reason(torch.device(device))
+        reason = spec.unavailable_reason(torch.device(device)) or absent
         table.add_row(spec.name, spec.family, forms, escape(params), "yes" if reason is None else escape(reason))
     console.print(table)
     console.print("suites: " + ", ".join(f"{s.name}{'' if s.default else ' (on request)'}"
@@ -334,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             from harness.reports.cli import main as reports_main
 
             load_studies()
-            return reports_main(argv)
+            return reports_main(argv, OTHER_COMMANDS)
         load_builtin_suites()
         args = build_parser().parse_args(argv)
         shard = current_shard(args.shard)

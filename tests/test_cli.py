@@ -195,3 +195,30 @@ def test_a_plugin_that_exits_on_import_is_a_one_line_error(tmp_path):
     plugin.write_text("import sys\nsys.exit(3)\n")
     with pytest.raises(ConfigError, match=rf"^plugin {plugin} called sys.exit\(3\) on import$"):
         load_plugins([plugin])
+
+
+def test_list_on_cuda_without_cuda_says_so(monkeypatch):
+    from io import StringIO
+
+    import torch
+    from rich.console import Console
+
+    import run_bench
+    from variants import load_builtin_variants
+
+    load_builtin_variants()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    buffer = StringIO()
+    run_bench.print_listing(Console(file=buffer, width=400), "cuda")
+    rows = [line for line in buffer.getvalue().splitlines() if "softmax_flex" in line]
+    assert rows and "CUDA is not available on this machine" in rows[0] and "yes" not in rows[0]
+
+
+def test_an_unknown_command_lists_every_command(capsys):
+    import run_bench
+
+    assert run_bench.main(["nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    for name in ("plot", "report", "compare", "tasks", "capture", "dropin", "quality"):
+        assert f"'{name}'" in err
