@@ -224,3 +224,16 @@ def test_resume_drops_a_case_whose_last_line_a_kill_cut(tmp_path):
     resumed = load_results(run_dir)
     assert len(resumed) == len(first) and set(resumed.metric) == set(first.metric)
     assert not resumed.duplicated(["mode", "metric"]).any()
+
+
+def test_a_lost_workers_reason_names_its_log_file(tmp_path):
+    """A sharded run's worker logs to shards/rank-I/worker.log: the reason says that path."""
+    from types import SimpleNamespace
+
+    from harness.isolation import Worker
+
+    worker = Worker.__new__(Worker)  # no process: only the reason of its death is made
+    worker.process = SimpleNamespace(join=lambda timeout: None, exitcode=-9)
+    worker.log_path = tmp_path / "shards" / "rank-1" / "worker.log"
+    assert worker._died().reason == (f"worker process died (killed by SIGKILL); its output is in "
+                                     f"{worker.log_path}")
