@@ -112,11 +112,14 @@ def test_fmmformer_triton_backward_keeps_to_its_own_scores(monkeypatch, poisoned
         assert metrics[f"rel_err_{g}_vs_reference"] < 1e-5, g
 
 
-# Every other variant whose backward is not its own reference: (name, N, D, params).
+# Every other variant whose backward is not its own reference: (name, N, D, params). fma_triton
+# at N=77, m=16 has two coarse levels (m=64 would leave it plain softmax), with and without the
+# zero-key slots of zero_pad.
 KERNELS = [
     ("window_triton", 45, 16, {"bandwidth": 5}),
     ("linear_triton", 45, 16, {}),
-    ("fma_triton", 64, 16, {}),
+    ("fma_triton", 77, 16, {"m": 16}),
+    ("fma_triton", 77, 16, {"m": 16, "zero_pad": True}),
     ("softmax_sdpa", 45, 16, {}),
 ]
 
@@ -125,8 +128,10 @@ KERNELS = [
 @pytest.mark.parametrize("dtype,scale", [(torch.bfloat16, 3.0), (torch.float16, 1.0)],
                          ids=["bf16-x3", "fp16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("name,n,d,params", KERNELS, ids=[k[0] for k in KERNELS])
-def test_kernel_gradients_within_floor(name, n, d, params, causal, dtype, scale):
+@pytest.mark.parametrize("name,n,d,params", KERNELS,
+                         ids=["-".join([k[0], *(f"{key}={value}" for key, value in k[3].items())])
+                              for k in KERNELS])
+def test_kernel_gradients_within_floor(poisoned, name, n, d, params, causal, dtype, scale):
     trial = trial_for(name, n, d, dtype, causal, scale, seed=n, **params)
     if get_variant(name).unsupported_reason(trial.shape, trial.variant.params):
         pytest.skip("shape not supported")

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from harness.registry import Shape, register_variant
 
 
-def softmax_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+def softmax_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      causal: bool) -> torch.Tensor:
     """Naive exact attention: materializes the `[B, H, N, N]` score matrix (the paper's baseline).
 
     Args:
