@@ -11,11 +11,13 @@ MEASURED = ("ok", "inexact")  # statuses whose rows hold a value
 
 
 def _cell(group: pd.DataFrame, metric: str, fmt: str) -> str:
-    """The metric's value ("INEXACT" added when flagged), else the failure's status."""
+    """The metric's value (the mean over a seeded suite's seeds, saying how many; "INEXACT"
+    added when one is flagged), else the failure's status."""
     measured = group[group.status.isin(MEASURED) & (group.metric == metric)]
     if not measured.empty:
-        row = measured.iloc[0]
-        return fmt.format(row.value) + (" INEXACT" if row.status == "inexact" else "")
+        seeds = f" (mean of {len(measured)})" if len(measured) > 1 else ""
+        flag = " INEXACT" if (measured.status == "inexact").any() else ""
+        return fmt.format(measured.value.mean()) + seeds + flag
     failed = group[~group.status.isin(MEASURED)]
     return failed.status.iloc[0].upper() if not failed.empty else ""
 

@@ -632,3 +632,12 @@ def test_summary_has_a_row_per_input_source() -> None:
     assert [c.header for c in tables[0].columns][:2] == ["variant", "inputs"]
     assert list(tables[0].columns[1].cells) == ["minilm", "randn"]
     assert list(tables[0].columns[-1].cells) == ["16.8", "4.1"]  # N=4096
+
+
+def test_summary_cell_of_several_seeds_is_their_mean() -> None:
+    from harness.summary import summary_tables
+
+    rows = [row("fmmformer", "fmm", 64, acc, suite="task", mode="fwd_bwd", metric="accuracy",
+                inputs="task:mqar", seed=seed) for seed, acc in ((0, 0.5), (1, 0.7), (2, 0.9))]
+    tables = summary_tables(tidy(pd.DataFrame(rows, columns=list(COLUMNS))))
+    assert list(tables[0].columns[-1].cells) == ["0.700 (mean of 3)"]
