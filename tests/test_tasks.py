@@ -202,7 +202,8 @@ def test_nan_gradients_and_held_out_logits_are_divergence(variant, step, what):
     task = make_task("mqar", 16, pairs=2, vocab=16, test_count=8)
     recipe = Recipe(dim=16, layers=1, heads=1, batch=4, tokens=4 * 16 * 8)
     out = train(task, variant, recipe, torch.device("cpu"), torch.float32, 0)
-    assert (out.diverged_at, out.diverged, out.metrics) == (step, what, {})
+    assert not out.metrics and out.diverged_at == step
+    assert out.diverged == what
 
 
 def test_softmax_solves_mqar_through_the_command_line(tmp_path, capsys):
@@ -467,14 +468,12 @@ def test_quality_vs_speed_labels_its_time_axis_within_a_decade(monkeypatch):
 
 
 def test_learning_curves_are_found_for_labels_with_brackets_and_slashes(tmp_path, monkeypatch):
-    from suites.task import curve_stem
-
     labels = ["fmmformer[k=20,r=2]", "plug/in"]
     df = task_rows(rows({(label, "mqar"): [0.5, 0.6] for label in labels}))
     (tmp_path / "curves").mkdir()
-    for label in labels:
+    for label in labels:  # named as the task suite names them ('/' made '-')
         for seed in (0, 1):
-            path = tmp_path / "curves" / f"{curve_stem(label, 'mqar', 64)}seed{seed}.csv"
+            path = tmp_path / "curves" / f"{label.replace('/', '-')}_mqar_N64_seed{seed}.csv"
             path.write_text("step,tokens,train_loss\n1,64,2.0\n2,128,1.0\n")
     ax = captured_figure(monkeypatch, tasks_report.plot_curves, tmp_path, df).axes[0]
     assert len(ax.lines) == 4 and {t.get_text() for t in ax.get_legend().get_texts()} == set(labels)

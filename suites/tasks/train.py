@@ -1,12 +1,12 @@
 """Training one model on one task: fixed token budget, AdamW, the same recipe for every variant.
 
 The recipe (`Recipe`) is fixed per preset and never tuned per variant: AdamW (betas 0.9/0.98,
-weight decay 0.1 on matrices only), the preset's peak learning rate reached after a linear
+weight decay 0.1 on matrices only), the preset's peak learning rate (3e-3 in both) after a linear
 warm-up over the first 10% of steps and decayed by a cosine to 10% of the peak, gradients clipped
 to norm 1. The token budget fixes the number of steps (`tokens // (batch * N)`), so variants are
 compared at equal data. Under CUDA the forward runs in `torch.autocast` with the run's dtype when
 that is bf16 or fp16 (the variant then sees q, k, v in that dtype); in fp32 otherwise
-(`training_dtype` says which; `harness` refuses the dtypes a device cannot train in).
+(`training_dtype` says which; the task suite refuses the dtypes a device cannot train in).
 
 A non-finite loss or gradient norm stops the run, and so do non-finite weights or held-out logits
 after the last step: `Outcome.diverged_at` is the step and `Outcome.diverged` says what turned.
