@@ -7,8 +7,9 @@ CUDA events with L2 flushed before it (`harness.timing.EventClock`, the time sui
 measurement) as pytest-benchmark's timer, in pedantic mode with the sample counts the time
 suite uses, so that pytest-benchmark's calibration never judges the device by the host clock.
 On the CPU pytest-benchmark times and calibrates as usual. Each benchmark's `extra_info` holds
-the case, what was observed (`backend_ran`), `time_ms` with `time_ms_p20` / `time_ms_p80`, GB/s, TFLOP/s, the roofline fraction
-(CUDA) and the peak extra memory of one call: `run_bench.py compare` reads the saved JSON.
+the case, what was observed (`backend_ran`), `time_ms` with `time_ms_p20` / `time_ms_p80`,
+GB/s, TFLOP/s, the roofline fraction (CUDA) and the peak extra memory of one call:
+`run_bench.py compare` reads the saved JSON.
 """
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ def test_speed(benchmark, case, attn_runner):
     identity = make_case(case.variant, case.shape, "time", case.mode, trial.device.type,
                          case.inputs)
     benchmark.extra_info.update(
-        case=asdict(identity), observed=dict(trial.built), time_ms=median, time_ms_p20=float(p20), time_ms_p80=float(p80),
+        case=asdict(identity), observed=dict(trial.built), time_ms=median,
+        time_ms_p20=float(p20), time_ms_p80=float(p80),
         **rates(trial, case.mode, median), **run_memory(trial, case.mode),
     )  # fmt: skip
     benchmark.extra_info.setdefault("roofline_frac", None)  # measured on CUDA only

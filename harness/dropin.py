@@ -106,7 +106,7 @@ def dropin_table(model, tokenizer, configs: list[VariantConfig], sentences: list
     for vc in configs:
         row = {"variant": vc.label, "family": vc.spec.family, "dtype": str(dtype).split(".")[-1],
                "count": len(sentences)}
-        reason = vc.spec.unavailable_reason(torch.device(device))
+        reason = vc.spec.unavailable_reason(torch.device(device), vc.params)
         if reason is None:
             try:
                 row.update(compare(exact, embed(model, tokenizer, sentences,

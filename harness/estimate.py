@@ -77,7 +77,8 @@ def estimate_seconds(sweep) -> float:
     for name, shape in sweep.problems():
         for vc in sweep.configs:
             spec = vc.spec
-            if spec.unavailable_reason(sweep.device) or spec.unsupported_reason(shape, vc.params):
+            if (spec.unavailable_reason(sweep.device, vc.params)
+                    or spec.unsupported_reason(shape, vc.params)):
                 continue
             todo = sweep.cases_for(vc, shape, name)
             if not todo:

@@ -106,7 +106,8 @@ class CaseRunner:
     def prepare(self, vc: VariantConfig, shape: Shape, inputs_name: str = "randn") -> Trial:
         """Build the variant for `shape`; raise `Failure` when it cannot or should not run."""
         spec = vc.spec
-        reason = spec.unavailable_reason(self.device) or spec.unsupported_reason(shape, vc.params)
+        reason = (spec.unavailable_reason(self.device, vc.params)
+                  or spec.unsupported_reason(shape, vc.params))
         if reason:
             raise Failure("skipped", reason)
         inputs = self.inputs(shape, inputs_name)

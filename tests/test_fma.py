@@ -185,9 +185,13 @@ def test_registration():
     assert spec.unsupported_reason(shape, spec.validate({})) is None
     assert "power of two" in spec.unsupported_reason(shape, spec.validate({"m": 48}))
     assert "power of two" in spec.unsupported_reason(shape, spec.validate({"p": 3}))
-    fn = spec.factory(shape, **spec.validate({}))
-    q, k, v, _ = inputs(100, seed=9)
-    assert rel_err(fn(q, k, v), fma_reference(q, k, v)) == 0.0
+    # The factory passes m, p, scale_attn and zero_pad through: N = 77, m = 4 has four coarse
+    # levels, and every option differs from its default.
+    opts = dict(m=4, p=1, scale_attn=False, zero_pad=True)
+    for causal in (False, True):
+        fn = spec.factory(Shape(1, 2, 77, 8, causal), **spec.validate(opts))
+        q, k, v, _ = inputs(77, seed=9 + causal)
+        assert rel_err(fn(q, k, v), fma_dense_matrix(q, k, causal=causal, **opts) @ v) < 1e-12
     big, conv = Shape(1, 2, 1000, 8), spec.validate({"downsample": "conv"})
     assert spec.flops(big, conv) > spec.flops(big, spec.validate({})) > 0
     assert spec.min_bytes(big, conv) > spec.min_bytes(big, spec.validate({}))

@@ -112,11 +112,14 @@ def test_fmmformer_triton_backward_keeps_to_its_own_scores(monkeypatch, poisoned
         assert metrics[f"rel_err_{g}_vs_reference"] < 1e-5, g
 
 
-# Every other variant whose backward is not its own reference: (name, N, D, params).
+# Every other variant whose backward is not its own reference: (name, N, D, params). fma_triton
+# at N=77, m=16 has two coarse levels (m=64 would leave it plain softmax), with and without the
+# zero-key slots of zero_pad.
 KERNELS = [
     ("window_triton", 45, 16, {"bandwidth": 5}),
     ("linear_triton", 45, 16, {}),
-    ("fma_triton", 64, 16, {}),
+    ("fma_triton", 77, 16, {"m": 16}),
+    ("fma_triton", 77, 16, {"m": 16, "zero_pad": True}),
     ("softmax_sdpa", 45, 16, {}),
 ]
 
@@ -125,8 +128,10 @@ KERNELS = [
 @pytest.mark.parametrize("dtype,scale", [(torch.bfloat16, 3.0), (torch.float16, 1.0)],
                          ids=["bf16-x3", "fp16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("name,n,d,params", KERNELS, ids=[k[0] for k in KERNELS])
-def test_kernel_gradients_within_floor(name, n, d, params, causal, dtype, scale):
+@pytest.mark.parametrize("name,n,d,params", KERNELS,
+                         ids=["-".join([k[0], *(f"{key}={value}" for key, value in k[3].items())])
+                              for k in KERNELS])
+def test_kernel_gradients_within_floor(poisoned, name, n, d, params, causal, dtype, scale):
     trial = trial_for(name, n, d, dtype, causal, scale, seed=n, **params)
     if get_variant(name).unsupported_reason(trial.shape, trial.variant.params):
         pytest.skip("shape not supported")
@@ -211,3 +216,43 @@ def test_sweep_flags_gradients_above_floor(tmp_path, wrong_backward):
         assert ratio.loc[("softmax_sdpa", "fwd_bwd", causal), "status"] == "ok"
     grads = df[df.metric.str.startswith("rel_err_d")]
     assert {"rel_err_dq_vs_reference", "rel_err_dq_floor", "rel_err_dv_floor"} <= set(grads.metric)
+
+
+class _BandOfOne(torch.autograd.Function):
+    """A band of width 0 (each row attends to its own key: o = v, dq = dk = 0) whose backward
+    leaves seeded noise of size `noise` in dq, as summation order does in a real kernel."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, noise):
+        ctx.noise = noise
+        return v.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        gen = torch.Generator().manual_seed(0)
+        dq = torch.randn(grad.shape, generator=gen).to(grad) * ctx.noise
+        return dq, torch.zeros_like(grad), grad, None
+
+
+@pytest.fixture
+def band_of_one():
+    @register_variant("band_of_one", family="window", reference="window",
+                      params={"bandwidth": 0, "noise": 0.0})
+    def make(shape, bandwidth, noise):
+        return lambda q, k, v: _BandOfOne.apply(q, k, v, noise)
+
+    yield "band_of_one"
+    unregister_variant("band_of_one")
+
+
+def test_a_zero_gradient_is_judged_against_the_size_of_the_gradients(band_of_one):
+    """Where the true dq is exactly 0, fp32 noise of 3e-7 an element is `ok` at any size (it was
+    judged as an absolute norm, which grows with the element count), and noise of 1e-3 an
+    element is still flagged."""
+    quiet = trial_for(band_of_one, 1024, 32, torch.float32, False, noise=3e-7)
+    metrics = assert_within_floor(quiet)
+    assert metrics["rel_err_dq_floor"] == 0.0
+    assert metrics["rel_err_dq_vs_reference"] < 1e-6
+    loud = trial_for(band_of_one, 1024, 32, torch.float32, False, noise=1e-3)
+    metrics, reason = gradient_metrics(loud, rows=None)
+    assert metrics["floor_ratio"] > 10 * FLOOR_FACTOR and "dq error" in reason

@@ -80,6 +80,39 @@ def test_support_checks(toy):
     assert "bandwidth" in window.unsupported_reason(Shape(1, 1, 8, 8), {"bandwidth": -1})
 
 
+def test_availability_may_depend_on_parameters():
+    """`available` takes the device, or the device and the parameters: softmax_sdpa's CUDA-only
+    backends are unavailable on a CPU, its others are not."""
+    import torch
+
+    sdpa, cpu = get_variant("softmax_sdpa"), torch.device("cpu")
+    for backend in ("cudnn", "efficient"):
+        reason = sdpa.unavailable_reason(cpu, {"backend": backend})
+        assert reason == f"softmax_sdpa backend '{backend}' runs on cuda, not cpu"
+    for backend in ("auto", "flash", "math"):
+        assert sdpa.unavailable_reason(cpu, {"backend": backend}) is None
+    assert sdpa.unavailable_reason(cpu) is None  # the defaults
+
+
+def test_sweep_skips_a_backend_the_device_lacks(tmp_path):
+    """On a CPU, `--param softmax_sdpa.backend=cudnn,math` runs math and records cudnn as
+    `skipped` with the reason (no error rows from inside PyTorch)."""
+    from harness.config import BenchConfig, RunOptions
+    from harness.results import load_results
+    from harness.runner import Sweep
+
+    config = BenchConfig(device="cpu", variants=("softmax_sdpa",), suites=("accuracy",),
+                         modes=("fwd",), seq_lens=(16,), heads=1, head_dim=16,
+                         params=("softmax_sdpa.backend=cudnn,math",))
+    options = RunOptions(isolate=False, case_timeout=0)
+    df = load_results(Sweep(config, tmp_path / "run", options=options).run(["test"]))
+    status = df.groupby("variant")["status"].agg(set)
+    assert status["softmax_sdpa[backend=cudnn]"] == {"skipped"}
+    assert status["softmax_sdpa[backend=math]"] == {"ok"}
+    reasons = set(df[df.variant == "softmax_sdpa[backend=cudnn]"].reason)
+    assert reasons == {"softmax_sdpa backend 'cudnn' runs on cuda, not cpu"}
+
+
 def test_every_builtin_module_imports():
     from variants import BROKEN_MODULES
 

@@ -86,9 +86,8 @@ class FMMformerAttention(nn.Module):
 
     def forward(self, q, k, v):
         w_near, w_far = blend_weights(self.near_logit, self.far_logit, self.blend)
-        return self.impl(
-            q, k, v, w_near, w_far, bandwidth=self.bandwidth, kernels=self.kernels, causal=self.causal
-        )
+        return self.impl(q, k, v, w_near, w_far, bandwidth=self.bandwidth, kernels=self.kernels,
+                         causal=self.causal)
 
 
 def fmm_flops(shape: Shape, params: dict) -> float:

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from harness.registry import Shape, register_variant
 
 
-def softmax_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+def softmax_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      causal: bool) -> torch.Tensor:
     """Naive exact attention: materializes the `[B, H, N, N]` score matrix (the paper's baseline).
 
     Args:
@@ -102,11 +103,23 @@ class SDPAttention:
         return self.backend_ran
 
 
+# Backends PyTorch has only for CUDA tensors.
+CUDA_ONLY_BACKENDS = ("cudnn", "efficient")
+
+
+def sdpa_available(device: torch.device, params: dict) -> str | None:
+    backend = params["backend"]
+    if backend in CUDA_ONLY_BACKENDS and device.type != "cuda":
+        return f"softmax_sdpa backend '{backend}' runs on cuda, not {device.type}"
+    return None
+
+
 @register_variant(
     "softmax_sdpa",
     family="softmax",
     params={"backend": "auto"},
     choices={"backend": ("auto", *SDPA_BACKENDS)},
+    available=sdpa_available,
     flops=softmax_flops,
 )
 def make_softmax_sdpa(shape: Shape, backend: str):

@@ -74,6 +74,12 @@ def check_qkv(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> N
         raise ValueError(reason)
 
 
+def band_limit(n: int, bandwidth: int) -> int:
+    """The effective band k for N keys: k >= N is full attention; clamping keeps every index
+    a kernel computes from k inside int32."""
+    return min(int(bandwidth), max(n - 1, 0))
+
+
 def unsupported_shape(name: str, shape: Shape) -> str | None:
     """Why the kernels of `name` cannot take `shape`'s head dim or dtype (None when they can)."""
     if shape.head_dim not in HEAD_DIMS:

@@ -25,6 +25,7 @@ from variants.triton_common import (
     LOG2E,
     LOG2E_C,
     ObservesLaunch,
+    band_limit,
     check_qkv,
     chosen,
     dot,
@@ -96,7 +97,7 @@ def choose_tiles(kernel: str, q: torch.Tensor, band: int, causal: bool, launch) 
 
 def window_config(q: torch.Tensor, bandwidth: int, causal: bool) -> WindowConfig:
     """The tiles each kernel runs with for q's problem (on a GPU: those chosen so far)."""
-    band = _band(q.shape[-2], bandwidth)
+    band = band_limit(q.shape[-2], bandwidth)
     if q.device.type != "cuda":
         return WindowConfig(**INTERPRET_TILES)
     return WindowConfig(*(chosen(_problem(kernel, q, band, causal))
@@ -376,17 +377,12 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bandwidth: 
         raise ValueError(f"bandwidth must be >= 0, got {bandwidth}")
 
 
-def _band(n: int, bandwidth: int) -> int:
-    """The effective k: k >= N is full attention; clamping keeps every index inside int32."""
-    return min(int(bandwidth), max(n - 1, 0))
-
-
 def _launch_args(q: torch.Tensor, bandwidth: int) -> tuple[int, int, int, float, str]:
     """(B*H, N, effective k, qk scale in log2 units, dot precision)."""
     batch, heads, n, d = q.shape
     # fp32 inputs get exact fp32 dots (no tf32): whoever asks for fp32 wants the accuracy.
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    return batch * heads, n, _band(n, bandwidth), d**-0.5 * LOG2E, precision
+    return batch * heads, n, band_limit(n, bandwidth), d**-0.5 * LOG2E, precision
 
 
 def _empty_or(out: torch.Tensor | None, like: torch.Tensor, shape, dtype) -> torch.Tensor:

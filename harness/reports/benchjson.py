@@ -55,7 +55,8 @@ def load_benchmark_json(path: Path) -> Run:
                                "extra_info; compare reads files of benchmarks/test_speed.py")
         for metric, suite in MEASUREMENTS.items():
             if isinstance(info.get(metric), (int, float)):
-                rows.append({**CASE_DEFAULTS, **case, "run_id": run_id, "suite": suite, "metric": metric,
+                rows.append({**CASE_DEFAULTS, **case, "run_id": run_id, "suite": suite,
+                             "metric": metric,
                              "observed": json.dumps(info.get("observed") or {}, sort_keys=True),
                              "value": float(info[metric]), "unit": metric_unit(metric),
                              "status": "ok", "reason": ""})

@@ -23,7 +23,16 @@ from variants.fmmformer_triton.states import (
     store_state,
 )
 from variants.linear import EPS
-from variants.triton_common import LOG2E, dot, empty, phi_grad, phi_one, phi_one_grad, phi_prep
+from variants.triton_common import (
+    LOG2E,
+    band_limit,
+    dot,
+    empty,
+    phi_grad,
+    phi_one,
+    phi_one_grad,
+    phi_prep,
+)
 
 
 @triton.jit
@@ -542,6 +551,7 @@ def fmmformer_bwd(
     Returns `dq, dk, dv` (like q) and `dw_near, dw_far` (`[H]`, fp32)."""
     b, h, n, d = q.shape
     dev, r, bh = q.device, kernels, b * h
+    bandwidth = band_limit(n, bandwidth)
     cfg = config or fmm_config(d, dev)
     do = do.contiguous()
     wn = w_near.detach().to(torch.float32).contiguous()

@@ -23,6 +23,7 @@ from variants.fmmformer_triton.states import (
 from variants.linear import EPS
 from variants.triton_common import (
     LOG2E,
+    band_limit,
     check_qkv,
     dot,
     empty,
@@ -183,10 +184,15 @@ def _fmmformer_far_causal_kernel(
         z += tl.sum(fk, 0)
 
 
-def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bandwidth: int,
-                 kernels: int) -> None:
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w_near: torch.Tensor,
+                 w_far: torch.Tensor, bandwidth: int, kernels: int) -> None:
     """Raise ValueError for what the kernels do not support."""
     check_qkv("fmmformer_triton", q, k, v)
+    heads = q.shape[1]
+    for name, w in (("w_near", w_near), ("w_far", w_far)):
+        if tuple(w.shape) != (heads,):
+            raise ValueError(f"{name} must have shape ({heads},), one weight per head, "
+                             f"got {tuple(w.shape)}")
     if bandwidth < 0:
         raise ValueError(f"bandwidth must be >= 0, got {bandwidth}")
     if kernels not in (1, 2, 3):
@@ -262,8 +268,9 @@ def fmmformer_fwd(
     Returns:
         `o` and the saved tensors (None unless `save`).
     """
-    check_inputs(q, k, v, bandwidth, kernels)
+    check_inputs(q, k, v, w_near, w_far, bandwidth, kernels)
     b, h, n, d = q.shape
+    bandwidth = band_limit(n, bandwidth)
     dev, r, bh = q.device, kernels, b * h
     cfg = config or fmm_config(d, dev)
     wn = w_near.detach().to(torch.float32).contiguous()
