@@ -4,7 +4,7 @@ One case is one (task setting, variant, seed): the setting's task at its length 
 `seq_len`, `inputs` = `task:NAME`), trained from the seed for the setting's token budget with its
 recipe (`suites.tasks.presets`). Metrics: the task's held-out score (`accuracy`, or `bpc` for
 the character LM), `train_tokens_per_s`, `peak_mem_mib` (the whole training run, beyond what was
-allocated before it), `final_train_loss` and `attn_fwd_bwd_ms` (the variant alone, forward and
+allocated before it; the task's data is made before it), `final_train_loss` and `attn_fwd_bwd_ms` (the variant alone, forward and
 backward at the model's attention shape and the dtype it trained in: the kernel time at the
 task's length). A loss, gradient norm, weight or held-out logit that turns NaN or Inf makes the
 case a `nan` row naming the step. Every row's `observed` holds the setting (task options,
