@@ -87,7 +87,8 @@ class CaseRunner:
         except Exception as exc:  # noqa: BLE001 - every failure becomes a result row
             failure = classify(exc)
             self.free_memory()
-            return [Row(case, suite.primary, None, failure.status, failure.reason)]
+            return [Row(case, suite.primary, None, failure.status, failure.reason,
+                        observed=dict(trial.observed))]  # what the case saw before it failed
         undeclared = [m for m in metrics if m not in suite.metrics]
         if undeclared:
             return [Row(case, suite.primary, None, "error",

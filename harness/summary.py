@@ -31,8 +31,9 @@ def skipped_variants(df: pd.DataFrame) -> dict[str, str]:
 
 def summary_tables(df: pd.DataFrame) -> list[Table]:
     """One table per summary column that the suites present declare (`Suite.summary`): rows
-    variant x inputs x mode x causal (an `inputs` column when the suite's rows come from more
-    than one input source), columns sequence length.
+    variant x mode x causal, columns the (inputs, sequence length) pairs where the metric
+    was measured or its case failed (named by length alone when the suite ran one inputs
+    source); none for a metric no case of the run reported.
 
     Variants that never ran get one line each in a last table instead of rows of SKIPPED.
     """
@@ -42,21 +43,23 @@ def summary_tables(df: pd.DataFrame) -> list[Table]:
     columns = [(s.name, c.metric, c.title, c.fmt) for s in all_suites() for c in s.summary]
     for suite, metric, title, fmt in columns:
         part = df[df.suite == suite]
-        if part.empty:
+        named = part.inputs.nunique() > 1
+        problems = sorted(set(part.loc[part.metric == metric, ["inputs", "seq_len"]]
+                              .itertuples(index=False, name=None)))
+        if not problems:
             continue
-        lengths = sorted(part.seq_len.unique())
-        several = part.inputs.nunique() > 1
         table = Table(title=title, title_justify="left")
-        for col in ("variant", *(["inputs"] if several else []), "mode", "causal"):
+        for col in ("variant", "mode", "causal"):
             table.add_column(col)
-        for n in lengths:
-            table.add_column(f"N={n}", justify="right")
-        part = part[part["mode"].isin(part.loc[part.metric == metric, "mode"].unique())]
-        groups = part.groupby(["variant", "inputs", "mode", "causal"], sort=True)
-        for (variant, inputs, mode, causal), group in groups:
-            cells = [_cell(group[group.seq_len == n], metric, fmt) for n in lengths]
-            source = [escape(inputs)] if several else []
-            table.add_row(escape(variant), *source, mode, str(causal), *cells)  # w[k=3] is no markup
+        for inputs, n in problems:
+            table.add_column(escape(f"{inputs} N={n}" if named else f"N={n}"), justify="right")
+        wanted = pd.Series([p in problems for p in zip(part.inputs, part.seq_len)],
+                           index=part.index, dtype=bool)
+        part = part[part["mode"].isin(part.loc[part.metric == metric, "mode"].unique()) & wanted]
+        for (variant, mode, causal), group in part.groupby(["variant", "mode", "causal"], sort=True):
+            cells = [_cell(group[(group.inputs == i) & (group.seq_len == n)], metric, fmt)
+                     for i, n in problems]
+            table.add_row(escape(variant), mode, str(causal), *cells)  # w[k=3] is no markup
         tables.append(table)
     if skipped:
         table = Table(title="skipped variants", title_justify="left")
