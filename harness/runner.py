@@ -151,13 +151,16 @@ class Sweep:
     def existing_rows(self):
         """The rows already written in the run directory (a DataFrame), less the case whose last
         line a killed run left unfinished (dropped from the file, with a note: it runs again)."""
-        path = self.run_dir / RESULTS_FILE
+        self.drop_unfinished_case(self.run_dir / RESULTS_FILE)
+        return load_existing(self.run_dir)
+
+    def drop_unfinished_case(self, path: Path) -> None:
+        """Cut the case a killed process left unfinished at the end of `path`, saying so."""
         dropped = cut_unfinished_case(path)
         if dropped:
             self.console.print(f"{path}: dropped an unfinished last line and the rows of its "
                                f"case ({dropped} rows), left by a killed run; the case runs "
                                "again", highlight=False, markup=False)
-        return load_existing(self.run_dir)
 
     def problems(self) -> Iterator[tuple[str, Shape]]:
         return sweep_problems(self.config)

@@ -28,7 +28,6 @@ import pandas as pd
 from harness.calibration import calibration_summary
 from harness.results import CASE_KEY, COLUMNS, DETAIL_COLUMNS, DETAILS_FILE, META_FILE
 from harness.results import OPTIONAL_COLUMNS, RESULTS_FILE, read_meta, typed_results
-from harness.results import cut_partial_line  # noqa: F401 - the sharded run's processes use it
 
 SHARDS_DIR = "shards"
 RANK_FILE = "rank.json"
