@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -47,7 +48,7 @@ from harness.config import (
 )
 from harness.estimate import size_warning
 from harness.inputs import CHOICES as INPUT_CHOICES
-from harness.inputs import default_lengths
+from harness.inputs import absolute_spec, changed_input_file, default_lengths
 from harness.plugins import load_plugins, plugin_path
 from harness.registry import RegistryError, all_variants
 from harness.results import (
@@ -70,13 +71,21 @@ from suites import load_builtin_suites
 from variants import load_builtin_variants
 
 REAL_COMMANDS = ("capture", "dropin", "quality")  # harness.realcli
+# Commands handled outside harness.reports.cli, named in its list of commands.
+OTHER_COMMANDS = {
+    "tasks": "quality table, claim check and plots of a task run",
+    "capture": "capture q, k, v of every attention layer of a model",
+    "dropin": "MiniLM with each variant as its attention",
+    "quality": "quality tables and plots on real attention",
+}
 DEFAULT_ROOT = Path(__file__).resolve().parent / "results" / "runs"
 
 
 def csv_list(kind):
+    """argparse type: a comma list of `kind`, a repeated value kept once (first place)."""
     def parse(text: str):
         try:
-            return tuple(kind(item) for item in text.split(",") if item)
+            return tuple(dict.fromkeys(kind(item) for item in text.split(",") if item))
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a comma list of {kind.__name__}, got '{text}'")
 
@@ -170,6 +179,8 @@ CONFIG_FLAGS = {
 def print_listing(console: Console, device: str) -> None:
     import torch
 
+    absent = ("CUDA is not available on this machine"
+              if device == "cuda" and not torch.cuda.is_available() else None)
     table = Table(title=f"variants (availability on {device})", title_justify="left")
     for col in ("name", "family", "causal", "params (defaults)", "on " + device):
         table.add_column(col)
@@ -178,7 +189,7 @@ def print_listing(console: Console, device: str) -> None:
     for spec in all_variants():
         forms = "/".join("causal" if c else "non-causal" for c in spec.causal)
         params = ", ".join(f"{k}={v}" for k, v in spec.params.items()) or "-"
-        reason = spec.unavailable_reason(torch.device(device))
+        reason = spec.unavailable_reason(torch.device(device)) or absent
         table.add_row(spec.name, spec.family, forms, escape(params), "yes" if reason is None else escape(reason))
     console.print(table)
     console.print("suites: " + ", ".join(f"{s.name}{'' if s.default else ' (on request)'}"
@@ -191,20 +202,23 @@ def print_listing(console: Console, device: str) -> None:
 
 
 def requested(args) -> dict:
-    """The config fields the command line set explicitly (plugin paths made absolute)."""
+    """The config fields the command line set explicitly (plugin and `file:` input paths made
+    absolute)."""
     out = {}
     for arg, field_name in CONFIG_FLAGS.items():
         value = getattr(args, arg)
         if value is None:
             continue
-        if arg in ("param", "plugin"):
-            value = tuple(plugin_path(v) for v in value) if arg == "plugin" else tuple(value)
+        if arg in ("param", "plugin", "inputs"):
+            absolute = {"plugin": plugin_path, "inputs": absolute_spec}.get(arg, str)
+            value = tuple(absolute(v) for v in value)
         out[field_name] = value
     return out
 
 
 def resumed_config(run_dir: Path, args) -> BenchConfig:
-    """The stored configuration of `run_dir`; flags that would change it are refused."""
+    """The stored configuration of `run_dir` (its plugins loaded); flags that would change it
+    are refused."""
     if not run_dir.is_dir():
         raise ConfigError(f"cannot resume {run_dir}: not a run directory")
     meta = read_meta(run_dir)
@@ -212,9 +226,13 @@ def resumed_config(run_dir: Path, args) -> BenchConfig:
         raise ConfigError(f"cannot resume {run_dir}: no {META_FILE} with a config")
     try:
         config = BenchConfig.from_dict(meta["config"])
+        load_plugins(config.plugins)  # their variants and suites are the run's
         validate(config)  # e.g. a CUDA run cannot be resumed on a CPU-only machine
     except (ConfigError, TypeError, ValueError) as exc:
         raise ConfigError(f"cannot resume {run_dir}: {exc}") from None
+    input_change = changed_input_file(meta.get("input_files") or {})
+    if input_change:
+        raise ConfigError(f"cannot resume {run_dir}: {input_change}")
     asked = requested(args)
     changed = [f"{flag(arg)} ({_show(getattr(config, name))} in the run)"
                for arg, name in CONFIG_FLAGS.items()
@@ -236,11 +254,24 @@ def check_new_run_dir(out: Path, joining: bool = False) -> None:
     the processes of a sharded run may join: `harness.shardrun` checks it is theirs)."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; expected a directory for the run")
+    check_writable(out)
     if joining:
         return
     if (out / META_FILE).exists() or (out / RESULTS_FILE).exists():
         raise ConfigError(f"--out {out} already holds a run; finish it with --resume {out}, "
                           f"or choose a new --out directory")
+
+
+def check_writable(out: Path) -> None:
+    """`out` is a directory this process can write, or can be made one: its nearest existing
+    folder is a directory that it may write in."""
+    there = out.absolute()
+    while not there.exists():
+        there = there.parent
+    if not there.is_dir():
+        raise ConfigError(f"cannot create --out {out}: {there} is a file, not a directory")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create --out {out}: {there} is not writable")
 
 
 def config_from_args(args, sharded: bool = False) -> tuple[BenchConfig, Path]:
@@ -312,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             from harness.reports.cli import main as reports_main
 
             load_studies()
-            return reports_main(argv)
+            return reports_main(argv, OTHER_COMMANDS)
         load_builtin_suites()
         args = build_parser().parse_args(argv)
         shard = current_shard(args.shard)
@@ -327,8 +358,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         options = run_options(args)
         config, run_dir = config_from_args(args, sharded=shard is not None)
-        if args.resume:
-            load_plugins(config.plugins)
         sweep = make_sweep(config, run_dir, options, shard, resume=args.resume is not None)
     except (RegistryError, ConfigError, ResultsError, SuiteError, UsageError) as exc:
         return usage_error(exc)

@@ -87,7 +87,8 @@ class CaseRunner:
         except Exception as exc:  # noqa: BLE001 - every failure becomes a result row
             failure = classify(exc)
             self.free_memory()
-            return [Row(case, suite.primary, None, failure.status, failure.reason)]
+            return [Row(case, suite.primary, None, failure.status, failure.reason,
+                        observed=dict(trial.observed))]  # what the case saw before it failed
         undeclared = [m for m in metrics if m not in suite.metrics]
         if undeclared:
             return [Row(case, suite.primary, None, "error",
@@ -103,7 +104,8 @@ class CaseRunner:
         return rows
 
     def prepare(self, vc: VariantConfig, shape: Shape, inputs_name: str = "randn") -> Trial:
-        """Build the variant for `shape`; raise `Failure` when it cannot or should not run."""
+        """Build the variant for `shape`; raise `Failure` when it cannot or should not run
+        (or its first output is not a finite tensor of q's shape, dtype and device)."""
         spec = vc.spec
         reason = (spec.unavailable_reason(self.device, vc.params)
                   or spec.unsupported_reason(shape, vc.params))
@@ -117,6 +119,9 @@ class CaseRunner:
         trial = Trial(vc, fn, shape, inputs, self.device, self.config, self.roofline,
                       inputs_name=inputs_name, run_dir=self.run_dir, progress=self.progress)
         out = trial.forward()  # the first call compiles; a NaN here fails every case
+        wrong = output_mismatch(out, inputs[0])
+        if wrong:
+            raise Failure("error", wrong)
         if not torch.isfinite(out).all():
             raise Failure("nan", "forward output has NaN or Inf")
         if hasattr(fn, "detect_backend"):
@@ -136,3 +141,16 @@ class CaseRunner:
         """Drop the cached inputs."""
         self._inputs = None
         self.free_memory()
+
+
+def output_mismatch(out, q: torch.Tensor) -> str | None:
+    """Why `out` is not an attention output for `q` (a tensor of q's shape, dtype and device),
+    or None when it is."""
+    if not isinstance(out, torch.Tensor):
+        return f"output is a {type(out).__name__}, not a tensor like q"
+    got = (tuple(out.shape), out.dtype, out.device)
+    want = (tuple(q.shape), q.dtype, q.device)
+    if got == want:
+        return None
+    show = "shape {} dtype {} device {}".format
+    return f"output has {show(*got)}; expected q's {show(*want)}"

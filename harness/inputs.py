@@ -15,6 +15,7 @@ the layer, so per-head results name (layer, head) as (batch index, head index).
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,6 +35,7 @@ RANDN = "randn"
 # A suite with its own problems names them `task:NAME` (the task suite); the variant's own checks
 # and the attention timing of such a case take randn q, k, v of the problem's shape.
 TASK_PREFIX = "task:"
+FILE_PREFIX = "file:"
 CHOICES = ("randn", *PACKAGED, "file:PATH")
 
 
@@ -104,13 +106,51 @@ def source(spec: str) -> RandnInputs | CapturedInputs:
             layers, heads, head_dim = model.dims()
             return CapturedInputs(spec, (layers, heads, model.max_len, head_dim), model.capture,
                                   lengths=model.default_lengths)
-        if spec.startswith("file:") and len(spec) > 5:
-            path = str(Path(spec[5:]).resolve())
+        if is_file_spec(spec):
+            path = str(Path(spec[len(FILE_PREFIX):]).resolve())
             shapes, _ = read_header(path)
             return CapturedInputs(spec, shapes["q"], lambda n: _file_qkv(path).prefix(n))
     except CaptureError as exc:
         raise ConfigError(str(exc)) from None
     raise ConfigError(f"unknown inputs '{spec}'; valid: {', '.join(CHOICES)}")
+
+
+def is_file_spec(spec: str) -> bool:
+    return spec.startswith(FILE_PREFIX) and len(spec) > len(FILE_PREFIX)
+
+
+def absolute_spec(spec: str) -> str:
+    """`file:PATH` with PATH made absolute (a run resumes from any folder); others as given."""
+    if not is_file_spec(spec):
+        return spec
+    return FILE_PREFIX + str(Path(spec[len(FILE_PREFIX):]).expanduser().resolve())
+
+
+def file_identity(spec: str) -> dict | None:
+    """{"size", "sha256"} of a `file:PATH` source's file; None when it is not there."""
+    path = Path(spec[len(FILE_PREFIX):])
+    if not path.is_file():
+        return None
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"size": path.stat().st_size, "sha256": digest}
+
+
+def input_files(specs) -> dict[str, dict | None]:
+    """{spec: file_identity} of the `file:PATH` sources among `specs` (meta.json's record)."""
+    return {spec: file_identity(spec) for spec in specs if is_file_spec(spec)}
+
+
+def changed_input_file(recorded: dict[str, dict | None]) -> str | None:
+    """What differs between the recorded `input_files` and the files there now, else None."""
+    for spec, identity in recorded.items():
+        now = file_identity(spec)
+        if now is None:
+            return f"inputs {spec}: the file is gone"
+        if now != identity:
+            return (f"inputs {spec}: the file changed since the run started (size or SHA-256 "
+                    f"differ from meta.json's input_files)")
+    return None
 
 
 def sources(config: BenchConfig) -> list[RandnInputs | CapturedInputs]:

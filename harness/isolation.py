@@ -7,7 +7,8 @@ case). When the worker dies (a segfault, `os.abort()`, a killed process) or does
 time, the case it was on becomes an `error` or `timeout` row with the reason, the worker is
 replaced, and the remaining cases go to the new one. On CUDA a worker retires after an `error`
 row, since a faulting kernel can leave its CUDA context unusable for every later case.
-The worker's own stdout and stderr go to `worker.log` in the run directory.
+The worker's own stdout and stderr go to `worker.log` in the directory where the sweep writes
+its rows (the run directory, or a sharded run's `shards/rank-I/`); a lost worker's row names it.
 """
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ class Worker:
             how = f"killed by {signal.Signals(-code).name}"
         else:
             how = f"exit code {code}"
-        return WorkerLost("error", f"worker process died ({how}); its output is in {LOG_FILE}")
+        return WorkerLost("error", f"worker process died ({how}); its output is in {self.log_path}")
 
     def stop(self) -> None:
         """End the process (at once: it may be hung) and close the pipe."""

@@ -42,6 +42,8 @@ def load_plugins(paths) -> None:
                               f"{exc.msg}") from None
         except (RegistryError, SuiteError):
             raise
+        except SystemExit as exc:  # a script's sys.exit() ends the import, not this program
+            raise ConfigError(f"plugin {path} called sys.exit({exc.code!r}) on import") from None
         except Exception as exc:  # noqa: BLE001 - any import failure is the plugin's
             first = (str(exc).strip().splitlines() or [""])[0]
             raise ConfigError(f"plugin {path} raised on import: {type(exc).__name__}: "

@@ -223,7 +223,8 @@ def parse_param_overrides(items: Iterable[str]) -> dict[str, dict[str, list[Any]
     """Parse `variant.param=value[,value...]` strings into {variant: {param: [values]}}.
 
     Values are converted to the type of the parameter's default, so `bandwidth=20` is an int.
-    A comma list sweeps the parameter: each value becomes its own labelled row.
+    A comma list sweeps the parameter: each value becomes its own labelled row (a repeated
+    value counts once); the same parameter given twice is a `RegistryError`.
     """
     overrides: dict[str, dict[str, list[Any]]] = {}
     for item in items:
@@ -235,8 +236,12 @@ def parse_param_overrides(items: Iterable[str]) -> dict[str, dict[str, list[Any]
         if param not in spec.params:
             valid = ", ".join(sorted(spec.params)) or "none"
             raise RegistryError(f"unknown parameter {variant}.{param}; valid: {valid}")
+        if param in overrides.get(variant, {}):
+            raise RegistryError(f"--param {variant}.{param} is given twice; sweep several "
+                                f"values with one comma list: --param {variant}.{param}=A,B")
         default = spec.params[param]
         values = [_coerce(v.strip(), default, f"{variant}.{param}") for v in raw.split(",")]
+        values = list(dict.fromkeys(values))
         overrides.setdefault(variant, {})[param] = values
     return overrides
 

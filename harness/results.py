@@ -261,6 +261,43 @@ def upgrade_columns(path: Path) -> None:
     load_results(path).to_csv(path, index=False, columns=list(COLUMNS))
 
 
+def cut_partial_line(path: Path) -> int:
+    """Drop a last line left unfinished by a killed process, so that appending stays valid;
+    returns the number of bytes dropped (0 when the file ends in a complete line)."""
+    if not path.is_file():
+        return 0
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    return len(data) - end
+
+
+def cut_unfinished_case(path: Path) -> int:
+    """Drop a last line left unfinished by a killed run and the complete rows before it of the
+    same case (a case's rows are written together: its other rows may be missing), so that the
+    case runs again; returns the number of rows dropped, the unfinished one included."""
+    if not cut_partial_line(path):
+        return 0
+    lines = path.read_bytes().splitlines(keepends=True)
+    if len(lines) < 2:
+        return 1
+    header = next(csv.reader([lines[0].decode()]))
+    where = [header.index(c) for c in CASE_KEY if c in header]
+
+    def case_of(line: bytes) -> list[str]:
+        cells = next(csv.reader([line.decode()]))
+        return [cells[i] if i < len(cells) else "" for i in where]
+
+    last, keep = case_of(lines[-1]), len(lines)
+    while keep > 1 and case_of(lines[keep - 1]) == last:
+        keep -= 1
+    with open(path, "r+b") as f:
+        f.truncate(sum(map(len, lines[:keep])))
+    return 1 + len(lines) - keep
+
+
 def load_existing(run_dir: Path) -> pd.DataFrame:
     """The rows already written in `run_dir` (an empty frame if there is no results file)."""
     path = Path(run_dir) / RESULTS_FILE

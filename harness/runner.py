@@ -25,12 +25,12 @@ from rich.progress import (
 from harness.config import DTYPES, BenchConfig, ConfigError, RunOptions, run_suites
 from harness.environment import fingerprint
 from harness.executor import CaseRunner
-from harness.inputs import sources
+from harness.inputs import input_files, sources
 from harness.failures import Failure, classify  # noqa: F401 - re-exported for callers
 from harness.registry import RegistryError, Shape, VariantConfig, expand_configs, all_variants
 from harness.registry import get_variant, parse_param_overrides
 from harness.results import Case, ResultsWriter, Row, finished_case_keys, load_existing, read_meta
-from harness.results import DetailsWriter, write_meta
+from harness.results import RESULTS_FILE, DetailsWriter, cut_unfinished_case, write_meta
 from harness.roofline import Roofline, measure_roofline
 from harness.suite import get_suite
 
@@ -149,8 +149,18 @@ class Sweep:
         self.stopped_at: Row | None = None
 
     def existing_rows(self):
-        """The rows already written in the run directory (a DataFrame)."""
+        """The rows already written in the run directory (a DataFrame), less the case whose last
+        line a killed run left unfinished (dropped from the file, with a note: it runs again)."""
+        self.drop_unfinished_case(self.run_dir / RESULTS_FILE)
         return load_existing(self.run_dir)
+
+    def drop_unfinished_case(self, path: Path) -> None:
+        """Cut the case a killed process left unfinished at the end of `path`, saying so."""
+        dropped = cut_unfinished_case(path)
+        if dropped:
+            self.console.print(f"{path}: dropped an unfinished last line and the rows of its "
+                               f"case ({dropped} rows), left by a killed run; the case runs "
+                               "again", highlight=False, markup=False)
 
     def problems(self) -> Iterator[tuple[str, Shape]]:
         return sweep_problems(self.config)
@@ -197,12 +207,14 @@ class Sweep:
         write_meta(self.run_dir, self.new_meta(command))
 
     def new_meta(self, command: list[str]) -> dict:
-        """The meta.json of a new run: command, configuration, environment, roofline."""
+        """The meta.json of a new run: command, configuration, the size and SHA-256 of each
+        `file:PATH` input, environment, roofline."""
         return {
             "run_id": self.run_dir.name,
             "command": shlex.join(command),
             "preset": self.config.preset,
             "config": self.config.as_dict(),
+            "input_files": input_files(self.config.inputs),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **fingerprint(self.device),
             "roofline": self.roofline.as_dict() if self.roofline else None,
@@ -219,7 +231,11 @@ class Sweep:
 
     def run(self, command: list[str] | None = None) -> Path:
         """Run every unfinished case; returns the run directory."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the run directory {self.run_dir}: "
+                              f"{exc.strerror or exc}") from None
         stored = read_meta(self.run_dir).get("roofline")
         if stored:  # a resumed run keeps the ceilings its first part was measured against
             self.roofline = Roofline(**stored)

@@ -66,17 +66,6 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def cut_partial_line(path: Path) -> None:
-    """Drop a last line left unfinished by a killed process, so that appending stays valid."""
-    if not path.is_file():
-        return
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(end)
-
-
 def read_rows(path: Path, columns: tuple[str, ...]) -> list[dict]:
     """The complete lines of a CSV as text cells (an unfinished last line is left out)."""
     if not path.is_file():

@@ -22,8 +22,8 @@ from harness.config import BenchConfig, ConfigError, RunOptions
 from harness.environment import fingerprint
 from harness.results import META_FILE, RESULTS_FILE, read_meta
 from harness.runner import Sweep, check_same_gpu
-from harness.shardfiles import Merged, cut_partial_line, existing_rows, has_parts, merge
-from harness.shardfiles import rank_dir, run_lock, write_json, write_record
+from harness.shardfiles import Merged, existing_rows, has_parts, merge
+from harness.shardfiles import rank_dir, rank_dirs, run_lock, write_json, write_record
 from harness.sharding import Shard, group_of, share_of
 
 
@@ -36,14 +36,22 @@ class ShardedSweep(Sweep):
 
     def __init__(self, config: BenchConfig, run_dir: Path, shard: Shard, resume: bool = False,
                  console=None, options: RunOptions | None = None):
+        self.shard = shard
         super().__init__(config, run_dir, console=console, options=options)
-        self.shard, self.resume = shard, resume
+        self.resume = resume
         self.share = share_of(self, shard)
         self.rows_dir = rank_dir(self.run_dir, shard.index)
         self.calibration: dict | None = None
         self.merged: Merged | None = None
 
     def existing_rows(self):
+        """Every process's rows, less the case a killed process left unfinished at the end of
+        this process's file (of every process's file when this is the only process: a run
+        resumed whole)."""
+        own = (rank_dirs(self.run_dir) if self.shard.count == 1
+               else [rank_dir(self.run_dir, self.shard.index)])
+        for directory in own:
+            self.drop_unfinished_case(directory / RESULTS_FILE)
         return existing_rows(self.run_dir)
 
     def cases_for(self, vc, shape, inputs: str = "randn"):
@@ -52,7 +60,6 @@ class ShardedSweep(Sweep):
 
     def run(self, command: list[str] | None = None) -> Path:
         self.rows_dir.mkdir(parents=True, exist_ok=True)
-        cut_partial_line(self.rows_dir / RESULTS_FILE)
         self.calibration = calibrate(self.device)
         super().run(command)
         self.merged = merge(self.run_dir, case_order(self))

@@ -11,11 +11,13 @@ MEASURED = ("ok", "inexact")  # statuses whose rows hold a value
 
 
 def _cell(group: pd.DataFrame, metric: str, fmt: str) -> str:
-    """The metric's value ("INEXACT" added when flagged), else the failure's status."""
+    """The metric's value (the mean over a seeded suite's seeds, saying how many; "INEXACT"
+    added when one is flagged), else the failure's status."""
     measured = group[group.status.isin(MEASURED) & (group.metric == metric)]
     if not measured.empty:
-        row = measured.iloc[0]
-        return fmt.format(row.value) + (" INEXACT" if row.status == "inexact" else "")
+        seeds = f" (mean of {len(measured)})" if len(measured) > 1 else ""
+        flag = " INEXACT" if (measured.status == "inexact").any() else ""
+        return fmt.format(measured.value.mean()) + seeds + flag
     failed = group[~group.status.isin(MEASURED)]
     return failed.status.iloc[0].upper() if not failed.empty else ""
 
@@ -29,7 +31,9 @@ def skipped_variants(df: pd.DataFrame) -> dict[str, str]:
 
 def summary_tables(df: pd.DataFrame) -> list[Table]:
     """One table per summary column that the suites present declare (`Suite.summary`): rows
-    variant x mode x causal, columns sequence length.
+    variant x mode x causal, columns the (inputs, sequence length) pairs where the metric
+    was measured or its case failed (named by length alone when the suite ran one inputs
+    source); none for a metric no case of the run reported.
 
     Variants that never ran get one line each in a last table instead of rows of SKIPPED.
     """
@@ -39,17 +43,22 @@ def summary_tables(df: pd.DataFrame) -> list[Table]:
     columns = [(s.name, c.metric, c.title, c.fmt) for s in all_suites() for c in s.summary]
     for suite, metric, title, fmt in columns:
         part = df[df.suite == suite]
-        if part.empty:
+        named = part.inputs.nunique() > 1
+        problems = sorted(set(part.loc[part.metric == metric, ["inputs", "seq_len"]]
+                              .itertuples(index=False, name=None)))
+        if not problems:
             continue
-        lengths = sorted(part.seq_len.unique())
         table = Table(title=title, title_justify="left")
         for col in ("variant", "mode", "causal"):
             table.add_column(col)
-        for n in lengths:
-            table.add_column(f"N={n}", justify="right")
-        part = part[part["mode"].isin(part.loc[part.metric == metric, "mode"].unique())]
+        for inputs, n in problems:
+            table.add_column(escape(f"{inputs} N={n}" if named else f"N={n}"), justify="right")
+        wanted = pd.Series([p in problems for p in zip(part.inputs, part.seq_len)],
+                           index=part.index, dtype=bool)
+        part = part[part["mode"].isin(part.loc[part.metric == metric, "mode"].unique()) & wanted]
         for (variant, mode, causal), group in part.groupby(["variant", "mode", "causal"], sort=True):
-            cells = [_cell(group[group.seq_len == n], metric, fmt) for n in lengths]
+            cells = [_cell(group[(group.inputs == i) & (group.seq_len == n)], metric, fmt)
+                     for i, n in problems]
             table.add_row(escape(variant), mode, str(causal), *cells)  # w[k=3] is no markup
         tables.append(table)
     if skipped:

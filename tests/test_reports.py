@@ -553,3 +553,90 @@ def test_best_exact_is_the_fastest_softmax_kernel_that_ran_and_passed_accuracy()
         wrong = [*rows, row("softmax_flash_attn", "softmax", n, 30.0, suite="accuracy",
                             metric="floor_ratio", status=status, reason="dq over its floor")]
         assert "best exact (softmax_sdpa)" in verdicts(wrong).index
+
+
+# ---------------------------------------------------------------- compare: status and missing
+
+
+def floor_ratios(value: float, status: str = "ok") -> list[dict]:
+    """One accuracy case's floor_ratio row (an `inexact` row keeps its value)."""
+    r = row("fmmformer", "fmm", 1024, suite="accuracy", metric="floor_ratio", status=status)
+    return [{**r, "value": value}]
+
+
+@pytest.mark.parametrize("status", ["timeout", "inexact"])
+def test_compare_ok_to_timeout_or_inexact_is_newly_failing(tmp_path: Path, capsys,
+                                                           status: str) -> None:
+    old = floor_ratios(1.0)
+    new = floor_ratios(50.0 if status == "inexact" else None, status)
+    assert compare_pair(tmp_path, old, new, "--metric", "floor_ratio") == 1
+    assert "1 newly failing" in capsys.readouterr().out
+
+
+def test_compare_judges_inexact_values_and_ignores_skipped(tmp_path: Path, capsys) -> None:
+    old = floor_ratios(3.0, "inexact")
+    assert compare_pair(tmp_path / "a", old, floor_ratios(30.0, "inexact"),
+                        "--metric", "floor_ratio") == 1
+    assert "1 regressions" in capsys.readouterr().out
+    assert compare_pair(tmp_path / "b", floor_ratios(1.0), floor_ratios(None, "skipped"),
+                        "--metric", "floor_ratio") == 0
+
+
+def test_compare_failure_row_of_another_metric_is_a_status_change(tmp_path: Path, capsys) -> None:
+    """A failed case has one row of its suite's primary metric (time_ms): compared on tflops
+    it is newly failing, not missing."""
+    old = timed("fmmformer", "fmm", 1024, 10.0) + [row("fmmformer", "fmm", 1024, 5.0,
+                                                       metric="tflops")]
+    new = [row("fmmformer", "fmm", 1024, status="timeout", reason="slow")]
+    new += timed("window", "window", 1024, 1.0) + [row("window", "window", 1024, 5.0,
+                                                       metric="tflops")]
+    old += new[1:]
+    assert compare_pair(tmp_path, old, new, "--metric", "tflops") == 1
+    out = capsys.readouterr().out
+    assert "1 newly failing" in out and "missing" not in out
+
+
+def test_compare_case_missing_from_the_new_run_fails_unless_allowed(tmp_path: Path,
+                                                                    capsys) -> None:
+    old = timed("fmmformer", "fmm", 1024, 10.0) + timed("window", "window", 1024, 1.0)
+    new = timed("fmmformer", "fmm", 1024, 10.0)
+    assert compare_pair(tmp_path / "a", old, new) == 1
+    assert "1 missing from the new run" in capsys.readouterr().out
+    assert compare_pair(tmp_path / "b", old, new, "--allow-missing") == 0
+    assert "1 missing from the new run (allowed)" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- input sources kept apart
+
+
+def two_sources() -> pd.DataFrame:
+    """The same case on randn (time ~ N) and minilm (time ~ N^2) inputs."""
+    rows = [row("fmmformer", "fmm", n, 1e-3 * n, inputs="randn") for n in (1024, 2048, 4096)]
+    rows += [row("fmmformer", "fmm", n, 1e-6 * n**2, inputs="minilm") for n in (1024, 2048, 4096)]
+    return tidy(pd.DataFrame(rows, columns=list(COLUMNS)))
+
+
+def test_slopes_and_figures_keep_input_sources_apart(tmp_path: Path) -> None:
+    fits = slopes(two_sources()).set_index("inputs")["slope"]
+    assert fits.to_dict() == pytest.approx({"randn": 1.0, "minilm": 2.0})
+    run = write_run(tmp_path / "run", two_sources().to_dict("records"))
+    assert main(["plot", str(run)]) == 0
+    names = {p.name for p in (run / "plots").glob("scaling-*.png")}
+    assert names == {"scaling-cuda-bf16-b1-h2-d64.png", "scaling-cuda-bf16-b1-h2-d64-minilm.png"}
+
+
+def test_summary_has_a_column_per_input_source() -> None:
+    from harness.summary import summary_tables
+
+    table = summary_tables(two_sources())[0]
+    cells = {c.header: list(c.cells) for c in table.columns}
+    assert cells["minilm N=4096"] == ["16.8"] and cells["randn N=4096"] == ["4.1"]
+
+
+def test_summary_cell_of_several_seeds_is_their_mean() -> None:
+    from harness.summary import summary_tables
+
+    rows = [row("fmmformer", "fmm", 64, acc, suite="task", mode="fwd_bwd", metric="accuracy",
+                inputs="task:mqar", seed=seed) for seed, acc in ((0, 0.5), (1, 0.7), (2, 0.9))]
+    tables = summary_tables(tidy(pd.DataFrame(rows, columns=list(COLUMNS))))
+    assert list(tables[0].columns[-1].cells) == ["0.700 (mean of 3)"]

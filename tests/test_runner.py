@@ -185,3 +185,55 @@ def test_cpu_size_estimate_warns_on_a_large_sweep(tmp_path, monkeypatch):
     assert line is not None and line.startswith("warning: 24 cases, roughly ")
     assert "--seq-lens" in line and line.count("\n") == 0
     assert size_warning(_Sweep(tiny(), tmp_path / "small")) is None
+
+
+def test_an_output_unlike_q_is_an_error_row(tmp_path):
+    """A variant returning the wrong shape or dtype is not measured: an `error` row naming
+    what it returned and what q is."""
+    register_variant("narrow_out", family="softmax")(lambda shape: lambda q, k, v: q[..., :1])
+    register_variant("double_out", family="softmax")(lambda shape: lambda q, k, v: v.double())
+    try:
+        config = tiny(variants=("narrow_out", "double_out"), seq_lens=(32,), suites=("time",),
+                      modes=("fwd",), causal=(False,))
+        df = load_results(Sweep(config, tmp_path / "run").run(["test"])).set_index("variant")
+    finally:
+        unregister_variant("narrow_out")
+        unregister_variant("double_out")
+    assert set(df.status) == {"error"}
+    assert df.loc["narrow_out", "reason"] == (
+        "output has shape (1, 2, 32, 1) dtype torch.float32 device cpu; expected q's shape "
+        "(1, 2, 32, 16) dtype torch.float32 device cpu")
+    assert "dtype torch.float64" in df.loc["double_out", "reason"]
+
+
+def test_resume_drops_a_case_whose_last_line_a_kill_cut(tmp_path):
+    from io import StringIO
+
+    from rich.console import Console
+
+    config = tiny(seq_lens=(32,), variants=("softmax_naive",), suites=("time",),
+                  causal=(False,))
+    run_dir = Sweep(config, tmp_path / "run").run(["test"])
+    first = load_results(run_dir)
+    in_last = (first["mode"] == first["mode"].iloc[-1]).sum()  # rows of the last case
+    text = (run_dir / "results.csv").read_text()
+    (run_dir / "results.csv").write_text(text[:-25])  # its last row half written
+    log = StringIO()
+    Sweep(config, run_dir, console=Console(file=log, width=300)).run(["test"])
+    assert f"dropped an unfinished last line and the rows of its case ({in_last} rows)" in log.getvalue()
+    resumed = load_results(run_dir)
+    assert len(resumed) == len(first) and set(resumed.metric) == set(first.metric)
+    assert not resumed.duplicated(["mode", "metric"]).any()
+
+
+def test_a_lost_workers_reason_names_its_log_file(tmp_path):
+    """A sharded run's worker logs to shards/rank-I/worker.log: the reason says that path."""
+    from types import SimpleNamespace
+
+    from harness.isolation import Worker
+
+    worker = Worker.__new__(Worker)  # no process: only the reason of its death is made
+    worker.process = SimpleNamespace(join=lambda timeout: None, exitcode=-9)
+    worker.log_path = tmp_path / "shards" / "rank-1" / "worker.log"
+    assert worker._died().reason == (f"worker process died (killed by SIGKILL); its output is in "
+                                     f"{worker.log_path}")

@@ -139,6 +139,24 @@ def test_resume_merges_parts_and_ignores_a_cut_line(tmp_path, reference):
     assert_same_rows(run, reference)
 
 
+def test_resume_runs_again_a_case_a_process_left_unfinished(tmp_path, reference, capsys):
+    """Killed while writing a case's rows: its earlier rows are in the file, the next one is
+    half a line. The case runs again whole (it does not count as finished with rows missing)."""
+    run = tmp_path / "run"
+    part = run / "shards" / "rank-0"
+    part.mkdir(parents=True)
+    shutil.copy(reference / "meta.json", run / "meta.json")
+    lines = (reference / "results.csv").read_text().splitlines(keepends=True)
+    cases = rows(reference)[list(CASE_KEY)].astype(str).agg("|".join, axis=1).tolist()
+    # The last row of the last case with several rows: killed while writing it.
+    cut = max(i for i in range(1, len(cases)) if cases[i] == cases[i - 1]) + 1  # header line
+    (part / "results.csv").write_text("".join(lines[:cut]) + lines[cut][:30])
+    assert run_bench.main(["--resume", str(run), "--in-process"]) == 0
+    said = " ".join("".join(capsys.readouterr()).split())  # the console wraps long lines
+    assert "dropped an unfinished last line and the rows of its case" in said
+    assert_same_rows(run, reference)
+
+
 def test_compare_warns_on_a_wide_calibration_spread(tmp_path, reference, capsys):
     new = tmp_path / "new"
     shutil.copytree(reference, new)

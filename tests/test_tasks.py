@@ -1,7 +1,10 @@
 """Trained tasks: the generators against their definitions, no train/test leakage, a short
-training run that learns MQAR through the whole command line, divergence, reports, bad input."""
+training run that solves MQAR through the whole command line, divergence of the loss, the
+gradients, the weights or the held-out logits, the held-out windows, what is measured, the
+reports and claim check, bad input."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +15,16 @@ import torch
 
 import run_bench
 from harness.registry import unregister_variant
-from harness.results import COLUMNS, RESULTS_FILE
+from harness.results import COLUMNS, RESULTS_FILE, load_results
+from harness.reports import tasks as tasks_report
 from harness.reports.tasks import quality_table, task_rows, write_report
+from harness.summary import summary_tables
 from studies import load_studies
 from studies.fmmformer.task_claims import claim_check
-from suites.tasks import charlm, listops, mqar
+from suites.tasks import catalog, charlm, listops, mqar
 from suites.tasks.catalog import make_task
-from suites.tasks.train import Recipe, train
+from suites.tasks.presets import SETTINGS
+from suites.tasks.train import Outcome, Recipe, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -121,8 +127,22 @@ def test_character_corpus_splits_by_file():
         probe = f.read_bytes()[-300:]  # a file's end is its own code, not a licence header
         assert probe not in train_text
     assert corpus.info["train_bytes"] + corpus.info["test_bytes"] > 1_000_000
-    x, y = charlm.test_windows(corpus.test, 64, 4)
-    assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(x[1:, 0], y[:-1, -1])
+    x, y = charlm.test_windows(corpus.test, 64, 4, 128)
+    assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(x[1::2, 0], y[::2, -1])
+
+
+def test_held_out_windows_cover_the_whole_text_and_the_same_span_at_every_length():
+    text = torch.arange(10_000) % 251  # each character says where it is (mod 251)
+    scored, starts = {}, {}
+    for n in (16, 32, 64):
+        x, y = charlm.test_windows(text.to(torch.uint8), n, 5, 64)
+        assert x.shape == (5 * 64 // n, n) and torch.equal(x[:, 1:], y[:, :-1])
+        starts[n] = charlm.test_windows(torch.arange(10_000), n, 5, 64)[0][:, 0].tolist()
+        scored[n] = {t for s in starts[n] for t in range(s + 1, s + n + 1)}  # target positions
+    assert scored[16] == scored[32] == scored[64] and len(scored[64]) == 5 * 64
+    assert min(scored[64]) == 1 and max(scored[64]) == 10_000 - 1  # from the start to the end
+    gaps = {b - a for a, b in zip(starts[64], starts[64][1:])}
+    assert max(gaps) - min(gaps) <= 1  # evenly spread, up to rounding
 
 
 class NanAfter(torch.nn.Module):
@@ -143,28 +163,129 @@ def test_a_diverging_run_names_its_step():
     recipe = Recipe(dim=16, layers=1, heads=1, batch=4, tokens=4 * 16 * 30)
     out = train(task, lambda: NanAfter(12), recipe, torch.device("cpu"), torch.float32, 0)
     assert out.diverged_at == 12 and len(out.curve) == 11 and not out.metrics
+    assert out.diverged == "training loss"
 
 
-def test_softmax_learns_mqar_through_the_command_line(tmp_path, capsys):
+class NanGradient(torch.autograd.Function):
+    """Identity forward; a NaN gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+class BadAt(torch.nn.Module):
+    """Softmax attention whose gradient turns NaN at training step `grad_step` (one call a step),
+    or whose output turns NaN once the model is put in eval mode (`in_eval`)."""
+
+    def __init__(self, grad_step: int = 0, in_eval: bool = False):
+        super().__init__()
+        self.calls, self.grad_step, self.in_eval = 0, grad_step, in_eval
+
+    def forward(self, q, k, v):
+        out = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+        if not self.training:
+            return out * float("nan") if self.in_eval else out
+        self.calls += 1
+        return NanGradient.apply(out) if self.calls == self.grad_step else out
+
+
+@pytest.mark.parametrize("variant, step, what", [
+    (lambda: BadAt(grad_step=8), 8, "gradient norm"),  # the last step: the loss never sees it
+    (lambda: BadAt(in_eval=True), 8, "held-out logits"),
+])
+def test_nan_gradients_and_held_out_logits_are_divergence(variant, step, what):
+    task = make_task("mqar", 16, pairs=2, vocab=16, test_count=8)
+    recipe = Recipe(dim=16, layers=1, heads=1, batch=4, tokens=4 * 16 * 8)
+    out = train(task, variant, recipe, torch.device("cpu"), torch.float32, 0)
+    assert not out.metrics and out.diverged_at == step
+    assert out.diverged == what
+
+
+def test_softmax_solves_mqar_through_the_command_line(tmp_path, capsys):
     out = tmp_path / "run"
     code = run_bench.main(["--suite", "task", "--task", "mqar", "--variant", "softmax_naive",
                            "--in-process", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     df = pd.read_csv(out / "results.csv")
     assert set(df["suite"]) == {"task"} and set(df["inputs"]) == {"task:mqar"}
-    assert set(df["status"]) == {"ok"} and set(df["seed"]) == {0}
+    assert set(df["status"]) == {"ok"} and set(df["seed"]) == {0} and set(df["dtype"]) == {"fp32"}
     value = dict(zip(df["metric"], df["value"]))
-    chance = 1 / 16  # 16 values in the upper half of a 32-token vocabulary
-    assert value["accuracy"] > 2.5 * chance
+    observed = json.loads(df["observed"].iloc[0])
+    pairs = observed["task"]["pairs"]
+    # Picking one of the context's values scores 1/pairs: solving it is far above that.
+    assert pairs == 4 and value["accuracy"] > 0.5 + 1 / pairs
+    assert observed["trained_in"] == "fp32"
     assert value["train_tokens_per_s"] > 0 and value["attn_fwd_bwd_ms"] > 0
     curve = pd.read_csv(out / "curves" / "softmax_naive_mqar_N32_seed0.csv")
-    assert len(curve) == 200 and curve["train_loss"].iloc[-20:].mean() < curve["train_loss"].iloc[:20].mean()
+    assert len(curve) == observed["task"]["recipe"]["tokens"] // (32 * 32)
+    assert curve["train_loss"].iloc[-20:].mean() < 0.1 * curve["train_loss"].iloc[:20].mean()
     text = write_report(out)
     assert "softmax_naive" in text and (out / "plots" / "tasks-curves.png").is_file()
 
 
-def rows(values: dict[tuple[str, str], list[float]]) -> pd.DataFrame:
-    """Task rows: {(variant, task): [metric per seed]}, families from the names."""
+def stub_train(diverge: str):
+    """A `train` that records whether the data was made before it ran, and returns at once
+    (diverged for the task `diverge`)."""
+    made = []
+
+    def fake(task, attention, recipe, device, dtype, seed, progress=None):
+        made.append((task.name, charlm.load_corpus.cache_info().currsize,
+                     catalog._listops_pool.cache_info().currsize))
+        if task.name == diverge:
+            return Outcome(curve=[{"step": 1, "tokens": 1, "train_loss": 1.0}], diverged_at=3,
+                           diverged="training loss")
+        return Outcome(metrics={task.metric: 0.5, "train_tokens_per_s": 1.0,
+                                "final_train_loss": 1.0})
+    return fake, made
+
+
+def test_data_is_made_before_the_measured_run_and_a_failed_row_keeps_its_setting(
+        tmp_path, monkeypatch, capsys):
+    import suites.task
+
+    fake, made = stub_train(diverge="charlm")
+    peaks = []
+
+    def peak(fn, device):  # the measured region: the data must be there already
+        peaks.append((charlm.load_corpus.cache_info().currsize,
+                      catalog._listops_pool.cache_info().currsize))
+        fn()
+        return 1.0
+
+    monkeypatch.setattr(suites.task, "train", fake)
+    monkeypatch.setattr(suites.task, "peak_extra_mib", peak)
+    monkeypatch.setattr(suites.task, "cpu_memory_supported", lambda: None)
+    charlm.load_corpus.cache_clear()
+    catalog._listops_pool.cache_clear()
+    out = tmp_path / "run"
+    code = run_bench.main(["--suite", "task", "--task", "listops,charlm", "--variant",
+                           "softmax_naive", "--in-process", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert peaks == [(0, 1), (1, 1)]  # ListOps' pool, then the corpus, before each run
+    df = load_results(out / RESULTS_FILE)
+    failed = df[df["status"] == "nan"].iloc[0]
+    assert failed["inputs"] == "task:charlm" and "training loss turned NaN/Inf at step 3" in \
+        failed["reason"]
+    observed = json.loads(failed["observed"])
+    assert observed["task"]["task"] == "charlm" and observed["task"]["recipe"]["lr"] > 0
+    # The end-of-run summary names each column's task and has no table for an absent metric.
+    tables = summary_tables(df)
+    assert [t.title for t in tables] == ["task accuracy (held out)"]
+    assert [c.header for c in tables[0].columns][3:] == ["task:charlm N=64", "task:listops N=64"]
+
+
+LRA_FMM = '{"bandwidth": 5, "blend": "sigmoid", "kernels": 2}'
+
+
+def rows(values: dict[tuple[str, str], list[float | None]],
+         params: str = LRA_FMM) -> pd.DataFrame:
+    """Task rows: {(variant, task): [metric per seed, None for a failed seed]}, families from
+    the names, FMMformer's `params`."""
     out = []
     for (variant, task), per_seed in values.items():
         metric = "bpc" if task == "charlm" else "accuracy"
@@ -172,7 +293,8 @@ def rows(values: dict[tuple[str, str], list[float]]) -> pd.DataFrame:
         for seed, v in enumerate(per_seed):
             out.append({"variant": variant, "family": family, "suite": "task", "seq_len": 64,
                         "inputs": f"task:{task}", "seed": seed, "metric": metric, "value": v,
-                        "status": "ok"})
+                        "status": "ok" if v is not None else "nan",
+                        "params": params if family == "fmm" else "{}"})
     return pd.DataFrame(out)
 
 
@@ -185,12 +307,38 @@ def test_claim_check_reads_orderings_both_ways():
     assert claims.loc["accuracy fmmformer >= linear", "verdict"] == "holds"
     assert claims.loc["accuracy fmmformer >= softmax", "verdict"] == "does not hold"
     assert claims.loc["accuracy softmax >= linear", "verdict"] == "n/a"  # no MQAR rows
-    assert "softmax 1.100 ± 0.141" in claims.loc["bpc softmax <= fmmformer <= linear", "measured"]
+    assert "softmax 1.100 ± 0.141 (2/2 seeds)" in claims.loc["bpc softmax <= fmmformer <= linear",
+                                                             "measured"]
+    assert "fmmformer (k=5, r=2) 0.400 (1/1 seeds)" in claims.loc["accuracy fmmformer >= linear",
+                                                                  "measured"]
     worse = df.assign(value=df["value"].where(df["variant"] != "fmmformer", 1.5))
     assert claim_check(worse).set_index("claim").loc[
         "bpc softmax <= fmmformer <= linear", "verdict"] == "does not hold"
     table = quality_table(df).set_index("variant")
     assert table.loc["softmax", "charlm N=64 bpc"] == "1.100 ± 0.141"
+
+
+def verdicts(values, params: str = LRA_FMM) -> dict[str, str]:
+    claims = claim_check(task_rows(rows(values, params)))
+    return dict(zip(claims["claim"], claims["verdict"]))
+
+
+def test_a_claim_needs_every_seed_a_baseline_that_learned_and_the_claims_configuration():
+    # The smoke run that called MQAR "solved": softmax picks one of the 4 context values.
+    stuck = verdicts({("softmax", "mqar"): [0.254], ("linear", "mqar"): [0.164]})
+    assert stuck["accuracy softmax >= linear"].startswith("n/a (softmax did not learn mqar N=64")
+    assert verdicts({("softmax", "mqar"): [0.99], ("linear", "mqar"): [0.3]})[
+        "accuracy softmax >= linear"] == "holds"
+    failed = claim_check(task_rows(rows({("softmax", "mqar"): [0.99, None, 0.97],
+                                         ("linear", "mqar"): [0.3, 0.2, 0.4]})))
+    assert failed["measured"].iloc[-1].startswith("softmax 0.980 ± 0.014 (2/3 seeds)")
+    assert failed["verdict"].iloc[-1] == "n/a (seeds failed (softmax 2/3 ok))"
+    listops_runs = {("softmax", "listops"): [0.5], ("fmmformer", "listops"): [0.6],
+                    ("linear", "listops"): [0.4]}
+    assert verdicts(listops_runs)["accuracy fmmformer >= softmax"] == "holds"
+    default = verdicts(listops_runs, '{"bandwidth": 30, "blend": "sigmoid", "kernels": 3}')
+    assert default["accuracy fmmformer >= softmax"] == (
+        "n/a (fmm ran as k=30, r=3, not the claim's configuration (k in {5}, r in {1, 2}))")
 
 
 def write_task_run(root: Path, values: dict[tuple[str, str], list[float]]) -> Path:
@@ -220,7 +368,8 @@ def test_the_claim_check_is_a_studys_section_of_the_task_report(tmp_path, monkey
                            str(readme)], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     verdict = ("| accuracy softmax >= linear | mqar N=64 | Zoology: attention solves MQAR, linear "
-               "attention does not | softmax 0.800 ± 0.141; linear 0.300 | holds |")
+               "attention does not | softmax 0.800 ± 0.141 (2/2 seeds); linear 0.300 (1/1 seeds) "
+               "| holds |")
     for text in (done.stdout, readme.read_text(), (run / "tasks.md").read_text()):
         assert "| linear | 0.300 |" in text and "**Claim check** (means over seeds" in text
         assert verdict in text
@@ -240,6 +389,13 @@ def make(shape):
     (["--suite", "task,time"], "the task suite runs alone"),
     (["--suite", "task", "--task", "mqar", "--variant", "short_only", "--plugin", "{plugin}"],
      "short_only cannot run N=32 causal=True: takes N <= 16"),
+    (["--suite", "task", "--task", "mqar", "--seq-lens", "64", "--non-causal", "--heads", "8"],
+     "from its preset's task settings; drop --seq-lens, --heads, --causal/--non-causal (it "
+     "takes --task, --variant"),
+    (["--suite", "task", "--task", "mqar", "--dtype", "bf16"],
+     "--dtype bf16 cannot train on cpu; valid there: fp32"),
+    (["--preset", "quick", "--suite", "task", "--task", "mqar"],
+     "the task suite runs the presets tasks or tasks-smoke, got --preset quick"),
 ])
 def test_bad_task_input_is_one_line(tmp_path, capsys, args, says):
     plugin = tmp_path / "short.py"
@@ -278,3 +434,46 @@ def test_learnable_weights_of_a_variant_train_with_the_model():
     torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
     opt.step()
     assert all(p.abs().sum() > 0 for p in blends)  # they start at 0 and moved
+
+
+def test_listops_padding_is_at_most_a_quarter_of_the_sequence():
+    for preset in SETTINGS.values():
+        for setting in (s for s in preset if s.task == "listops"):
+            assert 4 * setting.make().spec.min_len >= 3 * setting.seq_len, setting
+    task = make_task("listops", 64, max_depth=4, max_args=5, test_count=32)
+    x, _ = task.test_set
+    assert ((x == listops.PAD).sum(1) <= 64 // 4).all()
+
+
+def captured_figure(monkeypatch, draw, *args):
+    """The figure that the report function `draw` saves, drawn."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    figures = []
+    monkeypatch.setattr(tasks_report, "save", lambda fig, path, tight: figures.append(fig) or [])
+    draw(*args, Path("unused"))
+    FigureCanvasAgg(figures[0]).draw()
+    return figures[0]
+
+
+def test_quality_vs_speed_labels_its_time_axis_within_a_decade(monkeypatch):
+    df = task_rows(rows({("softmax", "mqar"): [0.9], ("linear", "mqar"): [0.4]}))
+    times = df.assign(metric="attn_fwd_bwd_ms", value=df["variant"].map({"softmax": 1.2,
+                                                                           "linear": 3.4}))
+    ax = captured_figure(monkeypatch, tasks_report.plot_quality_vs_speed,
+                         pd.concat([df, times])).axes[0]
+    lo, hi = ax.get_xlim()
+    ticks = ax.xaxis.get_major_ticks() + ax.xaxis.get_minor_ticks()
+    assert [t for t in ticks if lo <= t.get_loc() <= hi and t.label1.get_text()]
+
+
+def test_learning_curves_are_found_for_labels_with_brackets_and_slashes(tmp_path, monkeypatch):
+    labels = ["fmmformer[k=20,r=2]", "plug/in"]
+    df = task_rows(rows({(label, "mqar"): [0.5, 0.6] for label in labels}))
+    (tmp_path / "curves").mkdir()
+    for label in labels:  # named as the task suite names them ('/' made '-')
+        for seed in (0, 1):
+            path = tmp_path / "curves" / f"{label.replace('/', '-')}_mqar_N64_seed{seed}.csv"
+            path.write_text("step,tokens,train_loss\n1,64,2.0\n2,128,1.0\n")
+    ax = captured_figure(monkeypatch, tasks_report.plot_curves, tmp_path, df).axes[0]
+    assert len(ax.lines) == 4 and {t.get_text() for t in ax.get_legend().get_texts()} == set(labels)

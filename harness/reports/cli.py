@@ -22,9 +22,10 @@ from harness.usage import OneLineParser, UsageError, usage_error
 from suites import load_builtin_suites
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(others: dict[str, str] | None = None) -> argparse.ArgumentParser:
     """The parser of the report subcommands, the registered studies' options and commands
-    included."""
+    included; `others` ({name: help}) names the commands that run_bench.py hands elsewhere, so
+    that an unknown command lists every one."""
     parser = OneLineParser(prog="run_bench.py", description="Reports on attnbench results.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -52,12 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="regression threshold, e.g. 5%% or 0.05 (default 5%%)")
     cmp.add_argument("--metric", default="time_ms", help="metric to compare (default time_ms)")
     cmp.add_argument("--markdown", action="store_true", help="print markdown for PR text")
+    cmp.add_argument("--allow-missing", action="store_true",
+                     help="cases of OLD that NEW lacks are listed but do not fail (default: "
+                          "each is a regression)")
     cmp.set_defaults(func=_compare)
     for study in all_studies():
         if study.report_options:
             study.report_options(report)
         if study.commands:
             study.commands(sub)
+    for name, text in (others or {}).items():
+        sub.add_parser(name, help=text)
     return parser
 
 
@@ -68,11 +74,12 @@ def _threshold(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def main(argv: list[str]) -> int:
-    """Run one subcommand; returns the exit code (2 with a one-line error on bad input)."""
+def main(argv: list[str], others: dict[str, str] | None = None) -> int:
+    """Run one subcommand; returns the exit code (2 with a one-line error on bad input).
+    `others`: see `build_parser`."""
     load_builtin_suites()  # metric units, directions and the scaling suites
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(others).parse_args(argv)
         return args.func(args)
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
@@ -101,7 +108,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     comp = compare_runs(load_compared(args.old), load_compared(args.new), args.metric,
-                        args.threshold)
+                        args.threshold, allow_missing=args.allow_missing)
     print_comparison(comp, markdown=args.markdown)
     return 1 if comp.regressions else 0
 

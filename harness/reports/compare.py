@@ -13,7 +13,11 @@ from harness.suite import find_metric, higher_is_better
 
 KEY = [c for c in ROW_KEY if c != "metric"]  # case key plus device
 FINGERPRINT = ("device", "gpu", "driver", "cuda", "torch", "triton")
-FAILED = ("oom", "error", "nan")  # ok -> one of these is a regression; ok -> skipped is not
+# How far a case got: a step up is a regression (ok -> inexact, ok or inexact -> oom, error,
+# nan, timeout); `skipped` (could not run there) is judged on neither side.
+RANK = {"ok": 0, "inexact": 1}
+FAILED_RANK = 2
+MEASURED = tuple(RANK)  # statuses whose rows hold a value
 
 
 def parse_threshold(text: str) -> float:
@@ -36,16 +40,21 @@ class Comparison:
     metric: str
     threshold: float
     table: pd.DataFrame  # KEY, old, new, ratio, noise, change
-    only_old: pd.DataFrame  # KEY of cases measured only in the old run
+    only_old: pd.DataFrame  # KEY of the old run's cases (not skipped) the new run lacks
     only_new: pd.DataFrame
     status_changes: pd.DataFrame  # KEY, old_status, new_status, reason, change
     warnings: list[str]
+    allow_missing: bool = False  # cases of the old run absent from the new one do not fail
 
     @property
     def regressions(self) -> int:
-        """Value regressions beyond threshold and noise, plus cases that newly fail."""
-        return int((self.table["change"] == "regression").sum()
-                   + (self.status_changes["change"] == "regression").sum())
+        """Cases with a value regression beyond threshold and noise, or that newly fail, plus
+        (unless `allow_missing`) the old run's cases missing from the new run."""
+        worse = pd.concat([self.table.loc[self.table["change"] == "regression", KEY],
+                           self.status_changes.loc[self.status_changes["change"] == "regression",
+                                                   KEY]])
+        missing = 0 if self.allow_missing else len(self.only_old)
+        return len(worse.drop_duplicates()) + missing
 
 
 def noise_bands(df: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -88,8 +97,18 @@ def environment_warnings(old: Run, new: Run) -> list[str]:
     return out
 
 
+def case_statuses(df: pd.DataFrame, metric: str, suites: set[str]) -> pd.DataFrame:
+    """Per case of `suites` (KEY): its `metric` row's status and reason, or, for a case that
+    failed before measuring (one row of the suite's primary metric), that row's."""
+    rows = df[df["suite"].isin(suites)]
+    failed = rows[(rows["metric"] != metric) & ~rows["status"].isin(MEASURED)]
+    picked = pd.concat([rows[rows["metric"] == metric], failed])
+    return picked.drop_duplicates(KEY)[[*KEY, "status", "reason"]]
+
+
 def compare_runs(
-    old: Run, new: Run, metric: str = "time_ms", threshold: float = 0.05
+    old: Run, new: Run, metric: str = "time_ms", threshold: float = 0.05,
+    allow_missing: bool = False,
 ) -> Comparison:
     """Join two runs on the case key (plus device) and classify each change of `metric`.
 
@@ -97,7 +116,10 @@ def compare_runs(
     two runs' p20..p80 bands at their closest: the new run's p20 time must exceed the old
     run's p80 by more than `threshold` (for rates, the old p20 rate the new p80). Both runs'
     spread so counts against a verdict. Metrics without a band (memory, accuracy) are judged
-    on their values alone.
+    on their values alone; `inexact` values are judged like `ok` ones.
+    A case newly fails when its status steps up from ok to inexact, or from ok or inexact to
+    oom, error, nan or timeout. The old run's cases that the new run lacks count as
+    regressions unless `allow_missing`.
     Raises `ResultsError` when `metric` is missing from a run or no case is shared.
     """
     for run, which in ((old, "old"), (new, "new")):
@@ -107,10 +129,13 @@ def compare_runs(
     both = a.merge(b, on=KEY, suffixes=("_old", "_new"))
     if both.empty:
         raise ResultsError(f"the two runs share no '{metric}' case: nothing to compare")
-    only_old = a[KEY].merge(b[KEY], on=KEY, how="left", indicator=True)
-    only_new = b[KEY].merge(a[KEY], on=KEY, how="left", indicator=True)
+    suites = set(a["suite"]) | set(b["suite"])
+    cases = case_statuses(old.df, metric, suites).merge(
+        case_statuses(new.df, metric, suites), on=KEY, how="outer", suffixes=("_old", "_new"),
+        indicator=True)
 
-    ok = both[(both["status_old"] == "ok") & (both["status_new"] == "ok")]
+    ok = both[both["status_old"].isin(MEASURED) & both["status_new"].isin(MEASURED)
+              & both["value_old"].notna() & both["value_new"].notna()]
     table = ok[KEY].assign(old=ok["value_old"], new=ok["value_new"])
     with np.errstate(divide="ignore", invalid="ignore"):
         table["ratio"] = np.where(table["old"] == table["new"], 1.0, table["new"] / table["old"])
@@ -137,19 +162,23 @@ def compare_runs(
     order = table["change"].map({"regression": 0, "improvement": 1}).fillna(2)
     table = table.assign(_o=order, _w=-worse).sort_values(["_o", "_w"]).drop(columns=["_o", "_w"])
 
-    moved = both[both["status_old"] != both["status_new"]]
+    moved = cases[(cases["_merge"] == "both") & (cases["status_old"] != cases["status_new"])]
+    rank_old, rank_new = (moved[col].map(RANK).fillna(FAILED_RANK)
+                          for col in ("status_old", "status_new"))
+    skipped = (moved["status_old"] == "skipped") | (moved["status_new"] == "skipped")
     status_changes = moved[KEY].assign(
         old_status=moved["status_old"], new_status=moved["status_new"], reason=moved["reason_new"],
-        change=np.where((moved["status_old"] == "ok") & moved["status_new"].isin(FAILED),
-                        "regression", ""),
+        change=np.where((rank_new > rank_old) & ~skipped, "regression", ""),
     )  # fmt: skip
     return Comparison(
         metric=metric, threshold=threshold, table=table.reset_index(drop=True),
-        only_old=only_old.loc[only_old["_merge"] == "left_only", KEY].reset_index(drop=True),
-        only_new=only_new.loc[only_new["_merge"] == "left_only", KEY].reset_index(drop=True),
+        only_old=cases.loc[(cases["_merge"] == "left_only") & (cases["status_old"] != "skipped"),
+                           KEY].reset_index(drop=True),
+        only_new=cases.loc[cases["_merge"] == "right_only", KEY].reset_index(drop=True),
         status_changes=status_changes.reset_index(drop=True),
         warnings=[*environment_warnings(old, new),
                   *spread_warnings({"old": old.meta, "new": new.meta}, threshold)],
+        allow_missing=allow_missing,
     )  # fmt: skip
 
 
@@ -164,10 +193,13 @@ def summary(comp: Comparison) -> str:
     """One line: how many cases were compared and how many changed beyond threshold and noise."""
     counts = comp.table["change"].value_counts()
     failing = int((comp.status_changes["change"] == "regression").sum())
+    missing = (f"; {len(comp.only_old)} missing from the new run"
+               + (" (allowed)" if comp.allow_missing else "")) if len(comp.only_old) else ""
     return (f"{len(comp.table)} cases compared on {comp.metric} "
             f"(threshold {comp.threshold * 100:g}%): "
             f"{counts.get('regression', 0)} regressions, {counts.get('improvement', 0)} "
-            f"improvements, {counts.get('within noise', 0)} within noise; {failing} newly failing")
+            f"improvements, {counts.get('within noise', 0)} within noise; {failing} newly failing"
+            f"{missing}")
 
 
 def display(frame: pd.DataFrame) -> pd.DataFrame:
@@ -183,7 +215,7 @@ def print_comparison(comp: Comparison, markdown: bool = False) -> None:
         err.print(f"[yellow]warning:[/] {line}", markup=True, highlight=False)
     sections = [(f"{comp.metric}: new / old", comp.table),
                 ("status changes", comp.status_changes),
-                ("only in the old run", comp.only_old),
+                ("only in the old run (missing from the new run)", comp.only_old),
                 ("only in the new run", comp.only_new)]
     if markdown:
         print(f"**{summary(comp)}**\n")

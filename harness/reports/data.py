@@ -2,17 +2,22 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from harness.registry import family_rank
-from harness.results import CASE_KEY, META_FILE, RESULTS_FILE, ResultsError, load_results
+from harness.results import (
+    CASE_KEY, META_FILE, OPTIONAL_COLUMNS, RESULTS_FILE, ResultsError, load_results,
+)  # fmt: skip
 from harness.suite import scaling_suites
 
-# One scaling figure (and one analysis group) per hardware/problem configuration.
-CONFIG = ("device", "dtype", "batch", "heads", "head_dim")
+# One scaling figure (and one analysis group) per hardware/problem configuration; each input
+# source (randn, a captured model's q, k, v, a task's problems) is a problem of its own.
+CONFIG = ("device", "dtype", "batch", "heads", "head_dim", "inputs")
+RANDN = OPTIONAL_COLUMNS["inputs"]  # the default source, left out of names and titles
 # A case plus the device: two runs on different devices never share a case.
 ROW_KEY = (*CASE_KEY, "device", "metric")
 INT_COLUMNS = ("batch", "heads", "seq_len", "head_dim")
@@ -72,6 +77,8 @@ def tidy(df: pd.DataFrame) -> pd.DataFrame:
     if not causal.isin(["true", "false", "1", "0"]).all():
         raise ResultsError("column causal holds a value other than True/False")
     df["causal"] = causal.isin(["true", "1"])
+    inputs = df["inputs"].astype(object)
+    df["inputs"] = inputs.where(inputs.notna() & (inputs != ""), RANDN).astype(str)
     for col in ("run_id", "variant", "family", "suite", "mode", "dtype", "device", "metric",
                 "status", "unit"):
         df[col] = df[col].fillna("").astype(str)
@@ -149,6 +156,8 @@ def inexact_shapes(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def config_name(config: tuple) -> str:
-    """A short file-safe name for one CONFIG tuple, e.g. `cuda-bf16-b1-h16-d64`."""
-    device, dtype, batch, heads, head_dim = config
-    return f"{device}-{dtype}-b{batch}-h{heads}-d{head_dim}"
+    """A short file-safe name for one CONFIG tuple, e.g. `cuda-bf16-b1-h16-d64`, with the input
+    source appended unless it is randn (`cpu-fp32-b6-h12-d32-minilm`)."""
+    device, dtype, batch, heads, head_dim, inputs = config
+    name = f"{device}-{dtype}-b{batch}-h{heads}-d{head_dim}"
+    return name if inputs == RANDN else f"{name}-{re.sub(r'[^A-Za-z0-9._-]+', '_', inputs)}"

@@ -19,8 +19,8 @@ from matplotlib.transforms import blended_transform_factory
 
 from harness.registry import family_rank
 from harness.reports.data import (
-    BEST, CASE_COLS, CONFIG, FLOOR, Run, baseline_values, config_name, is_floor, ok_values,
-    scaling_metrics, variant_order,
+    BEST, CASE_COLS, CONFIG, FLOOR, RANDN, Run, baseline_values, config_name, is_floor,
+    ok_values, scaling_metrics, variant_order,
 )  # fmt: skip
 from harness.suite import MODES, find_metric, get_suite
 
@@ -345,10 +345,12 @@ def floor_figure(df: pd.DataFrame, title: str, style: dict | None = None) -> Fig
 
 
 def figure_title(run: Run, config: tuple) -> str:
-    """Run id, GPU (or device), dtype and shape: a figure must say where it was measured."""
-    device, dtype, batch, heads, head_dim = config
+    """Run id, GPU (or device), dtype, shape and input source (unless randn): a figure must say
+    where it was measured, and on what."""
+    device, dtype, batch, heads, head_dim, inputs = config
     where = run.meta.get("gpu") or device
-    return f"{run.name} · {where} · {dtype} · B={batch} H={heads} D={head_dim}"
+    source = "" if inputs == RANDN else f" · {inputs}"
+    return f"{run.name} · {where} · {dtype} · B={batch} H={heads} D={head_dim}{source}"
 
 
 def write_plots(run: Run, baseline: str = BEST, length: int | None = None) -> list[Path]:

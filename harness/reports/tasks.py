@@ -9,12 +9,12 @@ text replaces README's section between the `tasks` markers.
 """
 from __future__ import annotations
 
+import glob
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter
 
 from harness.reports.data import Run, load_run
 from harness.reports.plots import save
@@ -25,6 +25,7 @@ from harness.results import ResultsError
 from harness.suite import get_suite, higher_is_better
 from harness.usage import OneLineParser, UsageError, usage_error
 from suites import load_builtin_suites
+from suites.task import CURVES_DIR, curve_stem
 
 MARKERS = ("<!-- tasks:start -->", "<!-- tasks:end -->")
 
@@ -42,13 +43,27 @@ def quality_metrics() -> list[str]:
     return [s.metric for s in get_suite("task").summary]
 
 
+def seed_counts(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per (setting, variant, family) that trained: the seeds that ended `ok` and the seeds run
+    (`seeds`; a seed that failed counts, a variant skipped here does not)."""
+    ran = rows[rows["status"] != "skipped"]
+    keys = ["setting", "variant", "family"]
+    out = ran.groupby(keys)["seed"].nunique().rename("seeds").reset_index()
+    ok = ran[ran["status"] == "ok"].groupby(keys)["seed"].nunique()
+    out["ok"] = [int(ok.get(tuple(k), 0)) for k in out[keys].itertuples(index=False)]
+    return out
+
+
 def scores(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per (setting, variant): the task metric's mean, std and seed count over ok rows, and
-    the mean attention time and training throughput."""
+    """Per (setting, variant): the task metric's mean, std and seed count over ok rows
+    (`count`), the seeds run (`seeds`, failed ones included), and the mean attention time and
+    training throughput."""
     ok = rows[rows["status"] == "ok"]
     quality = ok[ok["metric"].isin(quality_metrics())]
     out = quality.groupby(["task", "setting", "seq_len", "variant", "family", "metric"])[
         "value"].agg(["mean", "std", "count"]).reset_index()
+    seeds = seed_counts(rows).set_index(["setting", "variant"])["seeds"]
+    out["seeds"] = [seeds[(s, v)] for s, v in zip(out["setting"], out["variant"])]
     for metric in ("attn_fwd_bwd_ms", "train_tokens_per_s"):
         means = ok[ok["metric"] == metric].groupby(["setting", "variant"])["value"].mean()
         out[metric] = [means.get((s, v)) for s, v in zip(out["setting"], out["variant"])]
@@ -82,12 +97,18 @@ def quality_table(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_quality_vs_speed(rows: pd.DataFrame, path: Path) -> list[Path]:
+    """The figure of `quality_vs_speed`, saved at `path` (none when nothing was timed)."""
+    fig = quality_vs_speed(rows)
+    return save(fig, path, tight=True) if fig is not None else []
+
+
+def quality_vs_speed(rows: pd.DataFrame) -> Figure | None:
     """One panel per setting: task metric (mean, std bars) against the attention's forward
     plus backward time at that setting's shape."""
     s = scores(rows).dropna(subset=["attn_fwd_bwd_ms"])
     settings = sorted(s["setting"].unique())
     if not settings:
-        return []
+        return None
     fig = Figure(figsize=(4.2 * len(settings), 3.8))
     axes = fig.subplots(1, len(settings), squeeze=False)[0]
     for ax, setting in zip(axes, settings):
@@ -97,20 +118,19 @@ def plot_quality_vs_speed(rows: pd.DataFrame, path: Path) -> list[Path]:
                         fmt="o", color=f"C{i % 10}", capsize=3)
             ax.annotate(r.variant, (r.attn_fwd_bwd_ms, r.mean), textcoords="offset points",
                         xytext=(4, 3), fontsize=7)
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xscale("log")  # its minor ticks are labelled when the times span < a decade
         ax.set_xlabel("attention fwd+bwd at the task's shape (ms)")
         metric = part["metric"].iloc[0]
         ax.set_ylabel(f"{metric} ({'higher' if higher_is_better(metric) else 'lower'} is better)")
         ax.set_title(setting, fontsize=10)
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    return save(fig, path, tight=True)
+    return fig
 
 
 def plot_curves(run_dir: Path, rows: pd.DataFrame, path: Path) -> list[Path]:
     """One panel per setting: training loss against tokens, one line per (variant, seed)."""
-    curves = Path(run_dir) / "curves"
+    curves = Path(run_dir) / CURVES_DIR
     settings = sorted(rows["setting"].unique())
     if not settings or not curves.is_dir():
         return []
@@ -119,7 +139,8 @@ def plot_curves(run_dir: Path, rows: pd.DataFrame, path: Path) -> list[Path]:
     for ax, setting in zip(axes, settings):
         task, n = setting.split(" N=")
         for i, variant in enumerate(sorted(rows["variant"].unique())):
-            for j, f in enumerate(sorted(curves.glob(f"{variant}_{task}_N{n}_seed*.csv"))):
+            stem = glob.escape(curve_stem(variant, task, int(n)))
+            for j, f in enumerate(sorted(curves.glob(f"{stem}seed*.csv"))):
                 c = pd.read_csv(f)
                 ax.plot(c["tokens"], c["train_loss"], color=f"C{i % 10}", lw=0.8, alpha=0.8,
                         label=variant if j == 0 else None)

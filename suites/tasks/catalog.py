@@ -4,7 +4,8 @@ A task is built for one sequence length. Training batches come from a generator 
 run's seed; the held-out set is fixed (its own seed, the same for every run), and a training
 example equal to a held-out one is never used (MQAR, ListOps; the character LM holds out whole
 files). `metric` names the held-out score: `accuracy` (higher is better) or `bpc` (bits per
-character, lower is better).
+character, lower is better). `prepare()` makes whatever data the task reads (held-out set,
+training pool, corpus), so that a measurement after it sees training alone.
 """
 from __future__ import annotations
 
@@ -59,6 +60,9 @@ class MQARTask:
     def describe(self) -> dict:
         return {"pairs": self.spec.pairs, "vocab": self.vocab, "power_a": self.spec.power_a}
 
+    def prepare(self) -> None:
+        _ = self._test_keys  # made from the held-out set, which it makes
+
     @functools.cached_property
     def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         return mqar.mqar_batch(self.spec, self.test_count, torch.Generator().manual_seed(TEST_SEED))
@@ -82,7 +86,11 @@ class MQARTask:
 
 @dataclass
 class ListOpsTask:
-    """ListOps expressions padded to N; accuracy of the predicted value (10 classes)."""
+    """ListOps expressions padded to N; accuracy of the predicted value (10 classes).
+
+    Lengths default to 3N/4 .. N: the attention sees the padding (no key-padding mask), so it
+    is kept short; the classification head pools over the non-padding positions only.
+    """
 
     seq_len: int
     min_len: int | None = None
@@ -98,7 +106,7 @@ class ListOpsTask:
     spec: listops.ListOpsSpec = field(init=False)
 
     def __post_init__(self):
-        min_len = self.min_len if self.min_len is not None else max(4, self.seq_len // 4)
+        min_len = self.min_len if self.min_len is not None else max(4, 3 * self.seq_len // 4)
         self.spec = listops.ListOpsSpec(self.seq_len, min_len, self.max_depth, self.max_args)
         problem = self.spec.check()
         if problem:
@@ -108,6 +116,9 @@ class ListOpsTask:
         s = self.spec
         return {"lengths": f"{s.min_len}-{s.max_len}", "max_depth": s.max_depth,
                 "max_args": s.max_args, "train_pool": self.pool}
+
+    def prepare(self) -> None:
+        _listops_pool(self.spec, self.pool, self.test_count)  # and the held-out set it excludes
 
     @property
     def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,13 +137,13 @@ class ListOpsTask:
     def score(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
         return float((logits.argmax(-1) == y).sum()), len(y)
 
-
 @dataclass
 class CharLMTask:
     """Next-byte prediction on the standard library's sources; bits per character held out."""
 
     seq_len: int
-    test_count: int = 32
+    test_count: int = 32  # held-out stretches, evenly spaced over the held-out text
+    test_span: int = 4096  # characters per stretch, scored by windows of N
     name: str = "charlm"
     causal: bool = True
     metric: str = "bpc"
@@ -144,11 +155,15 @@ class CharLMTask:
             raise TaskError(f"charlm needs N >= 2, got N={self.seq_len}")
 
     def describe(self) -> dict:
-        return dict(charlm.load_corpus().info)
+        return {**charlm.load_corpus().info, "held_out_chars": self.test_set[0].numel()}
+
+    def prepare(self) -> None:
+        _ = self.test_set  # loads the corpus, both splits
 
     @functools.cached_property
     def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return charlm.test_windows(charlm.load_corpus().test, self.seq_len, self.test_count)
+        return charlm.test_windows(charlm.load_corpus().test, self.seq_len, self.test_count,
+                                   self.test_span)
 
     def train_batch(self, count: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         return charlm.train_windows(charlm.load_corpus().train, self.seq_len, count, gen)

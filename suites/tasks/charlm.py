@@ -70,9 +70,19 @@ def train_windows(text: torch.Tensor, seq_len: int, count: int,
     return chunk[:, :-1], chunk[:, 1:]
 
 
-def test_windows(text: torch.Tensor, seq_len: int, count: int) -> tuple[torch.Tensor, ...]:
-    """The first `count` non-overlapping windows of the held-out text (fewer if it is short)."""
-    count = min(count, (len(text) - 1) // seq_len)
-    idx = torch.arange(count)[:, None] * seq_len + torch.arange(seq_len + 1)
-    chunk = text[idx].long()
+def test_windows(text: torch.Tensor, seq_len: int, count: int,
+                 span: int) -> tuple[torch.Tensor, ...]:
+    """The held-out windows: `count` stretches of `span` characters at evenly spaced offsets
+    over the whole held-out text (first at its start, last at its end), each cut into
+    `span // N` consecutive windows of N (one window of N when N > span).
+
+    Every N that divides `span` therefore scores the same characters; another N scores the
+    first `(span // N) * N` of each stretch. A text too short for `count` stretches gives fewer.
+    """
+    per = max(1, span // seq_len)
+    width = per * seq_len + 1  # a stretch's inputs and its last target
+    count = max(0, min(count, len(text) // width))
+    starts = torch.linspace(0, len(text) - width, count).round().long()
+    offsets = (starts[:, None] + torch.arange(per) * seq_len).flatten()
+    chunk = text[offsets[:, None] + torch.arange(seq_len + 1)].long()
     return chunk[:, :-1], chunk[:, 1:]
