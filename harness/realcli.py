@@ -91,10 +91,16 @@ def _variant_configs(names: str | None, params: list[str]):
     from variants import load_builtin_variants
 
     load_builtin_variants()
-    chosen = [n for n in (names or "").split(",") if n] or [s.name for s in all_variants()]
+    named = [n for n in (names or "").split(",") if n]
+    chosen = named or [s.name for s in all_variants()]
     for name in chosen:
         get_variant(name)
-    return expand_configs(chosen, parse_param_overrides(params))
+    overrides = parse_param_overrides(params)
+    outside = [name for name in overrides if name not in chosen]
+    if outside:
+        raise UsageError(f"--param names variant '{outside[0]}', which is not in --variant; "
+                         f"variants: {', '.join(chosen)}")
+    return expand_configs(chosen, overrides)
 
 
 def _dropin(args: argparse.Namespace) -> int:
@@ -105,6 +111,9 @@ def _dropin(args: argparse.Namespace) -> int:
     from harness.reports.quality import DROPIN_COUNTS, DROPIN_FILE, dropin_rows
     from harness.text import HELDOUT
 
+    if args.count < 0:
+        raise UsageError(f"--count must be a positive integer (0: the defaults), got "
+                         f"{args.count}")
     kinds = [k for k in args.texts.split(",") if k]
     bad = [k for k in kinds if k not in HELDOUT]
     if bad or not kinds:

@@ -409,6 +409,19 @@ def test_dropin_refuses_a_table_without_lengths_before_running(tmp_path, capsys)
     assert "dropin.csv lacks the column(s) tokens_min, tokens_max, exact_texts" in err
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--count", "-3"], "--count must be a positive integer (0: the defaults), got -3"),
+    (["--variant", "window", "--param", "linear.feature_map=elu"],
+     "--param names variant 'linear', which is not in --variant; variants: window"),
+])
+def test_dropin_refuses_bad_arguments_before_running(tmp_path, capsys, argv, message):
+    code = run_bench.main(["dropin", "--out", str(tmp_path / "run"), *argv])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert message in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_lowrank_command_is_the_fmmformer_studys(monkeypatch, capsys):
     from harness.reports import study
 
