@@ -545,3 +545,26 @@ def test_smollm2_inputs_are_causal_llama_captures():
     qkv = src.qkv(48)
     assert qkv.causal and qkv.dims == (30, 9, 48, 64)
     assert all(torch.isfinite(t).all() for t in (qkv.q, qkv.k, qkv.v))
+
+
+def test_speed_points_are_read_on_one_configuration():
+    """The quality-vs-speed plot's times come from one configuration of the speed run: two
+    (here bf16 and fp16 at the plotted length) are refused, not the last row taken."""
+    import pandas as pd
+
+    from harness.reports.quality import speed_points
+    from harness.results import ResultsError
+
+    def row(dtype, variant, value):
+        return {"suite": "time", "metric": "time_ms", "status": "ok", "seq_len": 1024,
+                "mode": "fwd", "causal": False, "variant": variant, "value": value,
+                "device": "cuda", "dtype": dtype, "batch": 1, "heads": 16, "head_dim": 64,
+                "inputs": "randn"}
+
+    quality = pd.DataFrame({"variant": ["window", "linear"], "median": [0.5, 0.7]})
+    one = pd.DataFrame([row("bf16", "window", 1.0), row("bf16", "linear", 2.0)])
+    points = speed_points(quality, one, "median", 1024)
+    assert dict(zip(points.variant, points.time_ms)) == {"window": 1.0, "linear": 2.0}
+    two = pd.concat([one, pd.DataFrame([row("fp16", "window", 9.0)])], ignore_index=True)
+    with pytest.raises(ResultsError, match="the rows at N=1024 hold 2 configurations"):
+        speed_points(quality, two, "median", 1024)

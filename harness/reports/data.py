@@ -28,6 +28,20 @@ FLOOR = "rel_err_softmax_floor"  # metric: exact softmax's own low-precision err
 NOT_EXACT = ("inexact", "error", "nan")  # accuracy statuses that disqualify a best exact kernel
 
 
+def one_configuration(df: pd.DataFrame, n: int, what: str) -> pd.DataFrame:
+    """The rows (at every length) of the one configuration (`CONFIG`) measured at length `n`;
+    `ResultsError` naming the configurations when the rows at `n` hold several (`what` are
+    read on one)."""
+    key = pd.Series([" ".join(map(str, row)) for row in df[list(CONFIG)].itertuples(index=False)],
+                    index=df.index)
+    found = key[df.seq_len == n].unique()
+    if len(found) > 1:
+        raise ResultsError(f"the rows at N={n} hold {len(found)} configurations "
+                           f"({'; '.join(sorted(found))}; columns {' '.join(CONFIG)}): "
+                           f"{what} are read on one; pool runs of one configuration")
+    return df[key.isin(found)]
+
+
 @dataclass(frozen=True)
 class Run:
     """One run: the directory holding its results CSV, its tidy rows and its meta.json."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.reports.data import Run
+from harness.reports.data import Run, one_configuration
 from harness.reports.study import Section, figure_links, section_lines
 from harness.reports.tables import markdown_table
 from harness.results import read_table
@@ -105,10 +105,12 @@ def failed_cases(df: pd.DataFrame) -> pd.DataFrame:
 def speed_points(quality: pd.DataFrame, speed: pd.DataFrame, x: str, n: int,
                  causal: bool = False, mode: str = "fwd") -> pd.DataFrame:
     """Variants present in both: `x` from `quality` (variant -> value) and time_ms of the
-    speed run at N = `n`, `mode`, `causal`; columns variant, x, time_ms."""
+    speed run at N = `n`, `mode`, `causal`, of its one configuration there (`ResultsError` when
+    it measured several); columns variant, x, time_ms."""
     times = speed[(speed["suite"] == "time") & (speed["metric"] == "time_ms")
                   & (speed["status"] == "ok") & (speed["seq_len"] == n)
                   & (speed["mode"] == mode) & (speed["causal"] == causal)]
+    times = one_configuration(times, n, "speed points")
     times = times.groupby("variant")["value"].last().rename("time_ms")
     joined = quality.set_index("variant")[[x]].rename(columns={x: "x"}).join(times, how="inner")
     return joined.dropna().reset_index()

@@ -2,7 +2,7 @@
 
 Every target is read off the rows of one configuration (device, dtype, batch, heads, head_dim
 and inputs; bf16, B=1, H=16, D=64 at N=65536 by default) and the roofline of the run's
-meta.json; rows of several configurations at the target length are refused (`TargetsError`),
+meta.json; rows of several configurations at the target length are refused (`ResultsError`),
 so a target's halves never come from different problems. Nothing here is hard-coded but the
 targets themselves.
 """
@@ -14,26 +14,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from harness.reports.data import one_configuration
+
 N_TARGET = 65536
 MIB = 2**20
-CONFIGURATION = ("device", "dtype", "batch", "heads", "head_dim", "inputs")
 
 
 class TargetsError(ValueError):
-    """Rows that do not make one configuration to read the targets on (one-line message)."""
-
-
-def one_configuration(df: pd.DataFrame, n: int) -> pd.DataFrame:
-    """The rows (at every length) of the one configuration measured at length `n`;
-    `TargetsError` naming the configurations when the rows at `n` hold several."""
-    key = pd.Series([" ".join(map(str, row))
-                     for row in df[list(CONFIGURATION)].itertuples(index=False)], index=df.index)
-    found = key[df.seq_len == n].unique()
-    if len(found) > 1:
-        raise TargetsError(f"the rows at N={n} hold {len(found)} configurations "
-                           f"({'; '.join(sorted(found))}; columns {' '.join(CONFIGURATION)}): "
-                           "targets are read on one; pool runs of one configuration")
-    return df[key.isin(found)]
+    """Runs that do not pool into one set of targets (one-line message)."""
 
 
 @dataclass(frozen=True)
@@ -183,8 +171,8 @@ TARGETS: list[Target] = [
 def evaluate_targets(df: pd.DataFrame, meta: dict, n: int = N_TARGET) -> pd.DataFrame:
     """One row per target: group, target, measured, required, verdict, and the runs its
     measured values come from; the rows are those of the one configuration at length `n`
-    (`TargetsError` if several), the roofline is `meta`'s."""
-    rows = one_configuration(df, n)
+    (`ResultsError` if several), the roofline is `meta`'s."""
+    rows = one_configuration(df, n, "targets")
     out = []
     for target in TARGETS:
         look = Lookup(rows, meta, n)
@@ -195,7 +183,7 @@ def evaluate_targets(df: pd.DataFrame, meta: dict, n: int = N_TARGET) -> pd.Data
 def accuracy_side_by_side(df: pd.DataFrame, n: int = N_TARGET) -> pd.DataFrame:
     """rel_err_vs_softmax of the FMA and FMMformer variants at length n (rows of its one
     configuration), side by side."""
-    df = one_configuration(df, n)
+    df = one_configuration(df, n, "targets")
     rows = df[(df.metric.isin(["rel_err_vs_softmax", "rel_err_softmax_floor"]))
               & (df.family.isin(["fmm", "multipole"])) & (df.seq_len == n) & (df.status == "ok")]
     table = rows.pivot_table(index=["variant", "causal"], columns="metric", values="value",
