@@ -19,7 +19,8 @@ NOT_REPRODUCIBLE = (
     "million tokens on generated data and the Python standard library, so only the direction "
     "of each claim is tested."
 )
-BASELINE = "softmax"  # the family whose learning a task at a setting makes its orderings mean something
+# The family whose learning a task at a setting makes its orderings mean something.
+BASELINE = "softmax"
 # The level at which the baseline has learned a task (metric, bound in the metric's direction):
 # MQAR: twice the 1/4 that picking one of the context's values scores with 4 pairs, more than
 # that with more pairs; ListOps: above the held-out sets' most frequent class (0.20 to 0.22);
@@ -31,7 +32,8 @@ CAPTION = (f"(means over seeds; a family's best variant stands for it; `n/a` whe
            f"{SOLVED['charlm'][1]}), or when FMMformer did not run in the claim's configuration). "
            + NOT_REPRODUCIBLE)
 FMM_SHORT = {"bandwidth": "k", "kernels": "r"}
-LRA_FMM = {"bandwidth": (5,), "kernels": (1, 2)}  # the paper's LRA configuration (2 kernels + band 5)
+# The paper's LRA configuration (2 kernels + band 5; SPEC: k = 5, r in {1, 2}).
+LRA_FMM = {"bandwidth": (5,), "kernels": (1, 2)}
 
 
 @dataclass(frozen=True)
