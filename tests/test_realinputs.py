@@ -568,3 +568,23 @@ def test_speed_points_are_read_on_one_configuration():
     two = pd.concat([one, pd.DataFrame([row("fp16", "window", 9.0)])], ignore_index=True)
     with pytest.raises(ResultsError, match="the rows at N=1024 hold 2 configurations"):
         speed_points(quality, two, "median", 1024)
+
+
+def test_quality_table_keeps_each_source_at_its_own_length():
+    """Two captured sources of different lengths: each is tabled at its own largest N (the
+    shorter one used to vanish), or both at an N given."""
+    import pandas as pd
+
+    from harness.reports.quality import quality_table
+
+    def row(inputs, n, value):
+        return {"inputs": inputs, "suite": "accuracy", "status": "ok", "seq_len": n,
+                "metric": "rel_err_vs_softmax_head_median", "value": value, "causal": False,
+                "variant": "window"}
+
+    df = pd.DataFrame([row("minilm", 256, 0.4), row("minilm", 512, 0.5),
+                       row("file:a.safetensors", 2048, 0.7)])
+    table = quality_table(df)
+    assert dict(zip(table.inputs, zip(table.N, table["median"]))) == {
+        "minilm": (512, 0.5), "file:a.safetensors": (2048, 0.7)}
+    assert quality_table(df, 256)[["inputs", "N"]].values.tolist() == [["minilm", 256]]

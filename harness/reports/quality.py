@@ -24,18 +24,19 @@ SUMMARY = {"rel_err_vs_softmax_head_median": "median", "rel_err_vs_softmax_head_
 
 
 def quality_table(df: pd.DataFrame, length: int | None = None) -> pd.DataFrame:
-    """Per variant and causality, the summaries over (layer, head) of rel_err_vs_softmax on
-    captured inputs at N = `length` (default: the largest N), with the floor's median."""
+    """Per input source, variant and causality, the summaries over (layer, head) of
+    rel_err_vs_softmax on captured inputs at N = `length` (default: each source's largest N),
+    with the floor's median."""
     rows = captured_rows(df)
     rows = rows[(rows["status"] == "ok") & rows["metric"].isin(list(SUMMARY))]
-    if rows.empty:
-        return pd.DataFrame(columns=["inputs", "variant", "causal", "N", *SUMMARY.values()])
-    n = length or int(rows["seq_len"].max())
+    n = length or rows.groupby("inputs")["seq_len"].transform("max")
     rows = rows[rows["seq_len"] == n]
-    table = rows.pivot_table(index=["inputs", "causal", "variant"], columns="metric",
+    if rows.empty:
+        return pd.DataFrame(columns=["inputs", "causal", "variant", "N", *SUMMARY.values()])
+    table = rows.pivot_table(index=["inputs", "causal", "variant", "seq_len"], columns="metric",
                              values="value", aggfunc="last").reset_index()
-    table = table.rename(columns=SUMMARY).sort_values(["inputs", "causal", "median"])
-    table.insert(3, "N", n)
+    table = table.rename(columns={**SUMMARY, "seq_len": "N"})
+    table = table.sort_values(["inputs", "causal", "median"])
     return table[["inputs", "causal", "variant", "N",
                   *[c for c in SUMMARY.values() if c in table]]].reset_index(drop=True)
 
