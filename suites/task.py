@@ -13,8 +13,8 @@ case is written to `curves/<variant>_<task>_N<len>_seed<seed>.csv` in the run di
 
 The lengths, batch, heads, causality and mode of a case come from the preset's task settings,
 so a run of the task suite refuses the flags that set them for the other suites, and a `--dtype`
-the device cannot train in (the CPU trains in fp32 only; CUDA in fp32, or bf16 and fp16 through
-autocast).
+the device cannot train in (the CPU trains in fp32 only; CUDA in fp32, or bf16 through
+autocast; fp16 would need loss scaling).
 """
 from __future__ import annotations
 

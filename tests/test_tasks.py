@@ -477,3 +477,17 @@ def test_learning_curves_are_found_for_labels_with_brackets_and_slashes(tmp_path
             path.write_text("step,tokens,train_loss\n1,64,2.0\n2,128,1.0\n")
     ax = captured_figure(monkeypatch, tasks_report.plot_curves, tmp_path, df).axes[0]
     assert len(ax.lines) == 4 and {t.get_text() for t in ax.get_legend().get_texts()} == set(labels)
+
+
+def test_fp16_training_is_refused_on_cuda_too():
+    """The training loop does no loss scaling, so fp16 would underflow gradients silently: a
+    task run refuses it on CUDA as on a CPU, and bf16 is the low precision it trains in."""
+    from harness.config import BenchConfig
+    from suites.task import check_task_config
+    from suites.tasks.catalog import TaskError
+
+    check_task_config(BenchConfig(preset="tasks", device="cuda", suites=("task",), dtype="bf16"))
+    with pytest.raises(TaskError, match="--dtype fp16 cannot train on cuda; valid there: "
+                                        "fp32, bf16"):
+        check_task_config(BenchConfig(preset="tasks", device="cuda", suites=("task",),
+                                      dtype="fp16"))

@@ -84,8 +84,8 @@ def lr_factor(step: int, steps: int, warmup: float) -> float:
 
 
 def autocast_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
-    """The autocast dtype of a run: bf16/fp16 on CUDA, else none (fp32)."""
-    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+    """The autocast dtype of a run: bf16 on CUDA, else none (fp32)."""
+    if device.type == "cuda" and dtype == torch.bfloat16:
         return dtype
     return None
 
@@ -97,9 +97,10 @@ def training_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 
 def trainable_dtypes(device_type: str) -> tuple[torch.dtype, ...]:
     """The run dtypes a model trains in as asked on a device of `device_type`: fp32 everywhere
-    (no autocast), bf16 and fp16 through autocast on CUDA only."""
+    (no autocast), bf16 through autocast on CUDA only. fp16 would need loss scaling, which the
+    training loop does not do, so it is refused rather than left to underflow."""
     if device_type == "cuda":
-        return (torch.float32, torch.bfloat16, torch.float16)
+        return (torch.float32, torch.bfloat16)
     return (torch.float32,)
 
 
