@@ -209,13 +209,19 @@ def softmax_bwd_head(q_ptr, k_ptr, v_ptr, do_ptr, x_ptr, y_ptr, lse_ptr, delta_p
 
 
 @triton.jit
+def row_tile(start, N, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows start .. start + BLOCK of a `[N, HEAD_DIM]` tensor: their offsets, the head-dim
+    offsets, the mask of rows below N and the tile's element offsets."""
+    offs = start + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    return offs, offs_d, offs < N, offs[:, None] * HEAD_DIM + offs_d[None, :]
+
+
+@triton.jit
 def softmax_kv_cols(k_ptr, v_ptr, n0, N, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
     """The key tile of a softmax dK/dV program (pointers already at its head): its offsets,
     mask and tile offsets, k and v."""
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    col_ok = offs_n < N
-    kv_offs = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    offs_n, offs_d, col_ok, kv_offs = row_tile(n0, N, HEAD_DIM, BLOCK_N)
     # [BLOCK_N, HEAD_DIM]
     kt = tl.load(k_ptr + kv_offs, mask=col_ok[:, None], other=0.0)
     vt = tl.load(v_ptr + kv_offs, mask=col_ok[:, None], other=0.0)
@@ -231,10 +237,7 @@ def softmax_dq_rows(q_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, m0, N,
     delta is also stored for the dK/dV kernel launched after: the dq kernel reads dO anyway, so
     delta needs no pass of its own.
     """
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < N
-    qo_offs = offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    offs_m, offs_d, row_ok, qo_offs = row_tile(m0, N, HEAD_DIM, BLOCK_M)
     # [BLOCK_M, HEAD_DIM]
     q = tl.load(q_ptr + qo_offs, mask=row_ok[:, None], other=0.0)
     do = tl.load(do_ptr + qo_offs, mask=row_ok[:, None], other=0.0)
